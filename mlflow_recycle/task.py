@@ -1,0 +1,84 @@
+"""What a soft prompt was trained to do: the text template and one verbalizer per class.
+
+A prompt is only meaningful together with the exact template and label words it was
+tuned with, so the task travels with the prompt (in its metadata and in MLflow) and the
+same object drives training, evaluation and pyfunc prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import RecycleError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A text-classification task as seen by a causal or seq2seq LM.
+
+    Attributes:
+        name: short identifier, e.g. ``"sst2"``.
+        template: the input text, with ``{text}`` where the example goes, e.g.
+            ``"Review: {text}\\nSentiment:"``. The model continues it with a verbalizer.
+        verbalizers: one string per class, in label order (label ``i`` is
+            ``verbalizers[i]``); each may tokenize to several tokens.
+        data: where evaluation data lives (a local directory of ``{split}.jsonl`` files
+            or a file), so that a prompt can be re-evaluated after recycling.
+        labels: human-readable class names, defaulting to the stripped verbalizers.
+    """
+
+    name: str
+    template: str
+    verbalizers: tuple[str, ...]
+    data: str | None = None
+    labels: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if "{text}" not in self.template:
+            raise RecycleError(
+                f"Task {self.name!r}: template {self.template!r} has no '{{text}}' placeholder. "
+                "Add '{text}' where the input example should go, e.g. 'Review: {text}\\nSentiment:'."
+            )
+        if self.template.count("{text}") != 1:
+            raise RecycleError(
+                f"Task {self.name!r}: template {self.template!r} has '{{text}}' more than once; "
+                "use it exactly once."
+            )
+        verbalizers = tuple(self.verbalizers)
+        if len(verbalizers) < 2:
+            raise RecycleError(
+                f"Task {self.name!r}: needs at least two verbalizers (one per class), got {verbalizers!r}."
+            )
+        if any(not v.strip() for v in verbalizers):
+            raise RecycleError(
+                f"Task {self.name!r}: verbalizers {verbalizers!r} include an empty one; "
+                "give every class a non-empty label word such as ' positive'."
+            )
+        if len(set(verbalizers)) != len(verbalizers):
+            raise RecycleError(f"Task {self.name!r}: verbalizers {verbalizers!r} repeat; each class needs its own.")
+        labels = tuple(self.labels) or tuple(v.strip() for v in verbalizers)
+        if len(labels) != len(verbalizers):
+            raise RecycleError(
+                f"Task {self.name!r}: {len(labels)} label names for {len(verbalizers)} verbalizers; give one per class."
+            )
+        object.__setattr__(self, "verbalizers", verbalizers)
+        object.__setattr__(self, "labels", labels)
+
+    @property
+    def prefix(self) -> str:
+        """Template text before the example."""
+        return self.template.split("{text}")[0]
+
+    @property
+    def suffix(self) -> str:
+        """Template text after the example: the model's cue to answer."""
+        return self.template.split("{text}")[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
+        known = {"name", "template", "verbalizers", "data", "labels"}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real model family in ../shared/models and tiny stand-ins.
+
+Real-model fixtures are session-scoped: loading a model costs ~0.1 s but tests touch the
+same few models many times. ``MLFLOW_RECYCLE_SHARED`` overrides where ../shared is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MLFLOW_RECYCLE_SHARED", REPO.parent / "shared"))
+MODELS = SHARED / "models"
+DATA = SHARED / "data"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests need ../shared beside the checkout (or MLFLOW_RECYCLE_SHARED).")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    """``model_dir("small-a")`` -> path of a model of the family."""
+    return lambda name: _require(MODELS / name)
+
+
+@pytest.fixture(scope="session")
+def load_model(model_dir):
+    """``load_model("small-a")`` -> (model, tokenizer), cached for the session, float32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache: dict[str, tuple] = {}
+
+    def load(name: str):
+        if name not in cache:
+            path = model_dir(name)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            cache[name] = (model, AutoTokenizer.from_pretrained(path))
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    return lambda task: _require(DATA / task)
