@@ -1,20 +1,58 @@
-"""Temporary main: recycle a vocabulary-sampled prompt from small-a-early to small-a.
+"""``python -m mlflow_recycle [overrides]``: the main job as a Hydra app (configs in ``conf/``)."""
 
-Replaced by the Hydra main job (tune, recycle, evaluate, log to MLflow).
-"""
+from __future__ import annotations
 
+import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from . import SoftPrompt, fit_recycler
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-models = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1].parent / "shared" / "models")
-loaded = {}
-for name in ("small-a-early", "small-a"):
-    loaded[name] = (AutoModelForCausalLM.from_pretrained(models / name, dtype=torch.float32), AutoTokenizer.from_pretrained(models / name))
-recycler = fit_recycler("linear", *loaded["small-a-early"], *loaded["small-a"])
-prompt = SoftPrompt(loaded["small-a-early"][0].get_input_embeddings().weight[2000:2020].detach(), tokenizer_fingerprint=recycler.source_fingerprint)
-print(recycler, recycler.transform(prompt).embeddings.shape)
+from .errors import RecycleError  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
+
+log = logging.getLogger("mlflow_recycle")
+
+
+def expand_overrides(argv: list[str]) -> list[str]:
+    """Split ``--overrides "a=1 b=2"`` into Hydra overrides.
+
+    MLflow passes each MLproject parameter as one shell-quoted word, so the free
+    ``overrides`` parameter arrives as a single argument that Hydra would read as one
+    override; an empty one is dropped.
+    """
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--overrides":
+            out.extend(shlex.split(next(args, "")))
+        elif arg.startswith("--overrides="):
+            out.extend(shlex.split(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Run the configured job; returns the success flag (for Hydra sweepers) when there is one."""
+    from .job import run
+
+    try:
+        metrics = run(cfg)
+    except RecycleError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    return metrics.get("success", 0.0)
+
+
+if __name__ == "__main__":
+    sys.argv = expand_overrides(sys.argv)
+    main()

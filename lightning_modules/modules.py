@@ -1,0 +1,189 @@
+"""Lightning modules: rank-classification evaluation and prompt tuning of a frozen model.
+
+``RankClassificationModule`` scores each class's verbalizer as the continuation of
+prompt + input and predicts the argmax; it evaluates any fixed prompt (or none: the
+zero-shot baseline). ``PromptTuningModule`` adds a trainable prompt and the tuning loss.
+Only the prompt is a trainable parameter, so DDP all-reduces only the prompt's gradient,
+and checkpoints hold only the prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
+import torch
+from torch import nn
+
+from mlflow_recycle.errors import RecycleError
+from mlflow_recycle.prompted_lm import PromptedLM
+
+log = logging.getLogger(__name__)
+# The frozen model is in eval mode on purpose (no dropout); Lightning warns about it at every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+OPTIMIZERS = ("adafactor", "adamw")
+
+
+class RankClassificationModule(L.LightningModule):
+    """Evaluate a prompt (or no prompt) on a frozen model by rank classification.
+
+    After ``trainer.validate`` / ``trainer.test``, ``results[stage]`` holds the accuracy
+    and the per-example predictions, deduplicated across DDP ranks (the distributed
+    sampler repeats examples to even out the shards) and ordered by example index.
+
+    Args:
+        model: a Hugging Face causal or encoder-decoder LM; it is frozen.
+        prompt: ``[length, dim]`` prompt, or None for zero-shot.
+        length_normalize: score by mean instead of summed token log-likelihood, so that
+            multi-token verbalizers are not penalised for their length.
+        name: metric prefix, e.g. ``"source"`` gives ``source/test_accuracy``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompt: torch.Tensor | None = None,
+        *,
+        length_normalize: bool = False,
+        name: str = "eval",
+        trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lm = PromptedLM(model.requires_grad_(False).eval())
+        if prompt is not None and prompt.shape[-1] != self.lm.dim:
+            raise RecycleError(
+                f"Prompt dim {prompt.shape[-1]} does not fit this model (embedding dim {self.lm.dim}): "
+                "recycle the prompt to this model first."
+            )
+        if prompt is None:
+            self.prompt = None
+        elif trainable:
+            self.prompt = nn.Parameter(prompt.detach().clone().float())
+        else:
+            self.register_buffer("prompt", prompt.detach().clone().float())
+        self.length_normalize, self.name = length_normalize, name
+        self._outputs: list[torch.Tensor] = []
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def train(self, mode: bool = True) -> RankClassificationModule:
+        """Keep the frozen model in eval mode (no dropout) whatever Lightning asks."""
+        super().train(mode)
+        self.lm.model.eval()
+        return self
+
+    # ------------------------------------------------------------------ evaluation
+    def _score(self, batch: dict[str, torch.Tensor]) -> None:
+        scores = self.lm.class_scores(self.prompt, batch, self.length_normalize)
+        rows = torch.cat([batch["index"].unsqueeze(1).float(), batch["labels"].unsqueeze(1).float(), scores.float()], 1)
+        self._outputs.append(rows.detach())
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._score(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._score(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._outputs = []
+
+    def on_test_epoch_start(self) -> None:
+        self._outputs = []
+
+    def _finish(self, stage: str) -> None:
+        if not self._outputs:  # an empty split: nothing to score on any rank
+            self.results[stage] = {"accuracy": float("nan")}
+            return
+        local = torch.cat(self._outputs)
+        self._outputs = []
+        gathered = self.all_gather(local)
+        rows = gathered.reshape(-1, local.shape[-1]) if self.trainer.world_size > 1 else local
+        index = rows[:, 0].long()
+        order = torch.argsort(index, stable=True)
+        rows, index = rows[order], index[order]
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[1:] = index[1:] != index[:-1]
+        rows = rows[first].cpu()
+        labels, scores = rows[:, 1].long(), rows[:, 2:]
+        predictions = scores.argmax(1)
+        accuracy = float((predictions == labels).float().mean())
+        self.results[stage] = {
+            "accuracy": accuracy,
+            "index": index[first].cpu(),
+            "predictions": predictions,
+            "labels": labels,
+            "scores": scores,
+        }
+        # Every rank holds the same deduplicated value: no further reduction needed.
+        self.log(f"{self.name}/{stage}_accuracy", accuracy, prog_bar=True, sync_dist=False, rank_zero_only=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("validation")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+
+class PromptTuningModule(RankClassificationModule):
+    """Tune a soft prompt on a frozen model: LM loss on the label's verbalizer.
+
+    Args:
+        model: a Hugging Face causal or encoder-decoder LM; it is frozen.
+        initial_prompt: ``[length, dim]`` starting point (see ``mlflow_recycle.prompt_init``).
+        optimizer: ``"adafactor"`` (constant lr, no parameter scaling: the paper's setting,
+            lr 0.3) or ``"adamw"``.
+        lr, weight_decay: optimizer settings.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        initial_prompt: torch.Tensor,
+        *,
+        optimizer: str = "adafactor",
+        lr: float = 0.3,
+        weight_decay: float = 1e-5,
+        length_normalize: bool = False,
+        name: str = "tune",
+    ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise RecycleError(f"Unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+        super().__init__(model, initial_prompt, length_normalize=length_normalize, name=name, trainable=True)
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        # Checkpoints hold only the prompt (see on_save_checkpoint), so loading is partial.
+        self.strict_loading = False
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.lm.loss(self.prompt, batch)
+        self.log(f"{self.name}/train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW([self.prompt], lr=self.lr, weight_decay=self.weight_decay)
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            [self.prompt],
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k == "prompt"}
+
+    def tuned_prompt(self) -> torch.Tensor:
+        """The current prompt as a detached float32 CPU tensor (gathered when FSDP shards it)."""
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+                return self.prompt.detach().float().cpu().clone()
+        return self.prompt.detach().float().cpu().clone()

@@ -1,0 +1,78 @@
+"""MLflow runs for the jobs: one run per job, nested under a parent in a Hydra multirun.
+
+Only global rank 0 talks to MLflow: under DDP every rank runs the job script, and a run
+must be started (or resumed from ``MLFLOW_RUN_ID``, as ``mlflow run`` asks) exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import mlflow
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+#: Set by :class:`~mlflow_recycle.hydra_callbacks.MlflowParentRun` for the jobs of a multirun.
+PARENT_RUN_ENV = "MLFLOW_RECYCLE_PARENT_RUN_ID"
+
+
+def is_rank_zero() -> bool:
+    return rank_zero_only.rank == 0
+
+
+def configure(tracking_uri: str, experiment: str) -> None:
+    """Point MLflow at the tracking store (every rank: all may read prompts) and, on rank 0, the experiment."""
+    mlflow.set_tracking_uri(tracking_uri)
+    if is_rank_zero() and not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        mlflow.set_experiment(experiment)
+
+
+@contextmanager
+def job_run(run_name: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[str | None]:
+    """Start the job's run and yield its id (None off rank 0).
+
+    In a multirun the run is a child of the parent run; otherwise ``mlflow.start_run``
+    resumes ``MLFLOW_RUN_ID`` when ``mlflow run`` set it, or starts a new run.
+    """
+    if not is_rank_zero():
+        yield None
+        return
+    parent = os.environ.get(PARENT_RUN_ENV)
+    kwargs: dict[str, Any] = {"run_name": run_name, "tags": dict(tags or {})}
+    if parent:
+        kwargs.update(parent_run_id=parent, nested=True)
+    with mlflow.start_run(**kwargs) as run:
+        log.info("MLflow run %s (experiment %s)", run.info.run_id, run.info.experiment_id)
+        yield run.info.run_id
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config as dotted keys, the form MLflow params take."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class _JobRunLogger(MLFlowLogger):
+    """Lightning's MLflow logger writing into the job's run, which the job (not Lightning) ends."""
+
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+
+def lightning_logger(run_id: str | None) -> MLFlowLogger | bool:
+    """A Lightning logger for training curves in run ``run_id`` (False off rank 0)."""
+    if run_id is None:
+        return False
+    return _JobRunLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
