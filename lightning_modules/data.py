@@ -121,7 +121,9 @@ class TextClassificationDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if encoder.task.data is None:
-            raise RecycleError(f"Task {encoder.task.name!r} has no data location (task.data): set it to a directory or file.")
+            raise RecycleError(
+                f"Task {encoder.task.name!r} has no data location (task.data): set it to a directory or file."
+            )
         self.encoder = encoder
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.splits = {"train": train_split, "validation": val_split, "test": test_split}

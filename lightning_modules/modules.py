@@ -14,8 +14,8 @@ import warnings
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from mlflow_recycle.errors import RecycleError

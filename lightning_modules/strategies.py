@@ -22,5 +22,7 @@ def fsdp_strategy(layer_class_names: Sequence[str], **kwargs: Any) -> FSDPStrate
     config serves every architecture. The prompt lives in the root unit next to frozen
     embeddings, which FSDP only allows with ``use_orig_params=True``.
     """
-    policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=functools.partial(_is_block, names=frozenset(layer_class_names)))
+    policy = functools.partial(
+        lambda_auto_wrap_policy, lambda_fn=functools.partial(_is_block, names=frozenset(layer_class_names))
+    )
     return FSDPStrategy(auto_wrap_policy=policy, use_orig_params=True, **kwargs)

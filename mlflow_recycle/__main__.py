@@ -6,17 +6,14 @@ import logging
 import os
 import shlex
 import sys
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
+from .config import CONF_DIR  # noqa: E402
 from .errors import RecycleError  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
 
 log = logging.getLogger("mlflow_recycle")
 
@@ -40,7 +37,7 @@ def expand_overrides(argv: list[str]) -> list[str]:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run the configured job; returns the success flag (for Hydra sweepers) when there is one."""
     from .job import run

@@ -22,7 +22,8 @@ def accuracy_chart(
     labels, values = list(accuracies), list(accuracies.values())
     fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2, 4), layout="constrained")
     colors = ["#4c72b0" if "recycled" in label else "#9aa5b1" for label in labels]
-    bars = ax.bar(labels, values, color=colors, yerr=[(errors or {}).get(k, 0.0) for k in labels], capsize=4)
+    spread = [(errors or {}).get(k, float("nan")) for k in labels]  # NaN: no error bar
+    bars = ax.bar(labels, values, color=colors, yerr=spread, capsize=4)
     ax.bar_label(bars, labels=[f"{v:.1%}" for v in values], padding=3)
     if baseline is not None:
         ax.axhline(baseline, color="#c44e52", linestyle="--", linewidth=1, label=f"best baseline {baseline:.1%}")

@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import logging
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import mlflow
 import torch
 from hydra.utils import instantiate
+from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules import PromptTuningModule, RankClassificationModule, TextClassificationDataModule
 
+from . import registry
 from .anchors import embedding_table
 from .charts import accuracy_chart
 from .errors import RecycleError
@@ -57,6 +57,7 @@ class LoadedModel:
     path: str
     model: Any
     tokenizer: Any
+    registered_name: str
 
     @property
     def seq2seq(self) -> bool:
@@ -91,11 +92,20 @@ def load_model(cfg: DictConfig) -> LoadedModel:
             "(or MLFLOW_RECYCLE_SHARED), hub ids need network access."
         ) from exc
     log.info("Loaded %s from %s (dim %d)", cfg.name, cfg.path, int(model.get_input_embeddings().weight.shape[1]))
-    return LoadedModel(cfg.name, str(cfg.path), model.eval().requires_grad_(False), tokenizer)
+    registered = cfg.get("registered_name") or cfg.name
+    return LoadedModel(cfg.name, str(cfg.path), model.eval().requires_grad_(False), tokenizer, registered)
 
 
 def task_spec(cfg: DictConfig) -> TaskSpec:
-    return TaskSpec(cfg.name, cfg.template, tuple(cfg.verbalizers), data=str(cfg.data))
+    return TaskSpec(
+        cfg.name,
+        cfg.template,
+        tuple(cfg.verbalizers),
+        data=str(cfg.data),
+        max_length=cfg.max_length,
+        truncation_side=cfg.truncation_side,
+        length_normalize=cfg.length_normalize,
+    )
 
 
 def data_module(side: LoadedModel, spec: TaskSpec, cfg: DictConfig) -> TextClassificationDataModule:
@@ -107,9 +117,7 @@ def data_module(side: LoadedModel, spec: TaskSpec, cfg: DictConfig) -> TextClass
             f"task.max_length={task.max_length} plus prompt.length={cfg.prompt.length} is {needed} positions, "
             f"more than {side.name} supports ({side.max_positions}): lower task.max_length."
         )
-    encoder = TaskEncoder(
-        side.tokenizer, spec, max_length=task.max_length, truncation_side=task.truncation_side, seq2seq=side.seq2seq
-    )
+    encoder = TaskEncoder(side.tokenizer, spec, seq2seq=side.seq2seq)
     return TextClassificationDataModule(
         encoder,
         batch_size=task.batch_size,
@@ -121,17 +129,6 @@ def data_module(side: LoadedModel, spec: TaskSpec, cfg: DictConfig) -> TextClass
     )
 
 
-def load_prompt(uri: str) -> SoftPrompt:
-    """A prompt from a local directory or any MLflow artifact URI (``runs:/``, ``models:/``)."""
-    if Path(uri).is_dir():
-        return SoftPrompt.load(uri)
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="prompt-"))
-    except Exception as exc:  # MLflow raises several types for a bad URI
-        raise RecycleError(f"Cannot download the prompt at {uri!r} ({exc}): check prompt_uri.") from exc
-    return SoftPrompt.load(local)
-
-
 # ---------------------------------------------------------------------- steps
 @dataclass
 class Context:
@@ -140,6 +137,8 @@ class Context:
     cfg: DictConfig
     run_id: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Registered base-model versions by model name (rank 0, when mlflow.register is on).
+    bases: dict[str, ModelVersion] = field(default_factory=dict)
 
     def trainer(self, tuning: bool = False) -> L.Trainer:
         logger = lightning_logger(self.run_id) if tuning else False
@@ -147,6 +146,27 @@ class Context:
 
     def splits(self) -> list[str]:
         return [str(s) for s in self.cfg.eval_splits]
+
+    def register_bases(self, *sides: LoadedModel) -> None:
+        """Find or register each side's base-model version, so prompts can be tied to it."""
+        if is_rank_zero() and self.cfg.mlflow.register:
+            for side in sides:
+                self.bases[side.name] = registry.ensure_base_model(side.path, side.registered_name)
+
+    def tied(self, prompt: SoftPrompt, side: LoadedModel) -> SoftPrompt:
+        base = self.bases.get(side.name)
+        return registry.tie(prompt, base) if base else prompt
+
+    def publish(self, prompt: SoftPrompt, name: str, register: bool = True) -> str | None:
+        """Log ``prompt`` as model ``name`` of the run (rank 0); register it when asked. Returns its URI."""
+        if not is_rank_zero():
+            return None
+        registered = self.cfg.mlflow.prompt_name if register and self.cfg.mlflow.register else None
+        result = registry.log_prompt(prompt, name, registered)
+        if registered:
+            log.info("Registered %s as %s version %s", name, result.name, result.version)
+            return registry.model_uri(result.name, result.version)
+        return result.model_uri
 
 
 def tune(ctx: Context, side: LoadedModel, data: TextClassificationDataModule, name: str) -> SoftPrompt:
@@ -167,7 +187,7 @@ def tune(ctx: Context, side: LoadedModel, data: TextClassificationDataModule, na
         optimizer=cfg.prompt.optimizer,
         lr=cfg.prompt.lr,
         weight_decay=cfg.prompt.weight_decay,
-        length_normalize=cfg.task.length_normalize,
+        length_normalize=data.encoder.task.length_normalize,
         name=name,
     )
     log.info("Tuning a %d-token prompt on %s for %d steps", cfg.prompt.length, side.name, cfg.trainer.max_steps)
@@ -175,7 +195,7 @@ def tune(ctx: Context, side: LoadedModel, data: TextClassificationDataModule, na
     trainer = ctx.trainer(tuning=True)
     trainer.fit(module, datamodule=data)
     ctx.seconds[f"{name}_tune_seconds"] = time.perf_counter() - start
-    return SoftPrompt(
+    prompt = SoftPrompt(
         module.tuned_prompt(),
         base_model=side.name,
         base_model_uri=side.path,
@@ -184,13 +204,16 @@ def tune(ctx: Context, side: LoadedModel, data: TextClassificationDataModule, na
         init=cfg.prompt.init,
         task=data.encoder.task,
     )
+    return ctx.tied(prompt, side)
 
 
 def evaluate(
     ctx: Context, side: LoadedModel, data: TextClassificationDataModule, prompt: torch.Tensor | None, name: str
 ) -> dict[str, float]:
     """Rank-classification accuracy of ``prompt`` (None: zero-shot) on each evaluation split."""
-    module = RankClassificationModule(side.model, prompt, length_normalize=ctx.cfg.task.length_normalize, name=name)
+    module = RankClassificationModule(
+        side.model, prompt, length_normalize=data.encoder.task.length_normalize, name=name
+    )
     accuracies = {}
     for split in ctx.splits():
         trainer = ctx.trainer()
@@ -236,21 +259,16 @@ def fit(ctx: Context, source: LoadedModel, target: LoadedModel, recycler: Recycl
     return recycler
 
 
-def transform(ctx: Context, recycler: Recycler, prompt: SoftPrompt, target: LoadedModel) -> SoftPrompt:
+def transform(
+    ctx: Context, recycler: Recycler, prompt: SoftPrompt, target: LoadedModel, recycled_from: str | None
+) -> SoftPrompt:
     start = time.perf_counter()
-    recycled = recycler.transform(prompt).replace(base_model=target.name, base_model_uri=target.path)
+    recycled = recycler.transform(prompt, recycled_from).replace(base_model=target.name, base_model_uri=target.path)
     ctx.seconds["recycle_seconds"] = ctx.seconds.get("recycle_seconds", 0.0) + time.perf_counter() - start
-    return recycled
+    return ctx.tied(recycled, target)
 
 
 # ---------------------------------------------------------------------- logging
-def log_prompt(prompt: SoftPrompt, artifact_path: str) -> None:
-    if not is_rank_zero():
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifacts(str(prompt.save(Path(tmp) / artifact_path)), artifact_path)
-
-
 def log_config(cfg: DictConfig) -> None:
     if not is_rank_zero():
         return
@@ -286,7 +304,7 @@ def prepare(cfg: DictConfig) -> Setup:
     spec = task_spec(cfg.task)
     source = load_model(cfg.source)
     target = source if cfg.target.path == cfg.source.path else load_model(cfg.target)
-    prompt = load_prompt(cfg.prompt_uri) if cfg.prompt_uri else None
+    prompt = registry.load_prompt(cfg.prompt_uri) if cfg.prompt_uri else None
     if cfg.job in ("recycle", "evaluate") and prompt is None:
         raise RecycleError(f"job={cfg.job} needs prompt_uri: the prompt to {cfg.job}.")
     if prompt is not None:
@@ -320,14 +338,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def run_tune(ctx: Context, s: Setup) -> dict[str, float]:
+    ctx.register_bases(s.source)
     prompt = tune(ctx, s.source, s.source_data, "source")
-    log_prompt(prompt, "source_prompt")
-    return {f"{split}/source_accuracy": acc for split, acc in evaluate(ctx, s.source, s.source_data, prompt.embeddings, "source").items()}
+    ctx.publish(prompt, "source_prompt")
+    return {
+        f"{split}/source_accuracy": acc
+        for split, acc in evaluate(ctx, s.source, s.source_data, prompt.embeddings, "source").items()
+    }
 
 
 def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
-    recycled = transform(ctx, fit(ctx, s.source, s.target, s.recycler), s.prompt, s.target)
-    log_prompt(recycled, "recycled_prompt")
+    ctx.register_bases(s.target)
+    recycled = transform(ctx, fit(ctx, s.source, s.target, s.recycler), s.prompt, s.target, ctx.cfg.prompt_uri)
+    ctx.publish(recycled, "recycled_prompt")
     return {}
 
 
@@ -338,9 +361,17 @@ def target_baselines(ctx: Context, s: Setup) -> tuple[dict[str, float], dict[str
 
 
 def verdict(
-    ctx: Context, accuracies: dict[str, dict[str, float]], errors: dict[str, float], title: str, subject: str
+    ctx: Context,
+    accuracies: dict[str, dict[str, float]],
+    errors: dict[str, float],
+    title: str,
+    subject: str,
+    source_name: str | None = None,
 ) -> dict[str, float]:
-    """Per-split metrics, the success flag and the chart for the prompt under test (``subject``)."""
+    """Per-split metrics, the success flag and the chart for the prompt under test (``subject``).
+
+    ``accuracies[label][split]``; every label but ``source`` is measured on the target.
+    """
     metrics: dict[str, float] = {}
     for split in ctx.splits():
         for label, per_split in accuracies.items():
@@ -355,8 +386,10 @@ def verdict(
     metrics["success"] = metrics[f"{final}/success"]
     if is_rank_zero():
         mlflow.set_tag("mlflow_recycle.verdict", "success" if metrics["success"] else "failure")
+        names = {label: label.replace("_", " ") for label in accuracies}
+        names["source"] = f"source prompt\non {source_name}"
         chart = accuracy_chart(
-            {label.replace("_", " "): per_split[final] for label, per_split in accuracies.items()},
+            {names[label]: per_split[final] for label, per_split in accuracies.items()},
             errors={"random prompt": errors.get(final, 0.0)},
             baseline=metrics[f"{final}/best_baseline_accuracy"],
             title=title,
@@ -375,21 +408,25 @@ def run_evaluate(ctx: Context, s: Setup) -> dict[str, float]:
 
 def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     cfg = ctx.cfg
+    ctx.register_bases(s.source, s.target)
     recycler = fit(ctx, s.source, s.target, s.recycler)  # before tuning: a bad pair fails fast
-    source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source")
-    log_prompt(source_prompt, "source_prompt")
+    if s.prompt is not None and str(cfg.prompt_uri).startswith("models:/"):
+        source_prompt, source_uri = s.prompt, str(cfg.prompt_uri)  # already registered
+    else:
+        source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source")
+        source_uri = ctx.publish(source_prompt, "source_prompt")
     accuracies = {"source": evaluate(ctx, s.source, s.source_data, source_prompt.embeddings, "source")}
-    recycled = transform(ctx, recycler, source_prompt, s.target)
-    log_prompt(recycled, "recycled_prompt")
+    recycled = transform(ctx, recycler, source_prompt, s.target, source_uri)
+    ctx.publish(recycled, "recycled_prompt")
     accuracies["recycled"] = evaluate(ctx, s.target, s.target_data, recycled.embeddings, "recycled")
     zero_shot, random_mean, random_std = target_baselines(ctx, s)
     accuracies.update(zero_shot=zero_shot, random_prompt=random_mean)
     if cfg.retune:
         retuned = tune(ctx, s.target, s.target_data, "target")
         accuracies["retuned"] = evaluate(ctx, s.target, s.target_data, retuned.embeddings, "retuned")
-        log_prompt(retuned, "retuned_prompt")
+        ctx.publish(retuned, "retuned_prompt", register=False)
     title = f"{s.spec.name}: {s.source.name} → {s.target.name} ({recycler.name})"
-    metrics = verdict(ctx, accuracies, random_std, title, "recycled")
+    metrics = verdict(ctx, accuracies, random_std, title, "recycled", source_name=s.source.name)
     for split in ctx.splits():
         metrics[f"{split}/random_prompt_std"] = random_std[split]
     return metrics

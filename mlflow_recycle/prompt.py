@@ -248,7 +248,9 @@ def _read_json(file: Path, required: bool) -> dict[str, Any] | None:
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PromptArtifactError(f"{file} is not valid JSON ({exc}); the artifact is corrupt: re-log the prompt.") from exc
+        raise PromptArtifactError(
+            f"{file} is not valid JSON ({exc}); the artifact is corrupt: re-log the prompt."
+        ) from exc
     if not isinstance(data, dict):
         raise PromptArtifactError(f"{file} must hold a JSON object; the artifact is corrupt: re-log the prompt.")
     return data

@@ -35,10 +35,7 @@ class TaskEncoder:
 
     Args:
         tokenizer: the base model's Hugging Face tokenizer.
-        task: template and verbalizers.
-        max_length: longest context in tokens; long texts are truncated on the text side
-            so the template and the label always survive.
-        truncation_side: ``"right"`` keeps the start of a long text, ``"left"`` its end.
+        task: template, verbalizers, ``max_length`` and ``truncation_side``.
         add_bos: start each context with the tokenizer's BOS token (when it has one), as
             the model saw documents start in pre-training.
         seq2seq: encode for an encoder-decoder model (verbalizer as the decoder target).
@@ -49,15 +46,11 @@ class TaskEncoder:
         tokenizer: Any,
         task: TaskSpec,
         *,
-        max_length: int = 256,
-        truncation_side: str = "right",
         add_bos: bool = True,
         seq2seq: bool = False,
     ) -> None:
-        if truncation_side not in ("right", "left"):
-            raise RecycleError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}.")
         self.tokenizer, self.task, self.seq2seq = tokenizer, task, seq2seq
-        self.max_length, self.truncation_side = max_length, truncation_side
+        max_length = task.max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         bos = tokenizer.bos_token_id if add_bos and not seq2seq else None
         # Whitespace that ends the prefix belongs to the text's first word for BPE tokenizers.
@@ -68,7 +61,7 @@ class TaskEncoder:
         if seq2seq and tokenizer.eos_token_id is not None:
             self.suffix_ids.append(tokenizer.eos_token_id)
         self.verbalizer_ids = [self._ids(v) for v in task.verbalizers]
-        for verbalizer, ids in zip(task.verbalizers, self.verbalizer_ids):
+        for verbalizer, ids in zip(task.verbalizers, self.verbalizer_ids, strict=True):
             if not ids:
                 raise RecycleError(
                     f"Task {task.name!r}: verbalizer {verbalizer!r} tokenizes to nothing with this tokenizer; "
@@ -103,7 +96,7 @@ class TaskEncoder:
             return []
         encoded = self.tokenizer([self._lead + t for t in texts], add_special_tokens=False)["input_ids"]
         keep = self.text_budget
-        cut = (lambda ids: ids[:keep]) if self.truncation_side == "right" else (lambda ids: ids[-keep:])
+        cut = (lambda ids: ids[:keep]) if self.task.truncation_side == "right" else (lambda ids: ids[-keep:])
         return [self.prefix_ids + cut(list(ids)) + self.suffix_ids for ids in encoded]
 
     # ------------------------------------------------------------------ batches
@@ -130,7 +123,7 @@ class TaskEncoder:
         if self.seq2seq:
             input_ids, mask = self._pad(contexts, left=False)
             return {"input_ids": input_ids, "attention_mask": mask, "targets": self._targets(targets, False)}
-        input_ids, mask = self._pad([c + t[:-1] for c, t in zip(contexts, targets)], left=True)
+        input_ids, mask = self._pad([c + t[:-1] for c, t in zip(contexts, targets, strict=True)], left=True)
         return {"input_ids": input_ids, "attention_mask": mask, "targets": self._targets(targets, True)}
 
     def scoring_batch(self, contexts: list[list[int]]) -> dict[str, torch.Tensor]:

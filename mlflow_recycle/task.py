@@ -7,6 +7,7 @@ same object drives training, evaluation and pyfunc prediction.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +27,11 @@ class TaskSpec:
         data: where evaluation data lives (a local directory of ``{split}.jsonl`` files
             or a file), so that a prompt can be re-evaluated after recycling.
         labels: human-readable class names, defaulting to the stripped verbalizers.
+        max_length: longest context in tokens; longer texts are cut on the text side so
+            the template and the label always survive.
+        truncation_side: ``"right"`` keeps the start of a long text, ``"left"`` its end.
+        length_normalize: score a class by the mean instead of the sum of its verbalizer's
+            token log-likelihoods (for verbalizers of different lengths).
     """
 
     name: str
@@ -33,6 +39,9 @@ class TaskSpec:
     verbalizers: tuple[str, ...]
     data: str | None = None
     labels: tuple[str, ...] = field(default=())
+    max_length: int = 256
+    truncation_side: str = "right"
+    length_normalize: bool = False
 
     def __post_init__(self) -> None:
         if "{text}" not in self.template:
@@ -42,8 +51,7 @@ class TaskSpec:
             )
         if self.template.count("{text}") != 1:
             raise RecycleError(
-                f"Task {self.name!r}: template {self.template!r} has '{{text}}' more than once; "
-                "use it exactly once."
+                f"Task {self.name!r}: template {self.template!r} has '{{text}}' more than once; use it exactly once."
             )
         verbalizers = tuple(self.verbalizers)
         if len(verbalizers) < 2:
@@ -62,6 +70,10 @@ class TaskSpec:
             raise RecycleError(
                 f"Task {self.name!r}: {len(labels)} label names for {len(verbalizers)} verbalizers; give one per class."
             )
+        if self.truncation_side not in ("right", "left"):
+            raise RecycleError(
+                f"Task {self.name!r}: truncation_side must be 'right' or 'left', got {self.truncation_side!r}."
+            )
         object.__setattr__(self, "verbalizers", verbalizers)
         object.__setattr__(self, "labels", labels)
 
@@ -75,10 +87,13 @@ class TaskSpec:
         """Template text after the example: the model's cue to answer."""
         return self.template.split("{text}")[1]
 
+    def replace(self, **changes: Any) -> TaskSpec:
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
-        known = {"name", "template", "verbalizers", "data", "labels"}
+        known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Mapping, Protocol
+from collections.abc import Mapping
+from typing import Protocol
 
 #: Word-start markers of byte-level BPE (GPT-2, Llama 3) and SentencePiece (T5, Llama 2).
 WORD_START_MARKERS = ("Ġ", "▁")
@@ -50,9 +51,9 @@ def surface_form(token: str, wordpiece: bool) -> tuple[str, bool]:
     """
     for marker in WORD_START_MARKERS:
         if token.startswith(marker):
-            return token[len(marker):], True
+            return token[len(marker) :], True
     if wordpiece:
         if token.startswith(WORDPIECE_CONTINUATION):
-            return token[len(WORDPIECE_CONTINUATION):], False
+            return token[len(WORDPIECE_CONTINUATION) :], False
         return token, True
     return token, False

@@ -47,7 +47,7 @@ def test_cross_tokenizer_anchors_match_surface_strings(load_model):
     assert not torch.equal(anchors.source_ids, anchors.target_ids)
     source_tokens = tok_a.convert_ids_to_tokens(anchors.source_ids.tolist())
     target_tokens = tok_c.convert_ids_to_tokens(anchors.target_ids.tolist())
-    for word, s, t in zip(anchors.tokens, source_tokens, target_tokens):
+    for word, s, t in zip(anchors.tokens, source_tokens, target_tokens, strict=True):
         assert (s, t) == ("Ġ" + word, "▁" + word)
 
 

@@ -84,7 +84,9 @@ def test_check_fits_names_both_sides(load_model):
     other_model, other_tokenizer = load_model("small-c")
     prompt = full_prompt(dim=256).replace(tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
     prompt.check_fits_model(model, tokenizer)
-    with pytest.raises(IncompatibleModelError, match=r"'family-llm' v1 does not fit small-c: tokenizer sha256:\w+ vs sha256:\w+"):
+    with pytest.raises(
+        IncompatibleModelError, match=r"'family-llm' v1 does not fit small-c: tokenizer sha256:\w+ vs sha256:\w+"
+    ):
         prompt.check_fits_model(other_model, other_tokenizer, name="small-c")
     with pytest.raises(IncompatibleModelError, match="embedding dim 320 vs 256"):
         full_prompt(dim=320).check_fits_model(model, name="small-a")
@@ -118,7 +120,9 @@ def test_inconsistent_files_are_refused(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["num_virtual_tokens"] = 9
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(PromptArtifactError, match=r"has shape \(8, 256\) but adapter_config.json says num_virtual_tokens=9"):
+    with pytest.raises(
+        PromptArtifactError, match=r"has shape \(8, 256\) but adapter_config.json says num_virtual_tokens=9"
+    ):
         SoftPrompt.load(tmp_path)
     config["peft_type"] = "LORA"
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))

@@ -131,7 +131,9 @@ def test_transforming_a_soft_prompt_records_lineage_and_checks_the_tokenizer():
     recycler = get_recycler("linear", ridge=0.1).fit(
         source, target, source_fingerprint="sha256:src", target_fingerprint="sha256:tgt"
     )
-    prompt = SoftPrompt(torch.randn(3, 16), base_model="base", base_model_version="1", tokenizer_fingerprint="sha256:src")
+    prompt = SoftPrompt(
+        torch.randn(3, 16), base_model="base", base_model_version="1", tokenizer_fingerprint="sha256:src"
+    )
     out = recycler.transform(prompt, recycled_from="models:/sentiment/1")
     assert out.dim == 12 and out.tokenizer_fingerprint == "sha256:tgt"
     assert (out.recycled_from, out.recycler, out.recycler_config["ridge"]) == ("models:/sentiment/1", "linear", 0.1)
@@ -200,7 +202,10 @@ def test_fitted_on_real_pair_transforms_a_prompt_quickly(load_model, capsys):
     source_model, source_tok = load_model("small-a")
     target_model, target_tok = load_model("small-b")
     recycler = fit_recycler("linear", source_model, source_tok, target_model, target_tok)
-    prompt = SoftPrompt(source_model.get_input_embeddings().weight[1000:1020].detach(), tokenizer_fingerprint=recycler.source_fingerprint)
+    prompt = SoftPrompt(
+        source_model.get_input_embeddings().weight[1000:1020].detach(),
+        tokenizer_fingerprint=recycler.source_fingerprint,
+    )
     start = time.perf_counter()
     recycled = recycler.transform(prompt)
     elapsed = time.perf_counter() - start

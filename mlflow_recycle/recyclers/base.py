@@ -135,7 +135,9 @@ class Recycler(ABC):
     @overload
     def transform(self, prompt: SoftPrompt, recycled_from: str | None = None) -> SoftPrompt: ...
 
-    def transform(self, prompt: torch.Tensor | SoftPrompt, recycled_from: str | None = None) -> torch.Tensor | SoftPrompt:
+    def transform(
+        self, prompt: torch.Tensor | SoftPrompt, recycled_from: str | None = None
+    ) -> torch.Tensor | SoftPrompt:
         """Recycle a prompt.
 
         A tensor gives a float32 tensor. A :class:`SoftPrompt` is first checked against
@@ -145,9 +147,13 @@ class Recycler(ABC):
         base model: the caller knows the target's name and version and sets them.
         """
         if not self.is_fitted:
-            raise RecycleError(f"The {self.name!r} recycler is not fitted: call fit(source, target) or load a fitted one.")
+            raise RecycleError(
+                f"The {self.name!r} recycler is not fitted: call fit(source, target) or load a fitted one."
+            )
         if isinstance(prompt, SoftPrompt):
-            prompt.check_fits(dim=self.source_dim, fingerprint=self.source_fingerprint, model="this recycler's source model")
+            prompt.check_fits(
+                dim=self.source_dim, fingerprint=self.source_fingerprint, model="this recycler's source model"
+            )
             return prompt.replace(
                 embeddings=self.transform(prompt.embeddings),
                 base_model=None,
@@ -191,7 +197,10 @@ class Recycler(ABC):
     def load_state(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         """Restore a fitted state written by :meth:`save` (see ``load_recycler``)."""
         self.source_dim, self.target_dim = int(meta["source_dim"]), int(meta["target_dim"])
-        self.source_fingerprint, self.target_fingerprint = meta.get("source_fingerprint"), meta.get("target_fingerprint")
+        self.source_fingerprint, self.target_fingerprint = (
+            meta.get("source_fingerprint"),
+            meta.get("target_fingerprint"),
+        )
         self._anchor_norms = state.pop("anchor_norms")
         self._load_state(state)
 

@@ -23,7 +23,8 @@ class IdentityRecycler(Recycler):
         if source.shape[1] != target.shape[1]:
             raise IncompatibleModelError(
                 f"The identity recycler needs equal embedding dims, got source {source.shape[1]} and target "
-                f"{target.shape[1]}: use linear, procrustes or another fitted recycler between models of different width."
+                f"{target.shape[1]}: between models of different width use linear, procrustes or another "
+                "fitted recycler."
             )
 
     def _transform(self, prompt: torch.Tensor) -> torch.Tensor:

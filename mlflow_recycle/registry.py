@@ -1,0 +1,251 @@
+"""Ties between soft prompts and base-model versions in the MLflow Model Registry.
+
+Base models are registered ``mlflow.transformers`` models. A soft prompt's model version
+carries the tags ``mlflow_recycle.base_model`` and ``mlflow_recycle.base_model_version``
+naming the base version it was tuned (or recycled) for, so that "every prompt of base
+version 1" is one registry query (:func:`prompts_for`), and the migration hook can find
+what to recycle when version 2 appears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+
+from . import soft_prompt
+from .errors import RecycleError
+from .prompt import SoftPrompt
+from .vocab import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+TAG_KIND = "mlflow_recycle.kind"
+TAG_BASE_MODEL = "mlflow_recycle.base_model"
+TAG_BASE_VERSION = "mlflow_recycle.base_model_version"
+TAG_FINGERPRINT = "mlflow_recycle.tokenizer_fingerprint"
+TAG_DIM = "mlflow_recycle.embedding_dim"
+TAG_DIGEST = "mlflow_recycle.weights_digest"
+TAG_RECYCLED_FROM = "mlflow_recycle.recycled_from"
+TAG_RECYCLER = "mlflow_recycle.recycler"
+TAG_RECYCLER_CONFIG = "mlflow_recycle.recycler_config"
+KIND_BASE, KIND_PROMPT = "base_model", "soft_prompt"
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+def model_uri(name: str, version: str | int) -> str:
+    return f"models:/{name}/{version}"
+
+
+def parse_model_uri(uri: str) -> tuple[str, str]:
+    """``(name, version)`` of ``models:/name/version`` or ``models:/name@alias``."""
+    match = _MODEL_URI.match(uri)
+    if not match:
+        raise RecycleError(
+            f"{uri!r} is not a registered model URI; expected models:/<name>/<version> or models:/<name>@<alias>."
+        )
+    name, version = match["name"], match["version"]
+    if version is None:
+        version = MlflowClient().get_model_version_by_alias(name, match["alias"]).version
+    return name, str(version)
+
+
+def weights_digest(path: str) -> str:
+    """Content hash of a local model directory's weight files (or the hub id for a hub model).
+
+    Identifies a base model independently of where it lies, so registering the same weights
+    twice finds the existing version instead of creating another.
+    """
+    directory = Path(path)
+    files = sorted(p for p in directory.glob("*") if p.suffix in (".safetensors", ".bin")) if directory.is_dir() else []
+    if not files:
+        return f"hub:{path}"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return f"sha256:{digest.hexdigest()[:32]}"
+
+
+@contextmanager
+def _run(run_name: str):
+    """The active run, or a new one for a registry helper called outside any run."""
+    if mlflow.active_run() is not None:
+        yield mlflow.active_run()
+    else:
+        with mlflow.start_run(run_name=run_name) as run:
+            yield run
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+# ---------------------------------------------------------------------- base models
+def register_base_model(path: str, name: str, *, await_registration_for: int = 300) -> ModelVersion:
+    """Register a local Hugging Face directory (or hub id) as a new version of base model ``name``.
+
+    The version is tagged with its tokenizer fingerprint, embedding dim and weights digest
+    so that prompts can be checked against it without downloading it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model, tokenizer = cls.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    tags = {
+        TAG_KIND: KIND_BASE,
+        TAG_FINGERPRINT: tokenizer_fingerprint(tokenizer),
+        TAG_DIM: str(model.get_input_embeddings().weight.shape[1]),
+        TAG_DIGEST: weights_digest(path),
+    }
+    with _run(f"register {name}"):
+        # transformers 5 needs loaded components (not a path); explicit requirements skip a slow inference.
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name=f"base-{name}",
+            task="text-generation",
+            registered_model_name=name,
+            await_registration_for=await_registration_for,
+            pip_requirements=[
+                f"transformers=={_version('transformers')}",
+                f"torch=={_version('torch').split('+')[0]}",
+                f"safetensors=={_version('safetensors')}",
+            ],
+        )
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, info.registered_model_version, key, value)
+    log.info("Registered %s as %s version %s", path, name, info.registered_model_version)
+    return client.get_model_version(name, info.registered_model_version)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def ensure_base_model(path: str, name: str) -> ModelVersion:
+    """The version of ``name`` holding these weights, registering them first if no version does."""
+    digest = weights_digest(path)
+    found = MlflowClient().search_model_versions(
+        f"name = '{_escape(name)}' AND tags.`{TAG_DIGEST}` = '{_escape(digest)}'"
+    )
+    if found:
+        return min(found, key=lambda v: int(v.version))
+    return register_base_model(path, name)
+
+
+def base_versions(name: str) -> list[ModelVersion]:
+    """Every version of base model ``name``, oldest first."""
+    return sorted(MlflowClient().search_model_versions(f"name = '{_escape(name)}'"), key=lambda v: int(v.version))
+
+
+def check_prompt_fits_base(prompt: SoftPrompt, base: ModelVersion) -> None:
+    """Refuse a base version whose recorded dim or tokenizer differs from the prompt's."""
+    dim, fingerprint = base.tags.get(TAG_DIM), base.tags.get(TAG_FINGERPRINT)
+    prompt.check_fits(
+        dim=int(dim) if dim else prompt.dim, fingerprint=fingerprint, model=f"{base.name!r} v{base.version}"
+    )
+
+
+# ---------------------------------------------------------------------- prompts
+def log_prompt(
+    prompt: SoftPrompt,
+    name: str = "prompt",
+    registered_model_name: str | None = None,
+    *,
+    tags: Mapping[str, str] | None = None,
+    **kwargs: Any,
+) -> ModelVersion | mlflow.models.model.ModelInfo:
+    """Log ``prompt`` with the flavor and, with ``registered_model_name``, register it tied to its base.
+
+    The version (and the run, under ``mlflow_recycle.<name>.*``) gets the tie and lineage
+    tags. Returns the model version when registered, else the ``ModelInfo``.
+    """
+    tie = {
+        TAG_KIND: KIND_PROMPT,
+        TAG_BASE_MODEL: prompt.base_model or "",
+        TAG_BASE_VERSION: prompt.base_model_version or "",
+        TAG_FINGERPRINT: prompt.tokenizer_fingerprint or "",
+    }
+    if prompt.recycler:
+        tie.update(
+            {
+                TAG_RECYCLED_FROM: prompt.recycled_from or "",
+                TAG_RECYCLER: prompt.recycler,
+                TAG_RECYCLER_CONFIG: json.dumps(prompt.recycler_config, sort_keys=True),
+            }
+        )
+    tie.update(tags or {})
+    with _run(f"log {name}"):
+        info = soft_prompt.log_model(prompt, name=name, registered_model_name=registered_model_name, tags=tie, **kwargs)
+        mlflow.set_tags({f"mlflow_recycle.{name}.{key.split('.', 1)[1]}": value for key, value in tie.items()})
+    if registered_model_name is None:
+        return info
+    client = MlflowClient()
+    for key, value in tie.items():
+        client.set_model_version_tag(registered_model_name, info.registered_model_version, key, value)
+    return client.get_model_version(registered_model_name, info.registered_model_version)
+
+
+def prompts_for(base_model: str, version: str | int) -> list[ModelVersion]:
+    """Every registered soft-prompt version tied to ``base_model`` version ``version``."""
+    found = MlflowClient().search_model_versions(
+        f"tags.`{TAG_BASE_MODEL}` = '{_escape(base_model)}' AND tags.`{TAG_BASE_VERSION}` = '{_escape(str(version))}'"
+    )
+    return sorted((v for v in found if v.tags.get(TAG_KIND) == KIND_PROMPT), key=lambda v: (v.name, int(v.version)))
+
+
+def base_of(prompt_uri: str) -> tuple[str, str]:
+    """``(base model name, version)`` a registered prompt (``models:/name/version`` or ``@alias``) is tied to."""
+    name, version = parse_model_uri(prompt_uri)
+    tags = MlflowClient().get_model_version(name, version).tags
+    if not tags.get(TAG_BASE_MODEL) or not tags.get(TAG_BASE_VERSION):
+        raise RecycleError(
+            f"{prompt_uri} is not tied to a base-model version (no {TAG_BASE_MODEL} / {TAG_BASE_VERSION} tags): "
+            "register prompts with mlflow_recycle.registry.log_prompt."
+        )
+    return tags[TAG_BASE_MODEL], tags[TAG_BASE_VERSION]
+
+
+def load_prompt(uri: str) -> SoftPrompt:
+    """A prompt from a registry/run URI (``models:/``, ``runs:/``), a logged model directory or a prompt directory."""
+    local = Path(uri)
+    if local.is_dir() and not (local / "MLmodel").is_file():
+        return SoftPrompt.load(local)
+    return soft_prompt.load_model(uri)
+
+
+def tie(prompt: SoftPrompt, base: ModelVersion) -> SoftPrompt:
+    """``prompt`` pointed at a registered base version (name, version, ``models:/`` URI)."""
+    return prompt.replace(
+        base_model=base.name, base_model_version=str(base.version), base_model_uri=model_uri(base.name, base.version)
+    )
+
+
+__all__ = [
+    "base_of",
+    "base_versions",
+    "check_prompt_fits_base",
+    "ensure_base_model",
+    "load_prompt",
+    "log_prompt",
+    "model_uri",
+    "parse_model_uri",
+    "prompts_for",
+    "register_base_model",
+    "tie",
+    "weights_digest",
+]

@@ -1,0 +1,159 @@
+"""The main job end to end: CLI, `mlflow run`, Hydra multirun, DDP, and early errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+
+from mlflow_recycle import IncompatibleModelError, RecycleError, SoftPrompt, soft_prompt
+from mlflow_recycle.config import REPO_ROOT, compose
+from mlflow_recycle.job import prepare
+from mlflow_recycle.registry import TAG_DIGEST, TAG_RECYCLED_FROM, TAG_RECYCLER, base_versions, prompts_for
+
+QUICK = ["experiment=quick"]
+
+
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    return env
+
+
+def hydra_dirs(tmp_path: Path) -> list[str]:
+    return [f"hydra.run.dir={tmp_path}/hydra", f"hydra.sweep.dir={tmp_path}/sweep"]
+
+
+def run_cli(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mlflow_recycle", *args, *hydra_dirs(tmp_path)]
+    return subprocess.run(
+        command, cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def runs(tmp_path: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_mlflow_run_entry_point_end_to_end(tmp_path):
+    overrides = " ".join([*QUICK, "retune=true", *hydra_dirs(tmp_path)])
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(REPO_ROOT),
+        "--env-manager",
+        "local",
+        "-P",
+        "recycler=procrustes",
+        "-P",
+        f"overrides={overrides}",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs(tmp_path)  # the job resumed the run `mlflow run` created
+    assert run.info.status == "FINISHED"
+    metrics, params = run.data.metrics, run.data.params
+    assert params["recycler.name"] == "procrustes" and params["source.name"] == "small-a-early"
+    for name in ("source", "recycled", "zero_shot", "random_prompt", "retuned", "best_baseline"):
+        assert 0.0 <= metrics[f"test/{name}_accuracy"] <= 1.0
+    best = max(metrics["test/zero_shot_accuracy"], metrics["test/random_prompt_accuracy"])
+    assert metrics["success"] == float(metrics["test/recycled_accuracy"] > best)
+    assert run.data.tags["mlflow_recycle.verdict"] == ("success" if metrics["success"] else "failure")
+    assert {"source_tune_seconds", "target_tune_seconds", "recycle_seconds", "source/train_loss"} <= set(metrics)
+    client = mlflow.MlflowClient()
+    assert {"config.yaml", "recycling_results.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # Both base models registered (small-a-early first: version 1), both prompts tied to them.
+    bases = {int(v.version): v.tags[TAG_DIGEST] for v in base_versions("imdb-lm")}
+    assert sorted(bases) == [1, 2]
+    (source_version,) = prompts_for("imdb-lm", 1)
+    (recycled_version,) = prompts_for("imdb-lm", 2)
+    assert (source_version.name, recycled_version.name) == ("sst2-prompt", "sst2-prompt")
+    assert recycled_version.tags[TAG_RECYCLED_FROM] == f"models:/sst2-prompt/{source_version.version}"
+    assert recycled_version.tags[TAG_RECYCLER] == "procrustes"
+    assert recycled_version.run_id == run.info.run_id
+    recycled = soft_prompt.load_model(f"models:/sst2-prompt/{recycled_version.version}")
+    assert (recycled.recycler, recycled.base_model, recycled.base_model_version) == ("procrustes", "imdb-lm", "2")
+    assert recycled.base_model_uri == "models:/imdb-lm/2" and recycled.task.template == "{text} This movie is"
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.name for m in logged].count("retuned_prompt") == 1  # logged with the run, not registered
+
+
+def test_multirun_gives_one_parent_and_a_nested_run_per_job(tmp_path):
+    result = run_cli(tmp_path, "-m", "recycler=linear,identity", *QUICK, "trainer.max_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    all_runs = runs(tmp_path)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.params["recycler.name"] for c in children} == {"linear", "identity"}
+    assert parents[0].info.status == "FINISHED"
+    # the second job found both base models by their weights instead of registering them again
+    assert len(base_versions("imdb-lm")) == 2
+    assert [len(prompts_for("imdb-lm", v)) for v in (1, 2)] == [2, 2]
+
+
+def test_ddp_on_two_cpu_processes_gives_one_run(tmp_path):
+    result = run_cli(tmp_path, "trainer=ddp_cpu", *QUICK, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.data.params["trainer.strategy"] == "ddp" and run.data.params["trainer.devices"] == "2"
+    assert "test/recycled_accuracy" in run.data.metrics and "source/train_loss" in run.data.metrics
+
+
+def test_cli_error_is_clear_and_nothing_is_logged(tmp_path):
+    result = run_cli(tmp_path, *QUICK, "recycler.name=lnear")
+    assert result.returncode == 2
+    assert "Unknown recycler 'lnear'. Known recyclers:" in result.stderr + result.stdout
+    assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- early errors
+@pytest.mark.parametrize("group", ["recycler=lnear", "task=sst3", "model@source=small-z"])
+def test_unknown_config_names_list_the_options(group):
+    with pytest.raises(MissingConfigException, match="Available options in"):
+        compose([group])
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        ("recycler.name=lnear", "Unknown recycler 'lnear'"),
+        ("task.template='Review without placeholder'", r"has no '\{text\}' placeholder"),
+        ("task.max_length=250", "more than small-a-early supports"),
+        ("job=recycle", "job=recycle needs prompt_uri"),
+        ("task.data=/nonexistent/sst2", "neither a local file nor a directory"),
+        ("model@target=small-c", None),  # the cross-tokenizer pair is valid
+    ],
+)
+def test_bad_input_fails_before_training(override, error):
+    cfg = compose([*QUICK, override])
+    if error is None:
+        assert prepare(cfg).target.name == "small-c"
+        return
+    with pytest.raises(RecycleError, match=error):
+        prepare(cfg)
+
+
+def test_a_prompt_that_does_not_fit_the_source_is_refused(tmp_path, load_model):
+    _, small_c_tokenizer = load_model("small-c")
+    from mlflow_recycle.vocab import tokenizer_fingerprint
+
+    SoftPrompt(torch.randn(4, 320), base_model="large").save(tmp_path / "wide")
+    with pytest.raises(IncompatibleModelError, match="embedding dim 320 vs 256"):
+        prepare(compose([*QUICK, f"prompt_uri={tmp_path / 'wide'}"]))
+    SoftPrompt(
+        torch.randn(4, 256), base_model="small-c", tokenizer_fingerprint=tokenizer_fingerprint(small_c_tokenizer)
+    ).save(tmp_path / "c")
+    with pytest.raises(IncompatibleModelError, match="'small-c' does not fit small-a-early .*: tokenizer"):
+        prepare(compose([*QUICK, f"prompt_uri={tmp_path / 'c'}"]))

@@ -1,0 +1,181 @@
+"""Prompt tuning and rank classification on a real model, and the data module."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from tokenizers import Tokenizer, normalizers
+from tokenizers.models import WordPiece
+from transformers import PreTrainedTokenizerFast
+
+from lightning_modules import PromptTuningModule, RankClassificationModule, TextClassificationDataModule, read_examples
+from mlflow_recycle import RecycleError, TaskSpec
+from mlflow_recycle.prompt_init import initial_prompt
+from mlflow_recycle.prompted_lm import TaskEncoder
+
+
+def trainer(**kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**options, **kwargs})
+
+
+def sst2(data_dir, verbalizers=(" bad", " great"), max_length=64, **kwargs) -> TaskSpec:
+    return TaskSpec(
+        "sst2", "{text} This movie is", verbalizers, data=str(data_dir("sst2")), max_length=max_length, **kwargs
+    )
+
+
+def test_only_the_prompt_changes_during_training(load_model, data_dir, tmp_path):
+    model, tokenizer = load_model("small-a")
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    encoder = TaskEncoder(tokenizer, sst2(data_dir))
+    data = TextClassificationDataModule(encoder, batch_size=4, limit_train=16, limit_val=8)
+    init = initial_prompt("vocab", model.get_input_embeddings().weight, 5)
+    module = PromptTuningModule(model, init, optimizer="adamw", lr=0.05)
+    fit = trainer(max_steps=3, limit_val_batches=0)
+    fit.fit(module, datamodule=data)
+    assert not torch.equal(module.tuned_prompt(), init)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, frozen[name]), f"frozen weight {name} changed"
+    assert [n for n, p in module.named_parameters() if p.requires_grad] == ["prompt"]
+    fit.save_checkpoint(tmp_path / "prompt.ckpt")
+    checkpoint = torch.load(tmp_path / "prompt.ckpt", weights_only=False)
+    assert list(checkpoint["state_dict"]) == ["prompt"]
+
+
+def test_adafactor_tunes_the_prompt(load_model, data_dir):
+    model, tokenizer = load_model("small-a")
+    encoder = TaskEncoder(tokenizer, sst2(data_dir))
+    data = TextClassificationDataModule(encoder, batch_size=4, limit_train=8)
+    init = initial_prompt("random", model.get_input_embeddings().weight, 4)
+    module = PromptTuningModule(model, init, optimizer="adafactor", lr=0.01)
+    trainer(max_steps=2, limit_val_batches=0).fit(module, datamodule=data)
+    assert not torch.equal(module.tuned_prompt(), init)
+    with pytest.raises(RecycleError, match="Unknown optimizer 'sgd'"):
+        PromptTuningModule(model, init, optimizer="sgd")
+
+
+def reference_scores(model, encoder, contexts, prompt, length_normalize):
+    """Slow reference: each example and each class on its own, no padding, full logits."""
+    out = []
+    for context in contexts:
+        row = []
+        for verbalizer in encoder.verbalizer_ids:
+            ids = torch.tensor([context + verbalizer])
+            embeds = model.get_input_embeddings()(ids)
+            if prompt is not None:
+                embeds = torch.cat([prompt.unsqueeze(0), embeds], dim=1)
+            log_probs = torch.log_softmax(model(inputs_embeds=embeds).logits[0], dim=-1)
+            start = embeds.shape[1] - len(verbalizer)
+            score = sum(float(log_probs[start + j - 1, t]) for j, t in enumerate(verbalizer))
+            row.append(score / len(verbalizer) if length_normalize else score)
+        out.append(row)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("length_normalize", [False, True])
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_rank_classification_matches_a_slow_reference(load_model, data_dir, length_normalize, with_prompt):
+    model, tokenizer = load_model("small-a")
+    # multi-token verbalizers of different lengths, sharing no prefix
+    task = sst2(data_dir, verbalizers=(" bad and boring", " really great"), max_length=96)
+    encoder = TaskEncoder(tokenizer, task)
+    assert [len(v) for v in encoder.verbalizer_ids] == [3, 2]
+    data = TextClassificationDataModule(encoder, eval_batch_size=7, limit_test=20)
+    prompt = initial_prompt("vocab", model.get_input_embeddings().weight, 6, seed=1) * 2 if with_prompt else None
+    module = RankClassificationModule(model, prompt, length_normalize=length_normalize)
+    with torch.no_grad():
+        trainer().test(module, datamodule=data, verbose=False)
+    result = module.results["test"]
+    dataset = data.dataset("test")
+    with torch.no_grad():
+        expected = reference_scores(model, encoder, dataset.contexts, prompt, length_normalize)
+    assert torch.allclose(result["scores"], expected, atol=1e-4)
+    assert torch.equal(result["predictions"], expected.argmax(1))
+    labels = torch.tensor(dataset.labels)
+    assert result["accuracy"] == pytest.approx(float((expected.argmax(1) == labels).float().mean()))
+
+
+def test_classes_sharing_a_prefix_share_one_model_row(load_model, data_dir):
+    _, tokenizer = load_model("small-a")
+    encoder = TaskEncoder(tokenizer, sst2(data_dir, verbalizers=(" bad", " great", " okay")))
+    assert encoder.class_inputs == [()]  # single-token verbalizers: one row scores every class
+    batch = encoder.scoring_batch(encoder.contexts(["a b", "c"]))
+    assert batch["input_ids"].shape[0] == 2 and batch["row_of_class"].tolist() == [[0, 0, 0], [1, 1, 1]]
+
+
+def test_long_texts_are_truncated_on_the_text_side(load_model, data_dir):
+    _, tokenizer = load_model("small-a")
+    long_review = " ".join(["word"] * 500) + " THE END"
+    for side in ("right", "left"):
+        encoder = TaskEncoder(tokenizer, sst2(data_dir, truncation_side=side))
+        (context,) = encoder.contexts([long_review])
+        assert len(context) + max(map(len, encoder.verbalizer_ids)) <= 64
+        assert context[: len(encoder.prefix_ids)] == encoder.prefix_ids
+        assert context[-len(encoder.suffix_ids) :] == encoder.suffix_ids  # the cue survives
+        body = tokenizer.decode(context[len(encoder.prefix_ids) : -len(encoder.suffix_ids)])
+        assert ("THE END" in body) == (side == "left")
+
+
+def test_verbalizer_that_tokenizes_to_nothing_is_refused(data_dir):
+    tokenizer = Tokenizer(WordPiece({"[UNK]": 0, "[PAD]": 1, "good": 2, "bad": 3}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]")
+    with pytest.raises(RecycleError, match=r"verbalizer '\\x00' tokenizes to nothing"):
+        TaskEncoder(fast, sst2(data_dir, verbalizers=("\x00", " good")))
+
+
+def test_tiny_max_length_is_refused(load_model, data_dir):
+    _, tokenizer = load_model("small-a")
+    with pytest.raises(RecycleError, match="max_length=10 leaves .* raise max_length"):
+        TaskEncoder(tokenizer, sst2(data_dir, max_length=10))
+
+
+def test_data_formats_limits_and_errors(tmp_path, load_model):
+    rows = [{"text": f"review {i}", "label": i % 2} for i in range(50)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "test.csv").write_text("text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in rows))
+    (tmp_path / "validation.tsv").write_text(
+        "sentence\tlabel\n" + "\n".join(f"{r['text']}\t{r['label']}" for r in rows)
+    )
+    assert read_examples(str(tmp_path), "train")[3] == ("review 3", 1)
+    assert read_examples(str(tmp_path), "test")[4] == ("review 4", 0)
+    assert read_examples(str(tmp_path), "validation", text_field="sentence")[5] == ("review 5", 1)
+    with pytest.raises(RecycleError, match=r"has fields \['label', 'sentence'\]; expected 'text'"):
+        read_examples(str(tmp_path), "validation")
+    with pytest.raises(RecycleError, match="No 'dev' split"):
+        read_examples(str(tmp_path), "dev")
+
+    _, tokenizer = load_model("small-a")
+    encoder = TaskEncoder(tokenizer, TaskSpec("t", "{text} =", (" a", " b"), data=str(tmp_path), max_length=32))
+    subset = TextClassificationDataModule(encoder, limit_train=10, seed=3).examples("train")
+    assert len(subset) == 10 and subset == TextClassificationDataModule(encoder, limit_train=10, seed=3).examples(
+        "train"
+    )
+    assert subset != TextClassificationDataModule(encoder, limit_train=10, seed=4).examples("train")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "x", "label": 2}))
+    with pytest.raises(RecycleError, match="has label 2 but the task has 2 verbalizers"):
+        TextClassificationDataModule(encoder).examples("train")
+
+
+def test_fsdp_strategy_wraps_each_transformer_block(load_model):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_modules.strategies import fsdp_strategy
+
+    model, _ = load_model("small-a")
+    strategy = fsdp_strategy(["LlamaDecoderLayer", "GPT2Block"])
+    assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["use_orig_params"] is True
+    policy = strategy.kwargs["auto_wrap_policy"]
+    wrapped = [name for name, module in model.named_modules() if policy(module, recurse=False, nonwrapped_numel=0)]
+    assert wrapped == [f"model.layers.{i}" for i in range(6)]
