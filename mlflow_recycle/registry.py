@@ -24,6 +24,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from . import soft_prompt
 from .errors import RecycleError
+from .models import load_pretrained
 from .prompt import SoftPrompt
 from .vocab import tokenizer_fingerprint
 
@@ -98,11 +99,7 @@ def register_base_model(path: str, name: str, *, await_registration_for: int = 3
     The version is tagged with its tokenizer fingerprint, embedding dim and weights digest
     so that prompts can be checked against it without downloading it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(path)
-    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model, tokenizer = cls.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_pretrained(path, dtype=None)  # keep the checkpoint's dtype
     tags = {
         TAG_KIND: KIND_BASE,
         TAG_FINGERPRINT: tokenizer_fingerprint(tokenizer),
@@ -115,19 +112,16 @@ def register_base_model(path: str, name: str, *, await_registration_for: int = 3
             transformers_model={"model": model, "tokenizer": tokenizer},
             name=f"base-{name}",
             task="text-generation",
-            registered_model_name=name,
-            await_registration_for=await_registration_for,
             pip_requirements=[
                 f"transformers=={_version('transformers')}",
                 f"torch=={_version('torch').split('+')[0]}",
                 f"safetensors=={_version('safetensors')}",
             ],
         )
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, info.registered_model_version, key, value)
-    log.info("Registered %s as %s version %s", path, name, info.registered_model_version)
-    return client.get_model_version(name, info.registered_model_version)
+    # Registered with its tags in one call: a version is never seen without its digest.
+    version = mlflow.register_model(info.model_uri, name, await_registration_for=await_registration_for, tags=tags)
+    log.info("Registered %s as %s version %s", path, name, version.version)
+    return version
 
 
 def _version(package: str) -> str:
@@ -171,8 +165,10 @@ def log_prompt(
 ) -> ModelVersion | mlflow.models.model.ModelInfo:
     """Log ``prompt`` with the flavor and, with ``registered_model_name``, register it tied to its base.
 
-    The version (and the run, under ``mlflow_recycle.<name>.*``) gets the tie and lineage
-    tags. Returns the model version when registered, else the ``ModelInfo``.
+    The version is created with its tie, lineage and ``tags`` in one call, so a crash can
+    never leave an untagged (unfindable, later duplicated) version. The logged model and
+    the run (under ``mlflow_recycle.<name>.*``) carry the same tags. Returns the model
+    version when registered, else the ``ModelInfo``.
     """
     tie = {
         TAG_KIND: KIND_PROMPT,
@@ -190,14 +186,11 @@ def log_prompt(
         )
     tie.update(tags or {})
     with _run(f"log {name}"):
-        info = soft_prompt.log_model(prompt, name=name, registered_model_name=registered_model_name, tags=tie, **kwargs)
+        info = soft_prompt.log_model(prompt, name=name, tags=tie, **kwargs)
         mlflow.set_tags({f"mlflow_recycle.{name}.{key.split('.', 1)[1]}": value for key, value in tie.items()})
     if registered_model_name is None:
         return info
-    client = MlflowClient()
-    for key, value in tie.items():
-        client.set_model_version_tag(registered_model_name, info.registered_model_version, key, value)
-    return client.get_model_version(registered_model_name, info.registered_model_version)
+    return mlflow.register_model(info.model_uri, registered_model_name, tags=tie)
 
 
 def prompts_for(base_model: str, version: str | int) -> list[ModelVersion]:

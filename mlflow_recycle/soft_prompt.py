@@ -14,7 +14,8 @@ As a pyfunc, a soft prompt classifies text with its base model::
     # 0      1      great     -4.125       -1.879
 
 The base model is loaded from the prompt's ``base_model_uri`` (``models:/name/version`` of
-an ``mlflow.transformers`` model, a local directory or a hub id) once per process.
+an ``mlflow.transformers`` model, a local directory or a hub id) once per process
+(:func:`mlflow_recycle.models.load_base_model`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from mlflow.utils.model_utils import _get_flavor_configuration, _validate_and_pr
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from .errors import PromptArtifactError, RecycleError
+from .models import load_base_model
 from .prompt import SoftPrompt
 from .prompted_lm import PromptedLM, TaskEncoder
 from .vocab import tokenizer_fingerprint
@@ -66,11 +68,14 @@ _logger = logging.getLogger(__name__)
 
 def get_default_pip_requirements() -> list[str]:
     """Requirements of a model logged by this flavor (serving needs torch and transformers)."""
+    from importlib.metadata import version
+
     from . import __version__
 
+    # torch's local label (+cpu, +cu126) is not installable from PyPI: pin the release only.
     return [
         f"mlflow-recycle=={__version__}",
-        _get_pinned_requirement("torch"),
+        f"torch=={version('torch').split('+')[0]}",
         _get_pinned_requirement("transformers"),
         _get_pinned_requirement("safetensors"),
     ]
@@ -241,27 +246,6 @@ def load_model(model_uri: str, dst_path: str | None = None) -> SoftPrompt:
             f"{model_uri} is not a soft prompt ({exc.message}); log prompts with mlflow_recycle.soft_prompt.log_model."
         ) from exc
     return SoftPrompt.load(Path(local_path) / flavor_conf.get("prompt_data", PROMPT_DATA_DIR))
-
-
-# ---------------------------------------------------------------------- base models
-@functools.lru_cache(maxsize=4)
-def load_base_model(uri: str) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a base model URI, cached per process.
-
-    ``models:/...`` and ``runs:/...`` URIs are ``mlflow.transformers`` models; anything else
-    is a local directory or hub id for ``from_pretrained``.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        components = mlflow.transformers.load_model(uri, return_type="components")
-        model, tokenizer = components["model"], components["tokenizer"]
-    else:
-        config = AutoConfig.from_pretrained(uri)
-        cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model, tokenizer = cls.from_pretrained(uri, dtype=torch.float32), AutoTokenizer.from_pretrained(uri)
-    _logger.info("Loaded base model %s", uri)
-    return model.float().eval().requires_grad_(False), tokenizer
 
 
 class SoftPromptPyfunc:

@@ -1,0 +1,132 @@
+"""Evaluating prompts on a model against that model's own baselines, and the success gate.
+
+A recycled prompt is only worth anything if it beats what the target model does without
+it: the template alone (zero-shot) and a random-token prompt of the same length (any
+in-vocabulary prefix). The main job and the migration worker both judge prompts here.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lightning_modules import RankClassificationModule, TextClassificationDataModule
+
+from .anchors import embedding_table
+from .errors import RecycleError
+from .models import LoadedModel
+from .prompt_init import sample_vocab_rows
+from .prompted_lm import TaskEncoder
+from .task import TaskSpec
+
+log = logging.getLogger(__name__)
+# Lightning announces its hardware and tips for every Trainer; evaluations create many.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+SPLITS = ("validation", "test")
+
+
+def task_data(
+    side: LoadedModel,
+    spec: TaskSpec,
+    *,
+    prompt_length: int,
+    batch_size: int = 32,
+    eval_batch_size: int = 64,
+    limit_train: int | None = None,
+    limit_val: int | None = None,
+    limit_test: int | None = None,
+    seed: int = 0,
+) -> TextClassificationDataModule:
+    """The task tokenised for ``side``, checked against its context window."""
+    needed = spec.max_length + prompt_length
+    if side.max_positions is not None and needed > side.max_positions:
+        raise RecycleError(
+            f"task max_length={spec.max_length} plus prompt length {prompt_length} is {needed} positions, "
+            f"more than {side.name} supports ({side.max_positions}): lower the task's max_length."
+        )
+    return TextClassificationDataModule(
+        TaskEncoder(side.tokenizer, spec, seq2seq=side.seq2seq),
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        limit_train=limit_train,
+        limit_val=limit_val,
+        limit_test=limit_test,
+        seed=seed,
+    )
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """A model's accuracy without a trained prompt, per split."""
+
+    zero_shot: dict[str, float]
+    random_prompt: dict[str, float]
+    random_prompt_std: dict[str, float]
+
+    def best(self, split: str) -> float:
+        return max(self.zero_shot[split], self.random_prompt[split])
+
+    def beaten_by(self, accuracy: float, split: str) -> bool:
+        """The gate: strictly better than both baselines."""
+        return accuracy > self.best(split)
+
+
+@dataclass
+class Evaluator:
+    """Rank-classification evaluations, each on a fresh Lightning trainer built from ``trainer`` config.
+
+    Args:
+        trainer: a Hydra ``trainer`` config (``conf/trainer``).
+        splits: ``validation`` and/or ``test``.
+        random_draws: random-token prompts averaged for the baseline.
+        seed: seeds the random-token draws.
+    """
+
+    trainer: DictConfig
+    splits: Sequence[str] = ("test",)
+    random_draws: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown or not self.splits:
+            raise RecycleError(f"Evaluation splits may be {' and '.join(SPLITS)}, got {list(self.splits)}.")
+
+    def accuracy(
+        self, side: LoadedModel, data: TextClassificationDataModule, prompt: torch.Tensor | None, name: str
+    ) -> dict[str, float]:
+        """Accuracy of ``prompt`` (None: zero-shot) on each split."""
+        module = RankClassificationModule(
+            side.model, prompt, length_normalize=data.encoder.task.length_normalize, name=name
+        )
+        accuracies = {}
+        for split in self.splits:
+            trainer: L.Trainer = instantiate(self.trainer, logger=False)
+            run = trainer.test if split == "test" else trainer.validate
+            run(module, datamodule=data, verbose=False)
+            accuracies[split] = module.results[split]["accuracy"]
+            log.info("%s on %s/%s: %.4f", name, side.name, split, accuracies[split])
+        return accuracies
+
+    def baselines(self, side: LoadedModel, data: TextClassificationDataModule, prompt_length: int) -> Baselines:
+        """Zero-shot and the mean (and spread) of random-token prompts of ``prompt_length`` rows."""
+        zero_shot = self.accuracy(side, data, None, "zero_shot")
+        table = embedding_table(side.model)
+        draws = []
+        for draw in range(self.random_draws):
+            generator = torch.Generator().manual_seed(self.seed + 1000 + draw)
+            rows = sample_vocab_rows(table, prompt_length, generator, exclude_ids=side.tokenizer.all_special_ids)
+            draws.append(self.accuracy(side, data, rows, f"random_prompt_{draw}"))
+        return Baselines(
+            zero_shot=zero_shot,
+            random_prompt={s: statistics.fmean(d[s] for d in draws) for s in self.splits},
+            random_prompt_std={s: statistics.pstdev(d[s] for d in draws) for s in self.splits},
+        )

@@ -1,0 +1,136 @@
+"""The worker: takes migration jobs from the durable queue and runs them, one at a time.
+
+In-process by default (``migrate`` in this process); or each job as an MLflow Projects
+run of this project's ``migrate`` entry point, on any backend MLflow supports (local,
+Kubernetes, Databricks) when one machine is not enough. Either way the lease on the job
+is renewed while it runs, and a failed job is retried up to ``max_attempts`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from .queue import DONE, Job, MigrationQueue
+
+log = logging.getLogger(__name__)
+
+Executor = Callable[[Job], str]
+
+
+def in_process_executor(cfg: DictConfig) -> Executor:
+    """Run each job with :func:`mlflow_recycle.migrate.migrate` in this process."""
+    from ..migrate import migrate
+
+    def execute(job: Job) -> str:
+        report = migrate(job.base_model, job.to_version, job.from_version, cfg=cfg)
+        return json.dumps(
+            {
+                "from_version": report.from_version,
+                "created": report.created,
+                "prompts": [{"source": p.source, "target": p.target, "gate": p.gate} for p in report.prompts],
+            }
+        )
+
+    return execute
+
+
+def projects_executor(cfg: DictConfig, overrides: list[str]) -> Executor:
+    """Run each job as an MLflow Projects run (entry point ``migrate``) on ``hook.projects.backend``."""
+    import mlflow.projects
+
+    projects = cfg.hook.projects
+
+    def execute(job: Job) -> str:
+        submitted = mlflow.projects.run(
+            uri=str(projects.uri),
+            entry_point="migrate",
+            parameters={
+                "base_model": job.base_model,
+                "to_version": job.to_version,
+                "from_version": job.from_version or "",
+                "overrides": " ".join(shlex.quote(o) for o in overrides),
+            },
+            experiment_name=cfg.mlflow.experiment,
+            backend=projects.backend,
+            backend_config=OmegaConf.to_container(projects.backend_config) if projects.backend_config else None,
+            env_manager=projects.env_manager,
+            synchronous=True,
+        )
+        return json.dumps({"run_id": submitted.run_id})
+
+    return execute
+
+
+class Worker:
+    """Claims jobs under a renewed lease and runs them with ``execute``."""
+
+    def __init__(
+        self,
+        queue: MigrationQueue,
+        execute: Executor,
+        *,
+        lease_seconds: float = 60.0,
+        max_attempts: int = 3,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.queue, self.execute = queue, execute
+        self.lease_seconds, self.max_attempts, self.poll_seconds = lease_seconds, max_attempts, poll_seconds
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> bool:
+        """Run the next job, if any; True when one was run."""
+        job = self.queue.claim(self.owner, self.lease_seconds)
+        if job is None:
+            return False
+        log.info("Job %d: migrate %s to version %s (attempt %d)", job.id, job.base_model, job.to_version, job.attempts)
+        done = threading.Event()
+        renew = threading.Thread(target=self._renew, args=(job.id, done), daemon=True)
+        renew.start()
+        try:
+            result = self.execute(job)
+        except Exception as exc:  # any failure is recorded on the job, never lost
+            status = self.queue.fail(job.id, self.owner, f"{type(exc).__name__}: {exc}", self.max_attempts)
+            log.exception("Job %d failed (%s)", job.id, status)
+        else:
+            self.queue.complete(job.id, self.owner, result)
+            log.info("Job %d %s: %s", job.id, DONE, result)
+        finally:
+            done.set()
+            renew.join()
+        return True
+
+    def _renew(self, job_id: int, done: threading.Event) -> None:
+        while not done.wait(self.lease_seconds / 3):
+            if not self.queue.heartbeat(job_id, self.owner, self.lease_seconds):
+                log.warning("Job %d: lease lost to another worker", job_id)
+                return
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # the queue itself failed (disk full?): keep the receiver alive, retry
+                log.exception("Worker error")
+                ran = False
+            if not ran:
+                self._stop.wait(self.poll_seconds)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="mlflow-recycle-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
