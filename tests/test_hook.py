@@ -163,6 +163,7 @@ def server(tmp_path_factory):
     wait_until(healthy, 60, "the MLflow server")
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(url)
+    mlflow.set_experiment("hook-tests")  # MLflow keeps the active experiment of an earlier store otherwise
     yield url
     mlflow.set_tracking_uri(previous)
     process.terminate()
