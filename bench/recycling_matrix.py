@@ -1,0 +1,420 @@
+"""The recycling results matrix: the paper's experiment on the model family in ../shared.
+
+For each task, ordered source -> target pair, recycler, prompt init and seed: tune a
+prompt on the source (cached), recycle it, and evaluate on the target next to the
+target's zero-shot and random-token-prompt baselines and a prompt re-tuned on the target
+(the same init and seed). Rows go to ``bench/results/recycling_matrix.csv``; the summary
+(success rate, recovery, cost ratio by recycler x pair and by init, a heatmap) goes to
+``docs/benchmarks.md`` and to one MLflow parent run with a child per cell.
+
+    python bench/recycling_matrix.py                       # the full matrix (hours on a CPU)
+    python bench/recycling_matrix.py --tasks sst2          # one task
+    python bench/recycling_matrix.py --report-only         # re-summarise the CSV
+    python bench/recycling_matrix.py --quick --out /tmp/m  # CI smoke test
+
+Tuned prompts and evaluations are cached under ``bench/cache`` (keyed by everything that
+determines them), so a rerun only computes what changed, e.g. a new recycler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+from mlflow_recycle.config import compose  # noqa: E402
+from mlflow_recycle.evaluation import Evaluator  # noqa: E402
+from mlflow_recycle.job import Context, data_module, load_model, task_spec, tune  # noqa: E402
+from mlflow_recycle.models import LoadedModel  # noqa: E402
+from mlflow_recycle.prompt import SoftPrompt  # noqa: E402
+from mlflow_recycle.recycle import fit_recycler  # noqa: E402
+from mlflow_recycle.recyclers import get_recycler  # noqa: E402
+
+log = logging.getLogger("bench.matrix")
+
+COLUMNS = [
+    "task", "source", "target", "recycler", "init", "seed", "recycled_acc", "zero_shot_acc", "random_prompt_acc",
+    "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds",
+]  # fmt: skip
+#: The paper's Base -> Base', Base -> Large, Large -> Base, and a model update (v1 -> v2).
+PAIRS = ["small-a:small-b", "small-a:large", "large:small-a", "small-a-early:small-a"]
+RECYCLERS = ["identity", "linear", "lincomb", "mlp", "procrustes"]
+INITS = ["random", "vocab", "class_labels"]
+#: What the matrix runs with, per task (documented in docs/benchmarks.md).
+RECIPE = {
+    "sst2": ["trainer.max_steps=300", "task.max_length=128", "task.limit_test=null"],
+    "imdb": ["trainer.max_steps=300", "task.max_length=128", "task.limit_test=500"],
+}
+COMMON = [
+    "trainer.enable_progress_bar=false",
+    "trainer.limit_val_batches=0",
+    "random_prompt_draws=3",
+    "registry.register=false",
+]
+QUICK = [
+    "trainer.max_steps=2",
+    "task.limit_train=32",
+    "task.limit_test=16",
+    "task.batch_size=8",
+    "random_prompt_draws=1",
+]
+
+
+def digest(value: object) -> str:
+    data = value.numpy().tobytes() if isinstance(value, torch.Tensor) else json.dumps(value, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def plain(node) -> object:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def parse_recycler(spec: str) -> tuple[str, dict]:
+    """``"linear"`` or ``"linear:ridge=10,bias=true"`` -> name and options."""
+    name, _, options = spec.partition(":")
+    parsed = {}
+    for item in filter(None, options.split(",")):
+        key, _, raw = item.partition("=")
+        parsed[key] = json.loads(raw) if raw not in ("true", "false") else raw == "true"
+    return name, parsed
+
+
+@dataclass
+class Cache:
+    """Tuned prompts (directories) and accuracies (one JSON-lines file) under ``root``."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.evals_file = self.root / "evals.jsonl"
+        self.evals = {}
+        if self.evals_file.exists():
+            for line in self.evals_file.read_text().splitlines():
+                record = json.loads(line)
+                self.evals[record["key"]] = record["value"]
+
+    def value(self, key: str, compute):
+        if key not in self.evals:
+            self.evals[key] = compute()
+            with self.evals_file.open("a") as f:
+                f.write(json.dumps({"key": key, "value": self.evals[key]}) + "\n")
+        return self.evals[key]
+
+
+class Matrix:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.cache = args, Cache(Path(args.cache))
+        self.models: dict[str, LoadedModel] = {}
+
+    def config(self, task: str, init: str = "vocab", seed: int = 0):
+        recipe = QUICK if self.args.quick else RECIPE[task]
+        return compose([f"task={task}", f"prompt.init={init}", f"seed={seed}", *COMMON, *recipe])
+
+    def model(self, name: str) -> LoadedModel:
+        if name not in self.models:
+            self.models[name] = load_model(compose([f"model@source={name}"]).source)
+        return self.models[name]
+
+    def tuned(self, task: str, model: str, init: str, seed: int) -> tuple[SoftPrompt, float]:
+        """The prompt tuned on ``model`` and its tuning time, from the cache or tuned now."""
+        cfg = self.config(task, init, seed)
+        recipe = {"model": model, "task": plain(cfg.task), "prompt": plain(cfg.prompt), "steps": cfg.trainer.max_steps}
+        path = self.cache.root / "prompts" / task / model / f"{init}-seed{seed}-{digest(recipe)}"
+        if not (path / "tuned.json").exists():
+            side = self.model(model)
+            log.info("Tuning %s / %s / %s / seed %d", task, model, init, seed)
+            ctx = Context(cfg)
+            prompt = tune(ctx, side, data_module(side, task_spec(cfg.task), cfg), "bench")
+            prompt.save(path)
+            (path / "tuned.json").write_text(json.dumps({"tune_seconds": ctx.seconds["bench_tune_seconds"]}))
+        return SoftPrompt.load(path), json.loads((path / "tuned.json").read_text())["tune_seconds"]
+
+    def accuracy(self, task: str, model: str, prompt: torch.Tensor | None, seed: int = 0) -> float:
+        cfg = self.config(task)
+        key = f"acc|{task}|{model}|{digest(prompt) if prompt is not None else 'zero-shot'}|{digest(plain(cfg.task))}"
+
+        def compute() -> float:
+            side = self.model(model)
+            evaluator = Evaluator(cfg.trainer, ("test",), 0, seed)
+            return evaluator.accuracy(side, data_module(side, task_spec(cfg.task), cfg), prompt, "bench")["test"]
+
+        return self.cache.value(key, compute)
+
+    def baselines(self, task: str, model: str, length: int) -> tuple[float, float]:
+        cfg = self.config(task)
+        key = f"baselines|{task}|{model}|{length}|{cfg.random_prompt_draws}|{digest(plain(cfg.task))}"
+
+        def compute() -> list[float]:
+            side = self.model(model)
+            evaluator = Evaluator(cfg.trainer, ("test",), cfg.random_prompt_draws, cfg.seed)
+            result = evaluator.baselines(side, data_module(side, task_spec(cfg.task), cfg), length)
+            return [result.zero_shot["test"], result.random_prompt["test"]]
+
+        zero_shot, random_prompt = self.cache.value(key, compute)
+        return zero_shot, random_prompt
+
+    def rows(
+        self, task: str, pairs: list[str], recyclers: list[str], inits: list[str], seeds: list[int]
+    ) -> Iterable[dict]:
+        anchors = self.config(task).anchors
+        for pair in pairs:
+            source, target = pair.split(":")
+            src, tgt = self.model(source), self.model(target)
+            for spec in recyclers:
+                name, options = parse_recycler(spec)
+                if name == "identity" and (src.dim != tgt.dim or src.fingerprint != tgt.fingerprint):
+                    continue  # identity needs the same embedding space
+                start = time.perf_counter()
+                recycler = fit_recycler(
+                    get_recycler(name, **options), src.model, src.tokenizer, tgt.model, tgt.tokenizer,
+                    anchor_offset=anchors.offset, anchor_size=anchors.size,
+                )  # fmt: skip
+                fit_seconds = time.perf_counter() - start
+                for init in inits:
+                    for seed in seeds:
+                        prompt, _ = self.tuned(task, source, init, seed)
+                        retuned, retune_seconds = self.tuned(task, target, init, seed)
+                        start = time.perf_counter()
+                        recycled = recycler.transform(prompt)
+                        recycle_seconds = fit_seconds + time.perf_counter() - start
+                        zero_shot, random_prompt = self.baselines(task, target, prompt.length)
+                        recycled_acc = self.accuracy(task, target, recycled.embeddings)
+                        yield {
+                            "task": task, "source": source, "target": target, "recycler": spec, "init": init,
+                            "seed": seed, "recycled_acc": recycled_acc, "zero_shot_acc": zero_shot,
+                            "random_prompt_acc": random_prompt,
+                            "source_acc": self.accuracy(task, source, prompt.embeddings),
+                            "retuned_acc": self.accuracy(task, target, retuned.embeddings),
+                            "success": int(recycled_acc > max(zero_shot, random_prompt)),
+                            "recycle_seconds": round(recycle_seconds, 4), "retune_seconds": round(retune_seconds, 2),
+                        }  # fmt: skip
+
+
+# ---------------------------------------------------------------------- report
+def load_rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in ("recycled_acc", "zero_shot_acc", "random_prompt_acc", "source_acc", "retuned_acc"):
+            row[key] = float(row[key])
+        row["success"], row["seed"] = int(row["success"]), int(row["seed"])
+        row["recycle_seconds"], row["retune_seconds"] = float(row["recycle_seconds"]), float(row["retune_seconds"])
+    return rows
+
+
+def recovery(row: dict) -> float | None:
+    """(recycled - best baseline) / (re-tuned - best baseline); None when re-tuning does not beat the baselines."""
+    best = max(row["zero_shot_acc"], row["random_prompt_acc"])
+    gap = row["retuned_acc"] - best
+    return (row["recycled_acc"] - best) / gap if gap > 0 else None
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Success rate (with its spread over seeds), recovery and cost for a group of rows."""
+    by_seed = defaultdict(list)
+    for row in rows:
+        by_seed[row["seed"]].append(row["success"])
+    seed_rates = [statistics.fmean(v) for v in by_seed.values()]
+    recoveries = [r for r in map(recovery, rows) if r is not None]
+    return {
+        "n": len(rows),
+        "success_rate": statistics.fmean(r["success"] for r in rows),
+        "seed_std": statistics.pstdev(seed_rates) if len(seed_rates) > 1 else 0.0,
+        "recovery_mean": statistics.fmean(recoveries) if recoveries else float("nan"),
+        "recovery_std": statistics.pstdev(recoveries) if len(recoveries) > 1 else 0.0,
+        "recycled_acc": statistics.fmean(r["recycled_acc"] for r in rows),
+        "cost_ratio": statistics.median(r["recycle_seconds"] / r["retune_seconds"] for r in rows),
+    }
+
+
+def cell(stats: dict) -> str:
+    rate = f"{stats['success_rate']:.0%}"
+    if stats["seed_std"]:
+        rate += f" ±{stats['seed_std']:.0%}"
+    recovered = stats["recovery_mean"]
+    return f"{rate} ({recovered:+.2f})" if recovered == recovered else rate  # NaN: no row to measure recovery on
+
+
+def report(rows: list[dict], out_dir: Path) -> str:
+    """Markdown tables and a heatmap PNG of the rows; returns the markdown."""
+    lines = []
+    for task in sorted({r["task"] for r in rows}):
+        task_rows = [r for r in rows if r["task"] == task]
+        pairs = list(dict.fromkeys(f"{r['source']} → {r['target']}" for r in task_rows))
+        recyclers = list(dict.fromkeys(r["recycler"] for r in task_rows))
+        inits = list(dict.fromkeys(r["init"] for r in task_rows))
+        pair_of = lambda r: f"{r['source']} → {r['target']}"  # noqa: E731
+        lines += [f"### {task.upper()}", "", "Baselines on each target (test accuracy) and the prompts themselves:", ""]
+        lines += [
+            "| pair | source prompt on source | zero-shot | random prompt | re-tuned on target |",
+            "|---|---|---|---|---|",
+        ]
+        for pair in pairs:
+            group = [r for r in task_rows if pair_of(r) == pair]
+            means = [
+                statistics.fmean(r[k] for r in group)
+                for k in ("source_acc", "zero_shot_acc", "random_prompt_acc", "retuned_acc")
+            ]
+            lines.append(f"| {pair} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+        lines += ["", "Success rate (± spread over seeds) and mean recovery, by recycler × pair:", ""]
+        lines += ["| recycler | " + " | ".join(pairs) + " | all pairs | cost ratio |", "|---" * (len(pairs) + 3) + "|"]
+        for rec in recyclers:
+            cells = []
+            for pair in pairs:
+                group = [r for r in task_rows if r["recycler"] == rec and pair_of(r) == pair]
+                cells.append(cell(summarise(group)) if group else "—")
+            everything = summarise([r for r in task_rows if r["recycler"] == rec])
+            lines.append(
+                f"| {rec} | " + " | ".join(cells) + f" | {cell(everything)} | {everything['cost_ratio']:.2%} |"
+            )
+        lines += ["", "Success rate by recycler × prompt init (all pairs):", ""]
+        lines += ["| recycler | " + " | ".join(inits) + " |", "|---" * (len(inits) + 1) + "|"]
+        for rec in recyclers:
+            cells = [
+                cell(summarise([r for r in task_rows if r["recycler"] == rec and r["init"] == init])) for init in inits
+            ]
+            lines.append(f"| {rec} | " + " | ".join(cells) + " |")
+        lines.append("")
+    heatmap(rows, out_dir / "recycling_matrix.png")
+    return "\n".join(lines)
+
+
+def heatmap(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = list(dict.fromkeys(f"{r['task']}\n{r['source']}→{r['target']}" for r in rows))
+    recyclers = list(dict.fromkeys(r["recycler"] for r in rows))
+    grid = torch.full((len(recyclers), len(columns)), float("nan"))
+    for i, rec in enumerate(recyclers):
+        for j, col in enumerate(columns):
+            group = [r for r in rows if r["recycler"] == rec and f"{r['task']}\n{r['source']}→{r['target']}" == col]
+            if group:
+                grid[i, j] = statistics.fmean(r["success"] for r in group)
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.5 * len(recyclers) + 2), layout="constrained")
+    image = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, fontsize=8)
+    ax.set_yticks(range(len(recyclers)), recyclers)
+    for i in range(len(recyclers)):
+        for j in range(len(columns)):
+            if not torch.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, label="success rate (recycled > max(zero-shot, random prompt))")
+    ax.set_title("Prompt recycling success rate")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_to_mlflow(rows: list[dict], csv_path: Path, png: Path, markdown: str) -> None:
+    import mlflow
+
+    with mlflow.start_run(run_name="recycling matrix"):
+        mlflow.log_artifact(str(csv_path))
+        mlflow.log_artifact(str(png))
+        mlflow.log_text(markdown, "recycling_matrix.md")
+        cells = defaultdict(list)
+        for row in rows:
+            cells[(row["task"], row["source"], row["target"], row["recycler"])].append(row)
+        for (task, source, target, rec), group in cells.items():
+            with mlflow.start_run(run_name=f"{task} {source}->{target} {rec}", nested=True):
+                mlflow.log_params({"task": task, "source": source, "target": target, "recycler": rec})
+                stats = summarise(group)
+                mlflow.log_metrics({k: float(v) for k, v in stats.items() if v == v})
+
+
+def update_docs(markdown: str, args: argparse.Namespace, docs: Path) -> None:
+    start, end = "<!-- recycling-matrix:start -->", "<!-- recycling-matrix:end -->"
+    command = "python bench/recycling_matrix.py " + " ".join(sys.argv[1:])
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    block = f"{start}\n_Generated by `{command.strip()}` on {machine}._\n\n{markdown}\n{end}"
+    text = docs.read_text() if docs.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    before, rest = text.split(start, 1)
+    docs.write_text(before + block + rest.split(end, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "imdb"])
+    parser.add_argument("--pairs", nargs="+", default=PAIRS, help="source:target model names (conf/model)")
+    parser.add_argument("--recyclers", nargs="+", default=RECYCLERS, help="name or name:key=value,...")
+    parser.add_argument("--inits", nargs="+", default=INITS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the CSV and PNG")
+    parser.add_argument("--cache", default=str(ROOT / "bench" / "cache"))
+    parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--report-only", action="store_true", help="summarise the existing CSV")
+    parser.add_argument("--mlflow", action="store_true", help="log the summary to MLflow (MLFLOW_TRACKING_URI)")
+    parser.add_argument("--quick", action="store_true", help="one tiny cell: a smoke test")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("lightning", "mlflow", "lightning_modules", "mlflow_recycle.evaluation"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.quick:
+        args.tasks, args.pairs, args.recyclers = ["sst2"], ["small-a-early:small-a"], ["identity", "linear"]
+        args.inits, args.seeds = ["vocab"], [0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "recycling_matrix.csv"
+    if not args.report_only:
+        matrix = Matrix(args)
+        # rows of cells this run does not recompute stay as they are
+        cells = {(t, p, r) for t in args.tasks for p in args.pairs for r in args.recyclers}
+        previous = load_rows(csv_path) if csv_path.exists() else []
+        kept = [r for r in previous if (r["task"], f"{r['source']}:{r['target']}", r["recycler"]) not in cells]
+        with csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+            for task in args.tasks:
+                for row in matrix.rows(task, args.pairs, args.recyclers, args.inits, args.seeds):
+                    writer.writerow(row)
+                    f.flush()
+                    log.info(
+                        "%s %s->%s %s %s seed %d: %.3f (%s)",
+                        row["task"],
+                        row["source"],
+                        row["target"],
+                        row["recycler"],
+                        row["init"],
+                        row["seed"],
+                        row["recycled_acc"],
+                        "success" if row["success"] else "failure",
+                    )
+    rows = load_rows(csv_path)
+    markdown = report(rows, out)
+    print(markdown)
+    if not args.quick:
+        update_docs(markdown, args, Path(args.docs))
+    if args.mlflow:
+        log_to_mlflow(rows, csv_path, out / "recycling_matrix.png", markdown)
+
+
+if __name__ == "__main__":
+    main()
