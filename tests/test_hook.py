@@ -4,24 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import mlflow
 import pytest
-import requests
-from cryptography.fernet import Fernet
 from mlflow import MlflowClient
 
 from mlflow_recycle import SoftPrompt, TaskSpec
-from mlflow_recycle.hook import JobSpec, MigrationQueue, sign, verify
+from mlflow_recycle.hook import JobSpec, MigrationQueue, local, sign, verify
 from mlflow_recycle.hook.server import jobs_for_event
 from mlflow_recycle.hook.signature import DeliveryRejected
 from mlflow_recycle.migrate import TAG_GATE, TAG_MIGRATION_KEY, pending_migrations
@@ -29,23 +21,13 @@ from mlflow_recycle.models import load_pretrained
 from mlflow_recycle.registry import TAG_RECYCLED_FROM, log_prompt, model_uri, prompts_for, register_base_model, tie
 
 SECRET = "test-secret-do-not-log"
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+    try:
+        return local.wait_until(predicate, timeout, what, interval)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 def signed_headers(body: bytes, delivery_id: str | None = None, timestamp: int | None = None, secret: str = SECRET):
@@ -139,96 +121,24 @@ def test_queue_is_durable_deduplicated_and_leased(tmp_path):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `mlflow server` with webhooks enabled for a loopback receiver."""
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
-        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-        "MLFLOW_WEBHOOK_CACHE_TTL": "0",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db"]
-    command += ["--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            return requests.get(f"{url}/health", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    wait_until(healthy, 60, "the MLflow server")
+    tracking = local.TrackingServer(tmp_path_factory.mktemp("server")).start()
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(url)
+    mlflow.set_tracking_uri(tracking.url)
     mlflow.set_experiment("hook-tests")  # MLflow keeps the active experiment of an earlier store otherwise
-    yield url
+    yield tracking.url
     mlflow.set_tracking_uri(previous)
-    process.terminate()
-    process.wait(10)
-
-
-class Receiver:
-    """`mlflow-recycle hook serve` as its own process, killable and restartable on the same queue."""
-
-    def __init__(self, server: str, root: Path, base_model: str, *overrides: str) -> None:
-        self.server, self.root, self.port = server, root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.overrides = [
-            f"hook.port={self.port}",
-            f"hook.queue={root / 'queue.db'}",
-            f"hook.watch=[{base_model}]",
-            "hook.lease_seconds=3",
-            "hook.poll_seconds=0.2",
-            "eval.limit_test=24",
-            "eval.random_prompt_draws=1",
-            *overrides,
-        ]
-        self.process: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> Receiver:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.server, "MLFLOW_RECYCLE_WEBHOOK_SECRET": SECRET}
-        command = [str(BIN / "mlflow-recycle"), "hook", "serve", *[f"-o{o}" for o in self.overrides]]
-        self.starts += 1
-        log = open(self.root / f"receiver-{self.starts}.log", "w")
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self.healthy, 60, "the receiver")
-        return self
-
-    def healthy(self) -> dict | None:
-        try:
-            return requests.get(f"{self.url}/health", timeout=1).json()
-        except requests.RequestException:
-            return None
-
-    def jobs(self) -> list[dict]:
-        return requests.get(f"{self.url}/jobs", timeout=5).json()
-
-    def post(self, body: bytes, headers: dict) -> requests.Response:
-        return requests.post(f"{self.url}/webhook", data=body, headers=headers, timeout=30)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(20)
-
-    def logs(self) -> str:
-        return "".join((self.root / f"receiver-{i}.log").read_text() for i in range(1, self.starts + 1))
+    tracking.stop()
 
 
 @pytest.fixture
 def receiver_factory(server, tmp_path):
+    """Receivers watching one base model each, on a small evaluation set and a short lease."""
     receivers = []
 
-    def make(base_model: str, *overrides: str) -> Receiver:
-        receivers.append(Receiver(server, tmp_path, base_model, *overrides))
+    def make(base_model: str, *overrides: str) -> local.Receiver:
+        settings = [f"hook.watch=[{base_model}]", "hook.lease_seconds=3", "hook.poll_seconds=0.2"]
+        settings += ["eval.limit_test=24", "eval.random_prompt_draws=1", *overrides]
+        receivers.append(local.Receiver(server, tmp_path / f"receiver-{len(receivers)}", SECRET, settings))
         return receivers[-1]
 
     yield make
@@ -240,20 +150,15 @@ def receiver_factory(server, tmp_path):
 @pytest.fixture
 def webhook(server):
     """`mlflow-recycle hook install` for a receiver; deleted afterwards."""
-    created = []
+    names = []
 
-    def install(receiver: Receiver) -> None:
-        name = f"recycle-{receiver.port}"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": server, "MLFLOW_RECYCLE_WEBHOOK_SECRET": SECRET}
-        command = [str(BIN / "mlflow-recycle"), "hook", "install", "--url", f"{receiver.url}/webhook", "--name", name]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
-        assert SECRET not in result.stdout + result.stderr
-        created.extend(w.webhook_id for w in MlflowClient().list_webhooks() if w.name == name)
+    def install(receiver: local.Receiver) -> None:
+        names.append(receiver.install_webhook())
 
     yield install
-    for webhook_id in created:
-        MlflowClient().delete_webhook(webhook_id)
+    client = MlflowClient()
+    for webhook_id in [w.webhook_id for w in client.list_webhooks() if w.name in names]:
+        client.delete_webhook(webhook_id)
 
 
 def base_with_prompts(base_model: str, model_dir, data_dir, n_prompts: int = 3):
@@ -305,13 +210,13 @@ def test_registering_a_new_base_version_migrates_every_prompt(receiver_factory, 
 def test_bad_signature_stale_timestamp_and_replay_queue_nothing(receiver_factory):
     receiver = receiver_factory("lm-reject").start()
     body = event_body("lm-reject", 2)
-    before = receiver.healthy()
+    before = receiver.health()
     assert receiver.post(body, signed_headers(body, secret="wrong")).status_code == 401
     assert receiver.post(body, signed_headers(body, timestamp=int(time.time()) - 3600)).status_code == 400
     headers = signed_headers(body)
     unsigned = {k: v for k, v in headers.items() if k != "X-MLflow-Signature"}
     assert receiver.post(body, unsigned).status_code == 401
-    after_rejects = receiver.healthy()
+    after_rejects = receiver.health()
     assert after_rejects["deliveries"] == before["deliveries"] and after_rejects["queued"] == before["queued"]
     assert receiver.post(body, headers).status_code == 202  # genuine: queued
     jobs = len(receiver.jobs())
@@ -367,4 +272,4 @@ def test_a_burst_of_concurrent_events_creates_no_duplicates(receiver_factory, mo
     wait_until(lambda: len(prompts_for("lm-burst", 2)) >= 3, 180, "the migration")
     wait_until(lambda: all(j["status"] == "done" for j in receiver.jobs()), 120, "every queued job")
     assert_migrated_once("lm-burst", sources)
-    assert receiver.healthy()["deliveries"] == 50
+    assert receiver.health()["deliveries"] == 50
