@@ -1,0 +1,57 @@
+"""Each benchmark's --quick mode runs end to end (timings are reported by the scripts, never asserted)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+from mlflow_recycle.config import REPO_ROOT
+
+BENCH = REPO_ROOT / "bench"
+
+
+def run(script: str, *args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_throughput_quick(tmp_path):
+    out = run("throughput.py", cwd=tmp_path).stdout
+    result = json.loads(out[out.index("{") : out.rindex("}") + 1])
+    assert result["ours_examples_per_s"] > 0 and result["peft_examples_per_s"] > 0
+    assert result["ours_memory_mib"] > 0 and result["peft_memory_mib"] > 0
+
+
+def test_recycling_matrix_quick(tmp_path):
+    first = run("recycling_matrix.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
+    with (tmp_path / "recycling_matrix.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["recycler"] for r in rows] == ["identity", "linear"]
+    assert set(rows[0]) == {
+        "task", "source", "target", "recycler", "init", "seed", "recycled_acc", "zero_shot_acc", "random_prompt_acc",
+        "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds",
+    }  # fmt: skip
+    assert (tmp_path / "recycling_matrix.png").stat().st_size > 0 and "| identity |" in first.stdout
+    assert first.stderr.count("Tuning sst2") == 2  # on the source and on the target (re-tuned)
+    # a rerun recycles again but takes every prompt and evaluation from the cache: the same accuracies
+    again = run("recycling_matrix.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
+    assert "Tuning sst2" not in again.stderr
+    with (tmp_path / "recycling_matrix.csv").open() as f:
+        accuracies = lambda rs: [(r["recycled_acc"], r["retuned_acc"], r["zero_shot_acc"]) for r in rs]  # noqa: E731
+        assert accuracies(csv.DictReader(f)) == accuracies(rows)
+
+
+def test_migration_latency_quick(tmp_path):
+    assert "| no evaluation | 2 |" in run("migration_latency.py", cwd=tmp_path).stdout
