@@ -10,6 +10,7 @@ target's zero-shot and random-token-prompt baselines and a prompt re-tuned on th
     python bench/recycling_matrix.py                       # the full matrix (hours on a CPU)
     python bench/recycling_matrix.py --tasks sst2          # one task
     python bench/recycling_matrix.py --report-only         # re-summarise the CSV
+    python bench/recycling_matrix.py --recyclers procrustes linear+distill:steps=50   # add cells
     python bench/recycling_matrix.py --quick --out /tmp/m  # CI smoke test
 
 Tuned prompts and evaluations are cached under ``bench/cache`` (keyed by everything that
@@ -52,6 +53,7 @@ from mlflow_recycle.models import LoadedModel  # noqa: E402
 from mlflow_recycle.prompt import SoftPrompt  # noqa: E402
 from mlflow_recycle.recycle import fit_recycler  # noqa: E402
 from mlflow_recycle.recyclers import get_recycler  # noqa: E402
+from mlflow_recycle.refine import DistillSettings, distill  # noqa: E402
 
 log = logging.getLogger("bench.matrix")
 
@@ -92,14 +94,21 @@ def plain(node) -> object:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def parse_recycler(spec: str) -> tuple[str, dict]:
-    """``"linear"`` or ``"linear:ridge=10,bias=true"`` -> name and options."""
-    name, _, options = spec.partition(":")
+def parse_options(text: str) -> dict:
     parsed = {}
-    for item in filter(None, options.split(",")):
+    for item in filter(None, text.split(",")):
         key, _, raw = item.partition("=")
         parsed[key] = json.loads(raw) if raw not in ("true", "false") else raw == "true"
-    return name, parsed
+    return parsed
+
+
+def parse_recycler(spec: str) -> tuple[str, dict, DistillSettings | None]:
+    """``"linear"``, ``"linear:ridge=10,bias=true"`` or ``"linear+distill:steps=50"`` -> name, options, refinement."""
+    mapping, _, refinement = spec.partition("+")
+    name, _, options = mapping.partition(":")
+    method, _, refine_options = refinement.partition(":")
+    refine = DistillSettings.from_config({"method": method, **parse_options(refine_options)}) if method else None
+    return name, parse_options(options), refine
 
 
 @dataclass
@@ -185,7 +194,7 @@ class Matrix:
             source, target = pair.split(":")
             src, tgt = self.model(source), self.model(target)
             for spec in recyclers:
-                name, options = parse_recycler(spec)
+                name, options, refine = parse_recycler(spec)
                 if name == "identity" and (src.dim != tgt.dim or src.fingerprint != tgt.fingerprint):
                     continue  # identity needs the same embedding space
                 start = time.perf_counter()
@@ -200,6 +209,9 @@ class Matrix:
                         retuned, retune_seconds = self.tuned(task, target, init, seed)
                         start = time.perf_counter()
                         recycled = recycler.transform(prompt)
+                        if refine is not None:
+                            trainer = self.config(task, init, seed).trainer
+                            recycled = distill(src, prompt, tgt, recycled, refine, trainer, seed=seed)
                         recycle_seconds = fit_seconds + time.perf_counter() - start
                         zero_shot, random_prompt = self.baselines(task, target, prompt.length)
                         recycled_acc = self.accuracy(task, target, recycled.embeddings)

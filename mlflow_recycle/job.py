@@ -34,6 +34,7 @@ from .prompt import SoftPrompt
 from .prompt_init import initial_prompt
 from .recycle import fit_recycler
 from .recyclers import Recycler, get_recycler
+from .refine import distill, refine_settings
 from .task import TaskSpec
 from .tracking import configure, flatten, is_rank_zero, job_run, lightning_logger
 
@@ -216,13 +217,15 @@ def fit(ctx: Context, source: LoadedModel, target: LoadedModel, recycler: Recycl
     return recycler
 
 
-def transform(
-    ctx: Context, recycler: Recycler, prompt: SoftPrompt, target: LoadedModel, recycled_from: str | None
-) -> SoftPrompt:
+def transform(ctx: Context, recycler: Recycler, prompt: SoftPrompt, s: Setup, recycled_from: str | None) -> SoftPrompt:
+    """Map the prompt to the target, then refine it there when the recycler config asks."""
     start = time.perf_counter()
-    recycled = recycler.transform(prompt, recycled_from).replace(base_model=target.name, base_model_uri=target.uri)
+    recycled = recycler.transform(prompt, recycled_from).replace(base_model=s.target.name, base_model_uri=s.target.uri)
+    settings = refine_settings(ctx.cfg.recycler)
+    if settings is not None:
+        recycled = distill(s.source, prompt, s.target, recycled, settings, ctx.cfg.trainer, seed=ctx.cfg.seed)
     ctx.seconds["recycle_seconds"] = ctx.seconds.get("recycle_seconds", 0.0) + time.perf_counter() - start
-    return ctx.tied(recycled, target)
+    return ctx.tied(recycled, s.target)
 
 
 # ---------------------------------------------------------------------- logging
@@ -302,7 +305,7 @@ def run_tune(ctx: Context, s: Setup) -> dict[str, float]:
 
 def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.target)
-    recycled = transform(ctx, fit(ctx, s.source, s.target, s.recycler), s.prompt, s.target, ctx.cfg.prompt_uri)
+    recycled = transform(ctx, fit(ctx, s.source, s.target, s.recycler), s.prompt, s, ctx.cfg.prompt_uri)
     ctx.publish(recycled, "recycled_prompt")
     return {}
 
@@ -323,7 +326,7 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
         source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source")
         source_uri = ctx.publish(source_prompt, "source_prompt")
     accuracies = {"source": evaluator.accuracy(s.source, s.source_data, source_prompt.embeddings, "source")}
-    recycled = transform(ctx, recycler, source_prompt, s.target, source_uri)
+    recycled = transform(ctx, recycler, source_prompt, s, source_uri)
     ctx.publish(recycled, "recycled_prompt")
     accuracies["recycled"] = evaluator.accuracy(s.target, s.target_data, recycled.embeddings, "recycled")
     baselines = evaluator.baselines(s.target, s.target_data, source_prompt.length)

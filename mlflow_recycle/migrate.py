@@ -38,6 +38,7 @@ from .models import LoadedModel, load_base_model
 from .prompt import SoftPrompt
 from .recycle import fit_recycler
 from .recyclers import Recycler, get_recycler, load_recycler
+from .refine import distill, refine_settings
 from .tracking import configure
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def recycler_settings(cfg: DictConfig) -> dict[str, Any]:
         "recycler": cfg.recycler.name,
         "options": OmegaConf.to_container(cfg.recycler.get("options", {}), resolve=True),
         "anchors": OmegaConf.to_container(cfg.anchors, resolve=True),
+        "refine": OmegaConf.to_container(cfg.recycler.refine, resolve=True) if cfg.recycler.get("refine") else None,
     }
 
 
@@ -212,7 +214,13 @@ class _Migration:
         source_uri = registry.model_uri(source.name, source.version)
         prompt = registry.load_prompt(source_uri)
         target_base = self.client.get_model_version(self.base_model, self.to_version)
-        recycled = registry.tie(recycler.transform(prompt, source_uri), target_base)
+        recycled = recycler.transform(prompt, source_uri)
+        settings = refine_settings(self.cfg.recycler)
+        if settings is not None:
+            recycled = distill(
+                self.source, prompt, self.target, recycled, settings, self.cfg.trainer, seed=self.cfg.seed
+            )
+        recycled = registry.tie(recycled, target_base)
         with mlflow.start_run(
             run_name=f"{source.name} v{source.version} -> {self.base_model} v{self.to_version}", nested=True
         ):

@@ -113,10 +113,27 @@ def test_match_norm_carries_relative_norms_across_spaces():
     assert torch.allclose(out.norm(dim=1), prompt.norm(dim=1) * ratio, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["linear", "lincomb", "mlp", "procrustes", "identity"])
+def test_ridge_auto_picks_no_penalty_for_an_exact_map_and_some_for_a_noisy_one():
+    source, target, weight = planted()
+    exact = get_recycler("linear", ridge="auto").fit(source, target)
+    assert exact.chosen_ridge == 0.0 and rel_err(exact.weight, weight) < 1e-4
+    source, target, _ = planted(n=80, d_src=48, noise=3.0)  # few, noisy anchors: shrinkage helps
+    assert get_recycler("linear", ridge="auto").fit(source, target).chosen_ridge > 0
+
+
+def test_relative_recycler_recovers_a_planted_rotation():
+    g = torch.Generator().manual_seed(2)
+    source = torch.randn(1000, 24, generator=g)
+    rotation, _ = torch.linalg.qr(torch.randn(24, 24, generator=g))
+    recycler = get_recycler("relative", steps=300).fit(source, source @ rotation * 2.0)
+    prompt = torch.randn(6, 24, generator=g) * 3  # far outside the anchors' norms
+    assert rel_err(recycler.transform(prompt), prompt @ rotation * 2.0) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["linear", "lincomb", "mlp", "procrustes", "relative", "identity"])
 def test_save_load_round_trip_is_bit_exact(name, tmp_path):
     source, target, _ = planted(n=300, d_src=16, d_tgt=16)
-    options = {"epochs": 2} if name == "mlp" else {}
+    options = {"epochs": 2} if name == "mlp" else {"steps": 20} if name == "relative" else {}
     recycler = get_recycler(name, match_norm=True, **options).fit(source, target, source_fingerprint="sha256:a")
     recycler.save(tmp_path / name)
     loaded = load_recycler(tmp_path / name)
@@ -147,12 +164,14 @@ def test_transforming_a_soft_prompt_records_lineage_and_checks_the_tokenizer():
 def test_unknown_recycler_lists_the_known_ones():
     with pytest.raises(RecycleError, match="Unknown recycler 'lnear'. Known recyclers: identity, lincomb, linear"):
         get_recycler("lnear")
-    assert {"linear", "mlp", "lincomb", "procrustes", "identity"} <= set(available_recyclers())
+    assert {"linear", "mlp", "lincomb", "procrustes", "relative", "identity"} <= set(available_recyclers())
 
 
 def test_bad_recycler_option_names_the_accepted_ones():
     with pytest.raises(RecycleError, match="Bad options for recycler 'linear'.*accepts: ridge, bias, match_norm"):
         get_recycler("linear", lamda=1.0)
+    with pytest.raises(RecycleError, match="ridge must be a number >= 0 or 'auto', got 'big'"):
+        get_recycler("linear", ridge="big")
 
 
 def test_wrong_prompt_dim_is_refused():

@@ -1,7 +1,7 @@
 """Recyclers, looked up by name.
 
 Built-ins: ``linear`` (paper's v2v-lin), ``lincomb`` (lin-comb), ``mlp`` (v2v-nn),
-``procrustes`` and ``identity``. Third-party packages add recyclers through the
+``procrustes``, ``relative`` and ``identity``. Third-party packages add recyclers through the
 entry-point group ``mlflow_recycle.recyclers`` (name = ``package.module:RecyclerClass``).
 """
 
@@ -24,11 +24,13 @@ from .lincomb import LinCombRecycler
 from .linear import LinearRecycler
 from .mlp import MLPRecycler
 from .procrustes import ProcrustesRecycler
+from .relative import RelativeRecycler
 
 ENTRY_POINT_GROUP = "mlflow_recycle.recyclers"
 
 BUILTIN_RECYCLERS: dict[str, type[Recycler]] = {
-    cls.name: cls for cls in (LinearRecycler, LinCombRecycler, MLPRecycler, ProcrustesRecycler, IdentityRecycler)
+    cls.name: cls
+    for cls in (LinearRecycler, LinCombRecycler, MLPRecycler, ProcrustesRecycler, RelativeRecycler, IdentityRecycler)
 }
 
 
@@ -96,6 +98,7 @@ __all__ = [
     "MLPRecycler",
     "ProcrustesRecycler",
     "Recycler",
+    "RelativeRecycler",
     "available_recyclers",
     "get_recycler",
     "load_recycler",

@@ -1,0 +1,122 @@
+"""Label-free refinement of a recycled prompt: teach the target to classify like the source.
+
+The source model with the original prompt is the teacher: on unlabelled task inputs it
+gives a distribution over the classes (softmax of the verbalizers' log-likelihoods). The
+target model with the recycled prompt is the student, and only the student's prompt is
+trained, to match the teacher (KL divergence). No labels are used: the inputs are the
+task's texts with their labels dropped, and both models stay frozen. Across tokenizers,
+each model reads the same text through its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mlflow_recycle.errors import RecycleError
+from mlflow_recycle.prompted_lm import PromptedLM, TaskEncoder
+
+from .modules import OPTIMIZERS
+
+
+class PromptDistillationModule(L.LightningModule):
+    """Train a student prompt on a frozen target model to match a frozen teacher.
+
+    Args:
+        teacher: the source model; ``teacher_prompt`` its trained prompt.
+        student: the target model; ``student_init`` where its prompt starts (the recycled one).
+        temperature: softens both distributions (1: plain class probabilities).
+        optimizer, lr, weight_decay: as for prompt tuning.
+        length_normalize: score classes by mean token log-likelihood (as the task says).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        teacher_prompt: torch.Tensor,
+        student: nn.Module,
+        student_init: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        optimizer: str = "adamw",
+        lr: float = 0.01,
+        weight_decay: float = 1e-5,
+        length_normalize: bool = False,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise RecycleError(f"Unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+        self.teacher = PromptedLM(teacher.requires_grad_(False).eval())
+        self.student = PromptedLM(student.requires_grad_(False).eval())
+        self.register_buffer("teacher_prompt", teacher_prompt.detach().clone().float())
+        self.prompt = nn.Parameter(student_init.detach().clone().float())
+        self.temperature, self.optimizer_name = temperature, optimizer
+        self.lr, self.weight_decay, self.length_normalize = lr, weight_decay, length_normalize
+
+    def train(self, mode: bool = True) -> PromptDistillationModule:
+        super().train(mode)
+        self.teacher.model.eval()
+        self.student.model.eval()
+        return self
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = self.teacher.class_scores(self.teacher_prompt, batch["teacher"], self.length_normalize)
+        student = self.student.class_scores(self.prompt, batch["student"], self.length_normalize)
+        target = torch.log_softmax(teacher / self.temperature, dim=-1)
+        predicted = torch.log_softmax(student / self.temperature, dim=-1)
+        loss = nn.functional.kl_div(predicted, target, log_target=True, reduction="batchmean")
+        agreement = (teacher.argmax(-1) == student.argmax(-1)).float().mean()
+        self.log_dict({"distill/loss": loss, "distill/agreement": agreement}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW([self.prompt], lr=self.lr, weight_decay=self.weight_decay)
+        from transformers.optimization import Adafactor
+
+        return Adafactor([self.prompt], lr=self.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+
+    def student_prompt(self) -> torch.Tensor:
+        return self.prompt.detach().float().cpu().clone()
+
+
+class _Texts(Dataset):
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> str:
+        return self.texts[i]
+
+
+class UnlabelledPairDataModule(L.LightningDataModule):
+    """Unlabelled texts, each tokenised for the teacher and for the student (tokenizers may differ)."""
+
+    def __init__(
+        self, texts: list[str], teacher: TaskEncoder, student: TaskEncoder, *, batch_size: int = 32, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.texts, self.teacher, self.student = texts, teacher, student
+        self.batch_size, self.seed = batch_size, seed
+
+    def _collate(self, texts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            "teacher": self.teacher.scoring_batch(self.teacher.contexts(texts)),
+            "student": self.student.scoring_batch(self.student.contexts(texts)),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            _Texts(self.texts),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+            collate_fn=self._collate,
+        )
