@@ -90,8 +90,13 @@ def digest(value: object) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def plain(node) -> object:
-    return OmegaConf.to_container(node, resolve=True)
+def plain(node) -> dict:
+    """A config node as a dict for cache keys, without settings that leave prompts unchanged
+    (so that adding an option with a neutral default does not invalidate the cache)."""
+    values = OmegaConf.to_container(node, resolve=True)
+    neutral = {"regularizer": "none", "gamma": 0.0}
+    values = {k: v for k, v in values.items() if k != "instruction" and neutral.get(k, object()) != v}
+    return values
 
 
 def parse_options(text: str) -> dict:

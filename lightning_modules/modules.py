@@ -136,6 +136,8 @@ class PromptTuningModule(RankClassificationModule):
         optimizer: ``"adafactor"`` (constant lr, no parameter scaling: the paper's setting,
             lr 0.3) or ``"adamw"``.
         lr, weight_decay: optimizer settings.
+        anchor, gamma: add ``gamma · mean‖pᵢ − anchorᵢ‖²`` to the loss, keeping the prompt
+            near the anchor rows (see ``mlflow_recycle.prompt_init.regularization_anchor``).
     """
 
     def __init__(
@@ -148,17 +150,26 @@ class PromptTuningModule(RankClassificationModule):
         weight_decay: float = 1e-5,
         length_normalize: bool = False,
         name: str = "tune",
+        anchor: torch.Tensor | None = None,
+        gamma: float = 0.0,
     ) -> None:
         if optimizer not in OPTIMIZERS:
             raise RecycleError(f"Unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
         super().__init__(model, initial_prompt, length_normalize=length_normalize, name=name, trainable=True)
         self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.gamma = gamma if anchor is not None else 0.0
+        if anchor is not None:
+            self.register_buffer("anchor", anchor.detach().clone().float())
         # Checkpoints hold only the prompt (see on_save_checkpoint), so loading is partial.
         self.strict_loading = False
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.lm.loss(self.prompt, batch)
         self.log(f"{self.name}/train_loss", loss, prog_bar=True)
+        if self.gamma:
+            penalty = ((self.prompt - self.anchor) ** 2).sum(-1).mean()
+            self.log(f"{self.name}/penalty", penalty)
+            loss = loss + self.gamma * penalty
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -31,7 +31,7 @@ from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, task_data
 from .models import LoadedModel, load_pretrained
 from .prompt import SoftPrompt
-from .prompt_init import initial_prompt
+from .prompt_init import initial_prompt, regularization_anchor
 from .recycle import fit_recycler
 from .recyclers import Recycler, get_recycler
 from .refine import distill, refine_settings
@@ -175,6 +175,13 @@ def tune(ctx: Context, side: LoadedModel, data: TextClassificationDataModule, na
         class_token_ids=data.encoder.verbalizer_ids,
         exclude_ids=side.tokenizer.all_special_ids,
     )
+    instruction = cfg.task.get("instruction") or ""
+    anchor = regularization_anchor(
+        cfg.prompt.regularizer,
+        embedding_table(side.model),
+        cfg.prompt.length,
+        side.tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else (),
+    )
     module = PromptTuningModule(
         side.model,
         init,
@@ -183,6 +190,8 @@ def tune(ctx: Context, side: LoadedModel, data: TextClassificationDataModule, na
         weight_decay=cfg.prompt.weight_decay,
         length_normalize=data.encoder.task.length_normalize,
         name=name,
+        anchor=anchor,
+        gamma=cfg.prompt.gamma,
     )
     log.info("Tuning a %d-token prompt on %s for %d steps", cfg.prompt.length, side.name, cfg.trainer.max_steps)
     start = time.perf_counter()

@@ -60,3 +60,28 @@ def initial_prompt(
         rest = sample_vocab_rows(table, length - len(labels), generator, exclude_ids=exclude_ids)
         return torch.cat([torch.stack(labels).detach(), rest])
     raise RecycleError(f"Unknown prompt init {method!r}; choose one of {', '.join(INIT_METHODS)}.")
+
+
+REGULARIZERS = ("none", "norm", "wayward")
+
+
+def regularization_anchor(
+    kind: str, table: torch.Tensor, length: int, text_ids: Sequence[int] = ()
+) -> torch.Tensor | None:
+    """Rows a tuned prompt is pulled toward (penalty ``γ·mean‖pᵢ − aᵢ‖²``), or None.
+
+    ``norm``: zeros, a plain norm penalty. ``wayward``: the embeddings of a discrete task
+    instruction (``text_ids``, repeated to ``length`` rows), the reference code's "wayward"
+    regulariser: a prompt that stays near real token embeddings is one a vocabulary map
+    has seen the like of.
+    """
+    if kind == "none":
+        return None
+    if kind == "norm":
+        return torch.zeros(length, table.shape[1])
+    if kind == "wayward":
+        if not text_ids:
+            raise RecycleError("The wayward regulariser needs the task's instruction text (task.instruction).")
+        rows = [text_ids[i % len(text_ids)] for i in range(length)]
+        return table[rows].detach().to(torch.float32).clone()
+    raise RecycleError(f"Unknown prompt regularizer {kind!r}; choose one of {', '.join(REGULARIZERS)}.")
