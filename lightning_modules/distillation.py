@@ -61,14 +61,18 @@ class PromptDistillationModule(L.LightningModule):
         self.student.model.eval()
         return self
 
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+    def distillation_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(teacher ‖ student) over the classes, and how often their predictions agree."""
         with torch.no_grad():
             teacher = self.teacher.class_scores(self.teacher_prompt, batch["teacher"], self.length_normalize)
         student = self.student.class_scores(self.prompt, batch["student"], self.length_normalize)
         target = torch.log_softmax(teacher / self.temperature, dim=-1)
         predicted = torch.log_softmax(student / self.temperature, dim=-1)
         loss = nn.functional.kl_div(predicted, target, log_target=True, reduction="batchmean")
-        agreement = (teacher.argmax(-1) == student.argmax(-1)).float().mean()
+        return loss, (teacher.argmax(-1) == student.argmax(-1)).float().mean()
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        loss, agreement = self.distillation_loss(batch)
         self.log_dict({"distill/loss": loss, "distill/agreement": agreement}, prog_bar=True)
         return loss
 

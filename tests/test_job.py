@@ -157,3 +157,13 @@ def test_a_prompt_that_does_not_fit_the_source_is_refused(tmp_path, load_model):
     ).save(tmp_path / "c")
     with pytest.raises(IncompatibleModelError, match="'small-c' does not fit small-a-early .*: tokenizer"):
         prepare(compose([*QUICK, f"prompt_uri={tmp_path / 'c'}"]))
+
+
+def test_distill_recycler_refines_on_the_target_and_records_it(tmp_path):
+    result = run_cli(tmp_path, *QUICK, "recycler=distill", "recycler.refine.steps=2", "recycler.refine.texts=32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    (recycled,) = prompts_for("imdb-lm", 2)
+    assert recycled.tags[TAG_RECYCLER] == "linear+distill"
+    prompt = soft_prompt.load_model(f"models:/{recycled.name}/{recycled.version}")
+    assert prompt.recycler_config["refine"]["steps"] == 2 and "test/recycled_accuracy" in run.data.metrics

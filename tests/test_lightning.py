@@ -11,7 +11,14 @@ from tokenizers import Tokenizer, normalizers
 from tokenizers.models import WordPiece
 from transformers import PreTrainedTokenizerFast
 
-from lightning_modules import PromptTuningModule, RankClassificationModule, TextClassificationDataModule, read_examples
+from lightning_modules import (
+    PromptDistillationModule,
+    PromptTuningModule,
+    RankClassificationModule,
+    TextClassificationDataModule,
+    UnlabelledPairDataModule,
+    read_examples,
+)
 from mlflow_recycle import RecycleError, TaskSpec
 from mlflow_recycle.prompt_init import initial_prompt
 from mlflow_recycle.prompted_lm import TaskEncoder
@@ -179,3 +186,67 @@ def test_fsdp_strategy_wraps_each_transformer_block(load_model):
     policy = strategy.kwargs["auto_wrap_policy"]
     wrapped = [name for name, module in model.named_modules() if policy(module, recurse=False, nonwrapped_numel=0)]
     assert wrapped == [f"model.layers.{i}" for i in range(6)]
+
+
+def distillation_data(load_model, data_dir, teacher="small-a", student="small-b", n=48):
+    (t_model, t_tok), (s_model, s_tok) = load_model(teacher), load_model(student)
+    task = sst2(data_dir)
+    texts = [text for text, _ in read_examples(str(data_dir("sst2")), "train")[:n]]
+    return (
+        t_model,
+        s_model,
+        UnlabelledPairDataModule(texts, TaskEncoder(t_tok, task), TaskEncoder(s_tok, task), batch_size=8),
+    )
+
+
+def test_distillation_agrees_with_itself_and_only_trains_the_student_prompt(load_model, data_dir):
+    model, _, data = distillation_data(load_model, data_dir, teacher="small-a", student="small-a")
+    prompt = initial_prompt("vocab", model.get_input_embeddings().weight, 6, seed=3) * 2
+    module = PromptDistillationModule(model, prompt, model, prompt)
+    batch = next(iter(data.train_dataloader()))
+    with torch.no_grad():
+        loss, agreement = module.distillation_loss(batch)
+    assert loss.abs() < 1e-6 and agreement == 1  # same model, same prompt: nothing to learn
+    assert [n for n, p in module.named_parameters() if p.requires_grad] == ["prompt"]
+
+
+def test_distillation_moves_the_student_toward_the_teacher(load_model, data_dir):
+    teacher, student, data = distillation_data(load_model, data_dir)
+    frozen = {k: v.clone() for k, v in student.state_dict().items()}
+    table = teacher.get_input_embeddings().weight
+    module = PromptDistillationModule(
+        teacher,
+        initial_prompt("vocab", table, 6, seed=1) * 3,
+        student,
+        initial_prompt("vocab", table, 6, seed=2),
+        lr=0.05,
+    )
+    batch = next(iter(data.train_dataloader()))
+    with torch.no_grad():
+        before = float(module.distillation_loss(batch)[0])
+    trainer(max_steps=12, limit_val_batches=0).fit(module, datamodule=data)
+    with torch.no_grad():
+        after = float(module.distillation_loss(batch)[0])
+    assert after < before
+    assert all(torch.equal(v, frozen[k]) for k, v in student.state_dict().items())
+
+
+def test_regularizer_pulls_the_prompt_toward_its_anchor(load_model, data_dir):
+    from mlflow_recycle.prompt_init import regularization_anchor
+
+    model, tokenizer = load_model("small-a")
+    table = model.get_input_embeddings().weight
+    ids = tokenizer(" great movie", add_special_tokens=False)["input_ids"]
+    wayward = regularization_anchor("wayward", table, 5, ids)
+    assert torch.equal(wayward[0], table[ids[0]]) and torch.equal(wayward[len(ids)], table[ids[0]])
+    assert regularization_anchor("none", table, 5) is None
+    with pytest.raises(RecycleError, match="Unknown prompt regularizer 'l1'"):
+        regularization_anchor("l1", table, 5)
+    data = TextClassificationDataModule(TaskEncoder(tokenizer, sst2(data_dir)), batch_size=4, limit_train=16)
+    init = initial_prompt("random", table, 5, seed=0)
+    norms = {}
+    for gamma in (0.0, 5.0):
+        module = PromptTuningModule(model, init, optimizer="adamw", lr=0.05, anchor=torch.zeros_like(init), gamma=gamma)
+        trainer(max_steps=4, limit_val_batches=0).fit(module, datamodule=data)
+        norms[gamma] = float(module.tuned_prompt().norm(dim=1).mean())
+    assert norms[5.0] < norms[0.0]
