@@ -21,7 +21,7 @@ from lightning_modules import (
 )
 from mlflow_recycle import RecycleError, TaskSpec
 from mlflow_recycle.prompt_init import initial_prompt
-from mlflow_recycle.prompted_lm import TaskEncoder
+from mlflow_recycle.prompted_lm import PromptedLM, TaskEncoder
 
 
 def trainer(**kwargs) -> L.Trainer:
@@ -250,3 +250,31 @@ def test_regularizer_pulls_the_prompt_toward_its_anchor(load_model, data_dir):
         trainer(max_steps=4, limit_val_batches=0).fit(module, datamodule=data)
         norms[gamma] = float(module.tuned_prompt().norm(dim=1).mean())
     assert norms[5.0] < norms[0.0]
+
+
+def test_encoder_decoder_models_take_the_prompt_on_the_encoder(load_model, data_dir):
+    """Plumbing on a tiny random T5: batched scores match an unbatched reference, tuning moves only the prompt."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    _, tokenizer = load_model("small-a")  # any tokenizer: the weights are random
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        pad_token_id=1, eos_token_id=0, decoder_start_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config).eval()
+    encoder = TaskEncoder(tokenizer, sst2(data_dir, verbalizers=(" bad and boring", " great")), seq2seq=True)
+    contexts = encoder.contexts(["a fine film", "the plot is a mess from start to end"])
+    prompt = torch.randn(3, 32)
+    with torch.no_grad():
+        scores = PromptedLM(model).class_scores(prompt, encoder.scoring_batch(contexts))
+        for b, context in enumerate(contexts):
+            for c, verbalizer in enumerate(encoder.verbalizer_ids):
+                embeds = torch.cat([prompt.unsqueeze(0), model.get_input_embeddings()(torch.tensor([context]))], 1)
+                logits = model(inputs_embeds=embeds, labels=torch.tensor([verbalizer])).logits[0]
+                expected = sum(float(torch.log_softmax(logits[j], -1)[t]) for j, t in enumerate(verbalizer))
+                assert abs(float(scores[b, c]) - expected) < 1e-4
+    data = TextClassificationDataModule(encoder, batch_size=4, limit_train=8)
+    module = PromptTuningModule(model, prompt, optimizer="adamw", lr=0.05)
+    trainer(max_steps=2, limit_val_batches=0).fit(module, datamodule=data)
+    assert not torch.equal(module.tuned_prompt(), prompt)
