@@ -280,14 +280,9 @@ def migrate(
         failures = []
         tags = {"mlflow_recycle.job": "migrate", "mlflow_recycle.base_model": base_model}
         with mlflow.start_run(run_name=f"migrate {base_model} v{from_version} -> v{to_version}", tags=tags):
-            mlflow.log_params(
-                {
-                    "base_model": base_model,
-                    "from_version": from_version,
-                    "to_version": to_version,
-                    "recycler": cfg.recycler.name,
-                }
-            )
+            # "migrated_from": the resolved version (an MLproject run already logged the requested one)
+            params = {"base_model": base_model, "to_version": to_version, "migrated_from": from_version}
+            mlflow.log_params({**params, "recycler": cfg.recycler.name})
             migration = _Migration(cfg, base_model, from_version, to_version)
             recycler = migration.fitted_recycler()
             for source, key in todo:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -273,3 +274,30 @@ def test_a_burst_of_concurrent_events_creates_no_duplicates(receiver_factory, mo
     wait_until(lambda: all(j["status"] == "done" for j in receiver.jobs()), 120, "every queued job")
     assert_migrated_once("lm-burst", sources)
     assert receiver.health()["deliveries"] == 50
+
+
+def test_projects_worker_runs_each_migration_as_an_mlflow_project(tmp_path, model_dir, data_dir, monkeypatch):
+    """hook.worker=projects: the job becomes an MLflow Projects run of the `migrate` entry point."""
+    from mlflow_recycle.config import compose
+    from mlflow_recycle.hook.worker import Worker, projects_executor
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the project run's child process inherits it
+    monkeypatch.setenv("PATH", f"{local.BIN}{os.pathsep}{os.environ['PATH']}")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("projects-worker")
+    sources = base_with_prompts("lm-projects", model_dir, data_dir, n_prompts=2)
+    register_base_model(str(model_dir("small-a-early")), "lm-projects")
+    overrides = ["evaluate=false", "hook.worker=projects"]
+    queue = MigrationQueue(tmp_path / "queue.db")
+    queue.enqueue([JobSpec("lm-projects", "2")], origin="test")
+    worker = Worker(queue, projects_executor(compose(overrides, config_name="migrate"), overrides), max_attempts=1)
+    assert worker.run_once()
+    (job,) = queue.jobs()
+    assert job.status == "done", job.error
+    run = MlflowClient().get_run(json.loads(job.result)["run_id"])
+    assert run.data.tags["mlflow.project.entryPoint"] == "migrate" and run.info.status == "FINISHED"
+    recycled = assert_migrated_once("lm-projects", sources)
+    assert {v.run_id for v in recycled} <= {
+        r.info.run_id for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+    }
