@@ -203,9 +203,10 @@ class Matrix:
                 if name == "identity" and (src.dim != tgt.dim or src.fingerprint != tgt.fingerprint):
                     continue  # identity needs the same embedding space
                 start = time.perf_counter()
+                offset, size = options.pop("anchor_offset", anchors.offset), options.pop("anchor_size", anchors.size)
                 recycler = fit_recycler(
                     get_recycler(name, **options), src.model, src.tokenizer, tgt.model, tgt.tokenizer,
-                    anchor_offset=anchors.offset, anchor_size=anchors.size,
+                    anchor_offset=offset, anchor_size=size,
                 )  # fmt: skip
                 fit_seconds = time.perf_counter() - start
                 for init in inits:
