@@ -79,6 +79,7 @@ COMMON = [
 QUICK = [
     "trainer.max_steps=2",
     "task.limit_train=32",
+    "task.limit_val=16",
     "task.limit_test=16",
     "task.batch_size=8",
     "random_prompt_draws=1",

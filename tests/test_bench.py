@@ -55,3 +55,8 @@ def test_recycling_matrix_quick(tmp_path):
 
 def test_migration_latency_quick(tmp_path):
     assert "| no evaluation | 2 |" in run("migration_latency.py", cwd=tmp_path).stdout
+
+
+def test_warm_start_quick(tmp_path):
+    out = run("warm_start.py", "--cache", str(tmp_path / "cache"), cwd=tmp_path).stdout
+    assert "| small-a-early → small-a | 0 |" in out

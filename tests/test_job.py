@@ -118,6 +118,20 @@ def test_cli_error_is_clear_and_nothing_is_logged(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path) == []
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO_ROOT / "conf" / "recycler").glob("*.yaml")))
+def test_every_recycler_config_builds_its_recycler(name):
+    from mlflow_recycle.recyclers import get_recycler
+    from mlflow_recycle.refine import refine_settings
+
+    cfg = compose([f"recycler={name}"]).recycler
+    options = dict(cfg.get("options", {}))
+    recorded = get_recycler(cfg.name, **options).options()
+    assert {key: options[key] for key in recorded if key in options} == {
+        key: value for key, value in recorded.items() if key in options
+    }
+    assert (refine_settings(cfg) is not None) == ("refine" in cfg)
+
+
 # ---------------------------------------------------------------------- early errors
 @pytest.mark.parametrize("group", ["recycler=lnear", "task=sst3", "model@source=small-z"])
 def test_unknown_config_names_list_the_options(group):
