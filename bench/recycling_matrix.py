@@ -100,12 +100,16 @@ def plain(node) -> dict:
     return values
 
 
+def parse_value(raw: str) -> object:
+    """JSON values (``10``, ``true``), anything else as a bare string (``ridge=auto``)."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def parse_options(text: str) -> dict:
-    parsed = {}
-    for item in filter(None, text.split(",")):
-        key, _, raw = item.partition("=")
-        parsed[key] = json.loads(raw) if raw not in ("true", "false") else raw == "true"
-    return parsed
+    return {key: parse_value(raw) for key, _, raw in (item.partition("=") for item in filter(None, text.split(",")))}
 
 
 def parse_recycler(spec: str) -> tuple[str, dict, DistillSettings | None]:
@@ -392,6 +396,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "recycling_matrix.csv"
     if not args.report_only:
+        for spec in args.recyclers:  # a bad spec fails now, not hours into the run
+            name, options, _ = parse_recycler(spec)
+            get_recycler(name, **{k: v for k, v in options.items() if not k.startswith("anchor_")})
         matrix = Matrix(args)
         # rows of cells this run does not recompute stay as they are
         cells = {(t, p, r) for t in args.tasks for p in args.pairs for r in args.recyclers}
