@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import hashlib
 import json
 import logging
@@ -62,8 +63,20 @@ COLUMNS = [
     "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds",
 ]  # fmt: skip
 #: The paper's Base -> Base', Base -> Large, Large -> Base, and a model update (v1 -> v2).
-PAIRS = ["small-a:small-b", "small-a:large", "large:small-a", "small-a-early:small-a"]
-RECYCLERS = ["identity", "linear", "lincomb", "mlp", "procrustes"]
+#: source:target -> what changes between the two models (the paper's Base->Base', Base->Large, ...).
+PAIRS = {
+    "small-a:small-b": "another seed",
+    "small-a:large": "larger",
+    "large:small-a": "smaller",
+    "small-a-early:small-a": "model update",
+    "small-a:small-c": "other tokenizer",
+    "small-c:small-a": "other tokenizer",
+}
+PAPER_RECYCLERS = ["linear", "lincomb", "mlp"]
+RECYCLERS = [
+    "identity", *PAPER_RECYCLERS, "procrustes", "procrustes:match_norm=true", "linear:ridge=auto", "relative",
+    "linear+distill:steps=50", "linear+distill:steps=100",
+]  # fmt: skip
 INITS = ["random", "vocab", "class_labels"]
 #: What the matrix runs with, per task (documented in docs/benchmarks.md).
 RECIPE = {
@@ -197,8 +210,15 @@ class Matrix:
         return zero_shot, random_prompt
 
     def rows(
-        self, task: str, pairs: list[str], recyclers: list[str], inits: list[str], seeds: list[int]
+        self,
+        task: str,
+        pairs: list[str],
+        recyclers: list[str],
+        inits: list[str],
+        seeds: list[int],
+        done: frozenset[tuple] = frozenset(),
     ) -> Iterable[dict]:
+        """The rows of every cell not in ``done`` (keys as :func:`row_key`)."""
         anchors = self.config(task).anchors
         for pair in pairs:
             source, target = pair.split(":")
@@ -207,6 +227,9 @@ class Matrix:
                 name, options, refine = parse_recycler(spec)
                 if name == "identity" and (src.dim != tgt.dim or src.fingerprint != tgt.fingerprint):
                     continue  # identity needs the same embedding space
+                todo = [(i, n) for i in inits for n in seeds if (task, source, target, spec, i, n) not in done]
+                if not todo:
+                    continue
                 start = time.perf_counter()
                 offset, size = options.pop("anchor_offset", anchors.offset), options.pop("anchor_size", anchors.size)
                 recycler = fit_recycler(
@@ -214,27 +237,26 @@ class Matrix:
                     anchor_offset=offset, anchor_size=size,
                 )  # fmt: skip
                 fit_seconds = time.perf_counter() - start
-                for init in inits:
-                    for seed in seeds:
-                        prompt, _ = self.tuned(task, source, init, seed)
-                        retuned, retune_seconds = self.tuned(task, target, init, seed)
-                        start = time.perf_counter()
-                        recycled = recycler.transform(prompt)
-                        if refine is not None:
-                            trainer = self.config(task, init, seed).trainer
-                            recycled = distill(src, prompt, tgt, recycled, refine, trainer, seed=seed)
-                        recycle_seconds = fit_seconds + time.perf_counter() - start
-                        zero_shot, random_prompt = self.baselines(task, target, prompt.length)
-                        recycled_acc = self.accuracy(task, target, recycled.embeddings)
-                        yield {
-                            "task": task, "source": source, "target": target, "recycler": spec, "init": init,
-                            "seed": seed, "recycled_acc": recycled_acc, "zero_shot_acc": zero_shot,
-                            "random_prompt_acc": random_prompt,
-                            "source_acc": self.accuracy(task, source, prompt.embeddings),
-                            "retuned_acc": self.accuracy(task, target, retuned.embeddings),
-                            "success": int(recycled_acc > max(zero_shot, random_prompt)),
-                            "recycle_seconds": round(recycle_seconds, 4), "retune_seconds": round(retune_seconds, 2),
-                        }  # fmt: skip
+                for init, seed in todo:
+                    prompt, _ = self.tuned(task, source, init, seed)
+                    retuned, retune_seconds = self.tuned(task, target, init, seed)
+                    start = time.perf_counter()
+                    recycled = recycler.transform(prompt)
+                    if refine is not None:
+                        trainer = self.config(task, init, seed).trainer
+                        recycled = distill(src, prompt, tgt, recycled, refine, trainer, seed=seed)
+                    recycle_seconds = fit_seconds + time.perf_counter() - start
+                    zero_shot, random_prompt = self.baselines(task, target, prompt.length)
+                    recycled_acc = self.accuracy(task, target, recycled.embeddings)
+                    yield {
+                        "task": task, "source": source, "target": target, "recycler": spec, "init": init,
+                        "seed": seed, "recycled_acc": recycled_acc, "zero_shot_acc": zero_shot,
+                        "random_prompt_acc": random_prompt,
+                        "source_acc": self.accuracy(task, source, prompt.embeddings),
+                        "retuned_acc": self.accuracy(task, target, retuned.embeddings),
+                        "success": int(recycled_acc > max(zero_shot, random_prompt)),
+                        "recycle_seconds": round(recycle_seconds, 4), "retune_seconds": round(retune_seconds, 2),
+                    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------- report
@@ -247,6 +269,11 @@ def load_rows(path: Path) -> list[dict]:
         row["success"], row["seed"] = int(row["success"]), int(row["seed"])
         row["recycle_seconds"], row["retune_seconds"] = float(row["recycle_seconds"]), float(row["retune_seconds"])
     return rows
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a row: one recycled prompt."""
+    return row["task"], row["source"], row["target"], row["recycler"], row["init"], row["seed"]
 
 
 def recovery(row: dict) -> float | None:
@@ -293,8 +320,8 @@ def report(rows: list[dict], out_dir: Path) -> str:
         pair_of = lambda r: f"{r['source']} → {r['target']}"  # noqa: E731
         lines += [f"### {task.upper()}", "", "Baselines on each target (test accuracy) and the prompts themselves:", ""]
         lines += [
-            "| pair | source prompt on source | zero-shot | random prompt | re-tuned on target |",
-            "|---|---|---|---|---|",
+            "| pair | what changes | source prompt on source | zero-shot | random prompt | re-tuned on target |",
+            "|---|---|---|---|---|---|",
         ]
         for pair in pairs:
             group = [r for r in task_rows if pair_of(r) == pair]
@@ -302,7 +329,8 @@ def report(rows: list[dict], out_dir: Path) -> str:
                 statistics.fmean(r[k] for r in group)
                 for k in ("source_acc", "zero_shot_acc", "random_prompt_acc", "retuned_acc")
             ]
-            lines.append(f"| {pair} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+            kind = PAIRS.get(pair.replace(" → ", ":"), "")
+            lines.append(f"| {pair} | {kind} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
         lines += ["", "Success rate (± spread over seeds) and mean recovery, by recycler × pair:", ""]
         lines += ["| recycler | " + " | ".join(pairs) + " | all pairs | cost ratio |", "|---" * (len(pairs) + 3) + "|"]
         for rec in recyclers:
@@ -314,12 +342,12 @@ def report(rows: list[dict], out_dir: Path) -> str:
             lines.append(
                 f"| {rec} | " + " | ".join(cells) + f" | {cell(everything)} | {everything['cost_ratio']:.2%} |"
             )
+        lines += ["", "(A recycler's 'all pairs' covers only the pairs it ran on: '—' marks the others.)"]
         lines += ["", "Success rate by recycler × prompt init (all pairs):", ""]
         lines += ["| recycler | " + " | ".join(inits) + " |", "|---" * (len(inits) + 1) + "|"]
         for rec in recyclers:
-            cells = [
-                cell(summarise([r for r in task_rows if r["recycler"] == rec and r["init"] == init])) for init in inits
-            ]
+            groups = [[r for r in task_rows if r["recycler"] == rec and r["init"] == init] for init in inits]
+            cells = [cell(summarise(group)) if group else "—" for group in groups]
             lines.append(f"| {rec} | " + " | ".join(cells) + " |")
         lines.append("")
     heatmap(rows, out_dir / "recycling_matrix.png")
@@ -375,13 +403,16 @@ def log_to_mlflow(rows: list[dict], csv_path: Path, png: Path, markdown: str) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["sst2", "imdb"])
-    parser.add_argument("--pairs", nargs="+", default=PAIRS, help="source:target model names (conf/model)")
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="source:target model names (conf/model)")
     parser.add_argument("--recyclers", nargs="+", default=RECYCLERS, help="name or name:key=value,...")
     parser.add_argument("--inits", nargs="+", default=INITS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the CSV and PNG")
     parser.add_argument("--cache", default=str(ROOT / "bench" / "cache"))
     parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument(
+        "--recompute", action="store_true", help="recompute the selected cells (default: keep rows already in the CSV)"
+    )
     parser.add_argument("--report-only", action="store_true", help="summarise the existing CSV")
     parser.add_argument("--mlflow", action="store_true", help="log the summary to MLflow (MLFLOW_TRACKING_URI)")
     parser.add_argument("--quick", action="store_true", help="one tiny cell: a smoke test")
@@ -399,17 +430,23 @@ def main() -> None:
         for spec in args.recyclers:  # a bad spec fails now, not hours into the run
             name, options, _ = parse_recycler(spec)
             get_recycler(name, **{k: v for k, v in options.items() if not k.startswith("anchor_")})
+        lock = (out / ".recycling_matrix.lock").open("w")
+        try:  # two runs rewriting one CSV would interleave their rows
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"Another recycling_matrix.py run is writing {csv_path}: wait for it, or pass another --out.")
         matrix = Matrix(args)
-        # rows of cells this run does not recompute stay as they are
-        cells = {(t, p, r) for t in args.tasks for p in args.pairs for r in args.recyclers}
+        # rows already in the CSV are kept and not recomputed, unless --recompute names their cells
         previous = load_rows(csv_path) if csv_path.exists() else []
+        cells = {(t, p, r) for t in args.tasks for p in args.pairs for r in args.recyclers} if args.recompute else set()
         kept = [r for r in previous if (r["task"], f"{r['source']}:{r['target']}", r["recycler"]) not in cells]
+        done = frozenset(map(row_key, kept))
         with csv_path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(kept)
             for task in args.tasks:
-                for row in matrix.rows(task, args.pairs, args.recyclers, args.inits, args.seeds):
+                for row in matrix.rows(task, args.pairs, args.recyclers, args.inits, args.seeds, done):
                     writer.writerow(row)
                     f.flush()
                     log.info(

@@ -45,9 +45,13 @@ def test_recycling_matrix_quick(tmp_path):
     }  # fmt: skip
     assert (tmp_path / "recycling_matrix.png").stat().st_size > 0 and "| identity |" in first.stdout
     assert first.stderr.count("Tuning sst2") == 2  # on the source and on the target (re-tuned)
-    # a rerun recycles again but takes every prompt and evaluation from the cache: the same accuracies
-    again = run("recycling_matrix.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
-    assert "Tuning sst2" not in again.stderr
+    # a rerun keeps the rows it has; --recompute recycles again, taking prompts and evaluations from the cache
+    kept = run("recycling_matrix.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
+    assert "Fitting" not in kept.stderr and "| identity |" in kept.stdout
+    again = run(
+        "recycling_matrix.py", "--recompute", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path
+    )
+    assert "Fitting linear" in again.stderr and "Tuning sst2" not in again.stderr
     with (tmp_path / "recycling_matrix.csv").open() as f:
         accuracies = lambda rs: [(r["recycled_acc"], r["retuned_acc"], r["zero_shot_acc"]) for r in rs]  # noqa: E731
         assert accuracies(csv.DictReader(f)) == accuracies(rows)
