@@ -145,8 +145,15 @@ class Cache:
         self.evals_file = self.root / "evals.jsonl"
         self.evals = {}
         if self.evals_file.exists():
-            for line in self.evals_file.read_text().splitlines():
-                record = json.loads(line)
+            text = self.evals_file.read_text()
+            if not text.endswith("\n"):  # end a line cut by a killed run before appending to it
+                with self.evals_file.open("a") as f:
+                    f.write("\n")
+            for line in text.splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a run killed mid-write: that evaluation is simply redone
+                    continue
                 self.evals[record["key"]] = record["value"]
 
     def value(self, key: str, compute):
