@@ -62,7 +62,6 @@ COLUMNS = [
     "task", "source", "target", "recycler", "init", "seed", "recycled_acc", "zero_shot_acc", "random_prompt_acc",
     "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds",
 ]  # fmt: skip
-#: The paper's Base -> Base', Base -> Large, Large -> Base, and a model update (v1 -> v2).
 #: source:target -> what changes between the two models (the paper's Base->Base', Base->Large, ...).
 PAIRS = {
     "small-a:small-b": "another seed",
@@ -125,13 +124,19 @@ def parse_options(text: str) -> dict:
     return {key: parse_value(raw) for key, _, raw in (item.partition("=") for item in filter(None, text.split(",")))}
 
 
-def parse_recycler(spec: str) -> tuple[str, dict, DistillSettings | None]:
-    """``"linear"``, ``"linear:ridge=10,bias=true"`` or ``"linear+distill:steps=50"`` -> name, options, refinement."""
+#: Spec options that choose the anchors (see :func:`mlflow_recycle.recycle.fit_recycler`), not the recycler.
+ANCHOR_OPTIONS = ("anchor_offset", "anchor_size")
+
+
+def parse_recycler(spec: str) -> tuple[str, dict, dict, DistillSettings | None]:
+    """``"linear:ridge=10,anchor_size=1000+distill:steps=50"`` -> name, recycler options, anchor options, refinement."""
     mapping, _, refinement = spec.partition("+")
-    name, _, options = mapping.partition(":")
+    name, _, text = mapping.partition(":")
+    options = parse_options(text)
+    anchor_options = {key: options.pop(key) for key in ANCHOR_OPTIONS if key in options}
     method, _, refine_options = refinement.partition(":")
     refine = DistillSettings.from_config({"method": method, **parse_options(refine_options)}) if method else None
-    return name, parse_options(options), refine
+    return name, options, anchor_options, refine
 
 
 @dataclass
@@ -231,17 +236,16 @@ class Matrix:
             source, target = pair.split(":")
             src, tgt = self.model(source), self.model(target)
             for spec in recyclers:
-                name, options, refine = parse_recycler(spec)
+                name, options, anchor_options, refine = parse_recycler(spec)
                 if name == "identity" and (src.dim != tgt.dim or src.fingerprint != tgt.fingerprint):
                     continue  # identity needs the same embedding space
                 todo = [(i, n) for i in inits for n in seeds if (task, source, target, spec, i, n) not in done]
                 if not todo:
                     continue
                 start = time.perf_counter()
-                offset, size = options.pop("anchor_offset", anchors.offset), options.pop("anchor_size", anchors.size)
                 recycler = fit_recycler(
                     get_recycler(name, **options), src.model, src.tokenizer, tgt.model, tgt.tokenizer,
-                    anchor_offset=offset, anchor_size=size,
+                    **{"anchor_offset": anchors.offset, "anchor_size": anchors.size, **anchor_options},
                 )  # fmt: skip
                 fit_seconds = time.perf_counter() - start
                 for init, seed in todo:
@@ -435,8 +439,8 @@ def main() -> None:
     csv_path = out / "recycling_matrix.csv"
     if not args.report_only:
         for spec in args.recyclers:  # a bad spec fails now, not hours into the run
-            name, options, _ = parse_recycler(spec)
-            get_recycler(name, **{k: v for k, v in options.items() if not k.startswith("anchor_")})
+            name, options, _, _ = parse_recycler(spec)
+            get_recycler(name, **options)
         lock = (out / ".recycling_matrix.lock").open("w")
         try:  # two runs rewriting one CSV would interleave their rows
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -126,9 +126,8 @@ def test_every_recycler_config_builds_its_recycler(name):
     cfg = compose([f"recycler={name}"]).recycler
     options = dict(cfg.get("options", {}))
     recorded = get_recycler(cfg.name, **options).options()
-    assert {key: options[key] for key in recorded if key in options} == {
-        key: value for key, value in recorded.items() if key in options
-    }
+    shared = recorded.keys() & options.keys()
+    assert {key: recorded[key] for key in shared} == {key: options[key] for key in shared}
     assert (refine_settings(cfg) is not None) == ("refine" in cfg)
 
 
