@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import subprocess
@@ -13,17 +14,17 @@ from mlflow_recycle.config import REPO_ROOT
 BENCH = REPO_ROOT / "bench"
 
 
-def run(script: str, *args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(script: str, *args: str, cwd, timeout: int = 600, quick: bool = True, ok: bool = True):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     result = subprocess.run(
-        [sys.executable, str(BENCH / script), "--quick", *args],
+        [sys.executable, str(BENCH / script), *(["--quick"] if quick else []), *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == ok, result.stderr[-3000:]
     return result
 
 
@@ -55,6 +56,33 @@ def test_recycling_matrix_quick(tmp_path):
     with (tmp_path / "recycling_matrix.csv").open() as f:
         accuracies = lambda rs: [(r["recycled_acc"], r["retuned_acc"], r["zero_shot_acc"]) for r in rs]  # noqa: E731
         assert accuracies(csv.DictReader(f)) == accuracies(rows)
+
+
+def test_recycling_matrix_refuses_a_bad_spec_before_any_work(tmp_path):
+    args = ["--tasks", "sst2", "--recyclers", "linear:anchor_sise=5", "--out", str(tmp_path), "--cache", str(tmp_path)]
+    result = run("recycling_matrix.py", *args, cwd=tmp_path, quick=False, ok=False)
+    assert "Bad options for recycler 'linear'" in result.stderr and "anchor_sise" in result.stderr
+    assert not (tmp_path / "recycling_matrix.csv").exists()
+
+
+def test_recycling_matrix_refuses_to_write_beside_a_running_one(tmp_path):
+    with (tmp_path / ".recycling_matrix.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running matrix holds it
+        result = run("recycling_matrix.py", "--out", str(tmp_path), "--cache", str(tmp_path), cwd=tmp_path, ok=False)
+    assert "Another recycling_matrix.py run is writing" in result.stderr
+    assert not (tmp_path / "recycling_matrix.csv").exists()
+
+
+def test_evaluation_cache_survives_a_line_cut_by_a_killed_run(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    from recycling_matrix import Cache
+
+    good = json.dumps({"key": "a", "value": 0.5})
+    (tmp_path / "evals.jsonl").write_text(good + '\n{"key": "b", "val')
+    cache = Cache(tmp_path)
+    assert cache.evals == {"a": 0.5}
+    assert cache.value("c", lambda: 0.25) == 0.25
+    assert Cache(tmp_path).evals == {"a": 0.5, "c": 0.25}  # the new record is not glued to the cut line
 
 
 def test_migration_latency_quick(tmp_path):
