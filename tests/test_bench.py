@@ -92,3 +92,14 @@ def test_migration_latency_quick(tmp_path):
 def test_warm_start_quick(tmp_path):
     out = run("warm_start.py", "--cache", str(tmp_path / "cache"), cwd=tmp_path).stdout
     assert "| small-a-early → small-a | 0 |" in out
+
+
+def test_recycling_matrix_model_recipe_applies_to_its_model_only(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    from argparse import Namespace
+
+    from recycling_matrix import Matrix
+
+    matrix = Matrix(Namespace(cache=str(tmp_path), quick=False))
+    assert matrix.config("sst2", model="large").prompt.lr == 0.03  # the lr the probe on large chose
+    assert matrix.config("sst2", model="small-a") == matrix.config("sst2")  # the other models keep the recipe
