@@ -12,6 +12,7 @@ import sys
 from mlflow_recycle.config import REPO_ROOT
 
 BENCH = REPO_ROOT / "bench"
+sys.path.insert(0, str(BENCH))  # the scripts' helpers, for the tests that call them directly
 
 
 def run(script: str, *args: str, cwd, timeout: int = 600, quick: bool = True, ok: bool = True):
@@ -74,7 +75,6 @@ def test_recycling_matrix_refuses_to_write_beside_a_running_one(tmp_path):
 
 
 def test_evaluation_cache_survives_a_line_cut_by_a_killed_run(tmp_path):
-    sys.path.insert(0, str(BENCH))
     from recycling_matrix import Cache
 
     good = json.dumps({"key": "a", "value": 0.5})
@@ -95,7 +95,6 @@ def test_warm_start_quick(tmp_path):
 
 
 def test_recycling_matrix_model_recipe_applies_to_its_model_only(tmp_path):
-    sys.path.insert(0, str(BENCH))
     from argparse import Namespace
 
     from recycling_matrix import Matrix
