@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ from mlflow_recycle.models import LoadedModel  # noqa: E402
 from mlflow_recycle.prompt import SoftPrompt  # noqa: E402
 from mlflow_recycle.recycle import fit_recycler  # noqa: E402
 from mlflow_recycle.recyclers import get_recycler  # noqa: E402
-from mlflow_recycle.refine import DistillSettings, distill  # noqa: E402
+from mlflow_recycle.refine import DistillSettings, distill, refined  # noqa: E402
 
 log = logging.getLogger("bench.matrix")
 
@@ -89,7 +90,7 @@ MODEL_RECIPE = {"large": ["prompt.lr=0.03"]}
 COMMON = [
     "trainer.enable_progress_bar=false",
     "trainer.limit_val_batches=0",
-    "random_prompt_draws=3",
+    "eval.random_prompt_draws=3",
     "registry.register=false",
 ]
 QUICK = [
@@ -98,7 +99,7 @@ QUICK = [
     "task.limit_val=16",
     "task.limit_test=16",
     "task.batch_size=8",
-    "random_prompt_draws=1",
+    "eval.random_prompt_draws=1",
 ]
 
 
@@ -207,18 +208,19 @@ class Matrix:
 
         def compute() -> float:
             side = self.model(model)
-            evaluator = Evaluator(cfg.trainer, ("test",), 0, seed)
+            evaluator = Evaluator(instantiate(cfg.trainer, _partial_=True), ("test",), 0, seed)
             return evaluator.accuracy(side, data_module(side, task_spec(cfg.task), cfg), prompt, "bench")["test"]
 
         return self.cache.value(key, compute)
 
     def baselines(self, task: str, model: str, length: int) -> tuple[float, float]:
         cfg = self.config(task)
-        key = f"baselines|{task}|{model}|{length}|{cfg.random_prompt_draws}|{digest(plain(cfg.task))}"
+        draws = cfg.eval.random_prompt_draws
+        key = f"baselines|{task}|{model}|{length}|{draws}|{digest(plain(cfg.task))}"
 
         def compute() -> list[float]:
             side = self.model(model)
-            evaluator = Evaluator(cfg.trainer, ("test",), cfg.random_prompt_draws, cfg.seed)
+            evaluator = Evaluator(instantiate(cfg.trainer, _partial_=True), ("test",), draws, cfg.seed)
             result = evaluator.baselines(side, data_module(side, task_spec(cfg.task), cfg), length)
             return [result.zero_shot["test"], result.random_prompt["test"]]
 
@@ -258,8 +260,9 @@ class Matrix:
                     start = time.perf_counter()
                     recycled = recycler.transform(prompt)
                     if refine is not None:
-                        trainer = self.config(task, init, seed).trainer
-                        recycled = distill(src, prompt, tgt, recycled, refine, trainer, seed=seed)
+                        trainer = instantiate(self.config(task, init, seed).trainer, _partial_=True)
+                        outcome = distill(src, prompt, tgt, recycled.embeddings, refine, trainer, seed=seed)
+                        recycled = refined(recycled, outcome, refine)
                     recycle_seconds = fit_seconds + time.perf_counter() - start
                     zero_shot, random_prompt = self.baselines(task, target, prompt.length)
                     recycled_acc = self.accuracy(task, target, recycled.embeddings)

@@ -1,14 +1,23 @@
 """Lightning side of mlflow-recycle: prompt tuning, rank-classification evaluation, distillation, data."""
 
+from .callbacks import BestPrompt, stop_above
 from .data import TextClassificationDataModule, read_examples
 from .distillation import PromptDistillationModule, UnlabelledPairDataModule
-from .modules import PromptTuningModule, RankClassificationModule
+from .modules import PromptTuningModule, RankClassificationModule, TrainablePromptModule, build_optimizer
+from .training import FitOutcome, TrainerFactory, fit_prompt
 
 __all__ = [
+    "BestPrompt",
+    "FitOutcome",
     "PromptDistillationModule",
     "PromptTuningModule",
     "RankClassificationModule",
     "TextClassificationDataModule",
+    "TrainablePromptModule",
+    "TrainerFactory",
     "UnlabelledPairDataModule",
+    "build_optimizer",
+    "fit_prompt",
     "read_examples",
+    "stop_above",
 ]

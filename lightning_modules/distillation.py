@@ -15,14 +15,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mlflow_recycle.errors import RecycleError
 from mlflow_recycle.prompted_lm import PromptedLM, TaskEncoder
 
-from .modules import OPTIMIZERS
+from .modules import TrainablePromptModule
 
 
-class PromptDistillationModule(L.LightningModule):
+class PromptDistillationModule(TrainablePromptModule):
     """Train a student prompt on a frozen target model to match a frozen teacher.
+
+    The student is this module's rank classifier (``self.lm``, ``self.prompt``), so a
+    validation loop, when the trainer has one, measures the student's accuracy on labelled
+    data: labels then only judge the student (the gate), they never train it.
 
     Args:
         teacher: the source model; ``teacher_prompt`` its trained prompt.
@@ -30,6 +33,7 @@ class PromptDistillationModule(L.LightningModule):
         temperature: softens both distributions (1: plain class probabilities).
         optimizer, lr, weight_decay: as for prompt tuning.
         length_normalize: score classes by mean token log-likelihood (as the task says).
+        name: metric prefix (``{name}/validation_accuracy``).
     """
 
     def __init__(
@@ -44,28 +48,31 @@ class PromptDistillationModule(L.LightningModule):
         lr: float = 0.01,
         weight_decay: float = 1e-5,
         length_normalize: bool = False,
+        name: str = "distill",
     ) -> None:
-        super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise RecycleError(f"Unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+        super().__init__(
+            student,
+            student_init,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            length_normalize=length_normalize,
+            name=name,
+        )
         self.teacher = PromptedLM(teacher.requires_grad_(False).eval())
-        self.student = PromptedLM(student.requires_grad_(False).eval())
         self.register_buffer("teacher_prompt", teacher_prompt.detach().clone().float())
-        self.prompt = nn.Parameter(student_init.detach().clone().float())
-        self.temperature, self.optimizer_name = temperature, optimizer
-        self.lr, self.weight_decay, self.length_normalize = lr, weight_decay, length_normalize
+        self.temperature = temperature
 
     def train(self, mode: bool = True) -> PromptDistillationModule:
         super().train(mode)
         self.teacher.model.eval()
-        self.student.model.eval()
         return self
 
     def distillation_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """KL(teacher ‖ student) over the classes, and how often their predictions agree."""
         with torch.no_grad():
             teacher = self.teacher.class_scores(self.teacher_prompt, batch["teacher"], self.length_normalize)
-        student = self.student.class_scores(self.prompt, batch["student"], self.length_normalize)
+        student = self.lm.class_scores(self.prompt, batch["student"], self.length_normalize)
         target = torch.log_softmax(teacher / self.temperature, dim=-1)
         predicted = torch.log_softmax(student / self.temperature, dim=-1)
         loss = nn.functional.kl_div(predicted, target, log_target=True, reduction="batchmean")
@@ -73,18 +80,11 @@ class PromptDistillationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         loss, agreement = self.distillation_loss(batch)
-        self.log_dict({"distill/loss": loss, "distill/agreement": agreement}, prog_bar=True)
+        self.log_dict({f"{self.name}/loss": loss, f"{self.name}/agreement": agreement}, prog_bar=True)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW([self.prompt], lr=self.lr, weight_decay=self.weight_decay)
-        from transformers.optimization import Adafactor
-
-        return Adafactor([self.prompt], lr=self.lr, scale_parameter=False, relative_step=False, warmup_init=False)
-
     def student_prompt(self) -> torch.Tensor:
-        return self.prompt.detach().float().cpu().clone()
+        return self.tuned_prompt()
 
 
 class _Texts(Dataset):

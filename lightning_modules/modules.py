@@ -127,12 +127,68 @@ class RankClassificationModule(L.LightningModule):
         self._finish("test")
 
 
-class PromptTuningModule(RankClassificationModule):
+def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer of a prompt: ``"adamw"``, or ``"adafactor"`` with a constant lr and no
+    parameter scaling (the paper's setting, lr 0.3)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False, warmup_init=False
+        )
+    raise RecycleError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+class TrainablePromptModule(RankClassificationModule):
+    """A rank classifier whose prompt is the one trainable parameter: the base of prompt tuning
+    and distillation. Validation (when the trainer runs it) scores the current prompt, logged
+    as ``{name}/validation_accuracy``, which is what :class:`~lightning_modules.BestPrompt`
+    and the gate's early stop watch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        initial_prompt: torch.Tensor,
+        *,
+        optimizer: str = "adamw",
+        lr: float = 0.01,
+        weight_decay: float = 1e-5,
+        length_normalize: bool = False,
+        name: str = "tune",
+    ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise RecycleError(f"Unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+        super().__init__(model, initial_prompt, length_normalize=length_normalize, name=name, trainable=True)
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        # Checkpoints hold only the prompt (see on_save_checkpoint), so loading is partial.
+        self.strict_loading = False
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.optimizer_name, [self.prompt], self.lr, self.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k == "prompt"}
+
+    def tuned_prompt(self) -> torch.Tensor:
+        """The current prompt as a detached float32 CPU tensor (gathered when FSDP shards it)."""
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+                return self.prompt.detach().float().cpu().clone()
+        return self.prompt.detach().float().cpu().clone()
+
+
+class PromptTuningModule(TrainablePromptModule):
     """Tune a soft prompt on a frozen model: LM loss on the label's verbalizer.
 
     Args:
         model: a Hugging Face causal or encoder-decoder LM; it is frozen.
-        initial_prompt: ``[length, dim]`` starting point (see ``mlflow_recycle.prompt_init``).
+        initial_prompt: ``[length, dim]`` starting point (see ``mlflow_recycle.prompt_init``),
+            or a prompt to continue from (a recycled one, when re-tuning on a new base).
         optimizer: ``"adafactor"`` (constant lr, no parameter scaling: the paper's setting,
             lr 0.3) or ``"adamw"``.
         lr, weight_decay: optimizer settings.
@@ -153,15 +209,18 @@ class PromptTuningModule(RankClassificationModule):
         anchor: torch.Tensor | None = None,
         gamma: float = 0.0,
     ) -> None:
-        if optimizer not in OPTIMIZERS:
-            raise RecycleError(f"Unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
-        super().__init__(model, initial_prompt, length_normalize=length_normalize, name=name, trainable=True)
-        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        super().__init__(
+            model,
+            initial_prompt,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            length_normalize=length_normalize,
+            name=name,
+        )
         self.gamma = gamma if anchor is not None else 0.0
         if anchor is not None:
             self.register_buffer("anchor", anchor.detach().clone().float())
-        # Checkpoints hold only the prompt (see on_save_checkpoint), so loading is partial.
-        self.strict_loading = False
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.lm.loss(self.prompt, batch)
@@ -171,30 +230,3 @@ class PromptTuningModule(RankClassificationModule):
             self.log(f"{self.name}/penalty", penalty)
             loss = loss + self.gamma * penalty
         return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW([self.prompt], lr=self.lr, weight_decay=self.weight_decay)
-        from transformers.optimization import Adafactor
-
-        return Adafactor(
-            [self.prompt],
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k == "prompt"}
-
-    def tuned_prompt(self) -> torch.Tensor:
-        """The current prompt as a detached float32 CPU tensor (gathered when FSDP shards it)."""
-        trainer = self._trainer
-        if trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
-                return self.prompt.detach().float().cpu().clone()
-        return self.prompt.detach().float().cpu().clone()

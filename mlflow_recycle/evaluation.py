@@ -14,10 +14,8 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 
-from lightning_modules import RankClassificationModule, TextClassificationDataModule
+from lightning_modules import RankClassificationModule, TextClassificationDataModule, TrainerFactory
 
 from .anchors import embedding_table
 from .errors import RecycleError
@@ -75,8 +73,61 @@ class Baselines:
         return max(self.zero_shot[split], self.random_prompt[split])
 
     def beaten_by(self, accuracy: float, split: str) -> bool:
-        """The gate: strictly better than both baselines."""
+        """Strictly better than both baselines (the paper's success criterion)."""
         return accuracy > self.best(split)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """When a prompt counts as working on a model, decided on ``split`` (validation, never test).
+
+    It must be strictly above the model's best baseline (max of zero-shot and random
+    prompt) plus ``margin`` points and, with ``keep_gain``, keep at least that fraction of
+    the source prompt's gain over the source model's own best baseline.
+    """
+
+    split: str = "validation"
+    margin: float = 0.0
+    keep_gain: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise RecycleError(f"gate.split may be {' or '.join(SPLITS)}, got {self.split!r}.")
+        if self.split == "test":
+            log.warning("gate.split=test: decisions on the test split overfit the reported numbers")
+        if self.keep_gain is not None and not 0 <= self.keep_gain <= 1:
+            raise RecycleError(f"gate.keep_gain is a fraction between 0 and 1 (or null), got {self.keep_gain}.")
+
+    def threshold(self, baselines: Baselines, source_gain: float | None = None) -> float:
+        """The accuracy a prompt must exceed on ``split``."""
+        best = baselines.best(self.split)
+        threshold = best + self.margin / 100
+        if self.keep_gain is not None and source_gain is not None:
+            threshold = max(threshold, best + self.keep_gain * source_gain)
+        return threshold
+
+
+def verdict_metrics(
+    accuracies: dict[str, dict[str, float]], baselines: Baselines, subject: str, splits: Sequence[str]
+) -> dict[str, float]:
+    """Per split: each prompt's accuracy, the baselines, ``success`` of ``subject`` (beats the
+    best baseline) and, when a ``retuned`` prompt beats the baselines, ``recovery`` (the share
+    of its gain the subject keeps). ``accuracies[label][split]``; the job and the migration
+    report with this one function."""
+    accuracies = {**accuracies, "zero_shot": baselines.zero_shot, "random_prompt": baselines.random_prompt}
+    metrics: dict[str, float] = {}
+    for split in splits:
+        for label, per_split in accuracies.items():
+            if split in per_split:
+                metrics[f"{split}/{label}_accuracy"] = per_split[split]
+        best = baselines.best(split)
+        metrics[f"{split}/random_prompt_std"] = baselines.random_prompt_std[split]
+        metrics[f"{split}/best_baseline_accuracy"] = best
+        metrics[f"{split}/success"] = float(baselines.beaten_by(accuracies[subject][split], split))
+        if "retuned" in accuracies and accuracies["retuned"][split] > best:
+            gap = accuracies["retuned"][split] - best
+            metrics[f"{split}/recovery"] = (accuracies[subject][split] - best) / gap
+    return metrics
 
 
 @dataclass
@@ -84,13 +135,13 @@ class Evaluator:
     """Rank-classification evaluations, each on a fresh Lightning trainer built from ``trainer`` config.
 
     Args:
-        trainer: a Hydra ``trainer`` config (``conf/trainer``).
+        trainer: builds a Lightning trainer (``instantiate(cfg.trainer, _partial_=True)``).
         splits: ``validation`` and/or ``test``.
         random_draws: random-token prompts averaged for the baseline.
         seed: seeds the random-token draws.
     """
 
-    trainer: DictConfig
+    trainer: TrainerFactory
     splits: Sequence[str] = ("test",)
     random_draws: int = 3
     seed: int = 0
@@ -109,7 +160,7 @@ class Evaluator:
         )
         accuracies = {}
         for split in self.splits:
-            trainer: L.Trainer = instantiate(self.trainer, logger=False)
+            trainer: L.Trainer = self.trainer(logger=False)
             run = trainer.test if split == "test" else trainer.validate
             run(module, datamodule=data, verbose=False)
             accuracies[split] = module.results[split]["accuracy"]

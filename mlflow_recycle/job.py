@@ -22,19 +22,19 @@ from hydra.utils import instantiate
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules import PromptTuningModule, TextClassificationDataModule
+from lightning_modules import PromptTuningModule, TextClassificationDataModule, TrainerFactory, fit_prompt
 
 from . import registry
 from .anchors import embedding_table
 from .charts import accuracy_chart
 from .errors import RecycleError
-from .evaluation import Baselines, Evaluator, task_data
+from .evaluation import Baselines, Evaluator, task_data, verdict_metrics
 from .models import LoadedModel, load_pretrained
+from .policy import Policy, PolicyOutcome, RecyclerChoice, Transfer, run_policy
 from .prompt import SoftPrompt
 from .prompt_init import initial_prompt, regularization_anchor
 from .recycle import fit_recycler
 from .recyclers import Recycler, get_recycler
-from .refine import distill, refine_settings
 from .task import TaskSpec
 from .tracking import configure, flatten, is_rank_zero, job_run, lightning_logger
 
@@ -92,14 +92,16 @@ class Setup:
     target: LoadedModel
     source_data: TextClassificationDataModule
     target_data: TextClassificationDataModule
-    recycler: Recycler
+    policy: Policy
     prompt: SoftPrompt | None
 
 
 def prepare(cfg: DictConfig) -> Setup:
     if cfg.job not in JOBS:
         raise RecycleError(f"Unknown job {cfg.job!r}; choose one of {', '.join(JOBS)}.")
-    recycler = get_recycler(cfg.recycler.name, **cfg.recycler.get("options", {}))
+    policy = Policy.from_config(cfg.policy)
+    for choice in policy.stages[0].recyclers:  # a misspelt recycler or option fails before any loading
+        get_recycler(choice.name, **choice.options)
     spec = task_spec(cfg.task)
     source = load_model(cfg.source)
     target = source if cfg.target.path == cfg.source.path else load_model(cfg.target)
@@ -115,10 +117,10 @@ def prepare(cfg: DictConfig) -> Setup:
     if cfg.job in ("main", "tune") and prompt is None:
         source_data.setup("fit")
     if cfg.job != "recycle":
-        for split in cfg.eval_splits:
+        for split in {*cfg.eval.splits, policy.gate.split}:
             source_data.dataset(split)
             target_data.dataset(split)
-    return Setup(spec, source, target, source_data, target_data, recycler, prompt)
+    return Setup(spec, source, target, source_data, target_data, policy, prompt)
 
 
 # ---------------------------------------------------------------------- steps
@@ -133,13 +135,17 @@ class Context:
     bases: dict[str, ModelVersion] = field(default_factory=dict)
 
     @property
+    def trainer(self) -> TrainerFactory:
+        return instantiate(self.cfg.trainer, _partial_=True)
+
+    @property
     def evaluator(self) -> Evaluator:
         cfg = self.cfg
-        return Evaluator(cfg.trainer, tuple(cfg.eval_splits), cfg.random_prompt_draws, cfg.seed)
+        return Evaluator(self.trainer, tuple(cfg.eval.splits), cfg.eval.random_prompt_draws, cfg.seed)
 
     @property
     def splits(self) -> list[str]:
-        return [str(s) for s in self.cfg.eval_splits]
+        return [str(s) for s in self.cfg.eval.splits]
 
     def register_bases(self, *sides: LoadedModel) -> None:
         """Find or register each side's base-model version, so prompts can be tied to it."""
@@ -193,48 +199,80 @@ def tune(ctx: Context, side: LoadedModel, data: TextClassificationDataModule, na
         anchor=anchor,
         gamma=cfg.prompt.gamma,
     )
-    log.info("Tuning a %d-token prompt on %s for %d steps", cfg.prompt.length, side.name, cfg.trainer.max_steps)
-    start = time.perf_counter()
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=lightning_logger(ctx.run_id))
-    trainer.fit(module, datamodule=data)
-    ctx.seconds[f"{name}_tune_seconds"] = time.perf_counter() - start
+    steps = cfg.trainer.max_steps
+    log.info("Tuning a %d-token prompt on %s for %d steps", cfg.prompt.length, side.name, steps)
+    validates = cfg.trainer.get("limit_val_batches") != 0
+    outcome = fit_prompt(
+        module,
+        ctx.trainer,
+        steps=steps,
+        eval_every=cfg.trainer.val_check_interval if validates else None,
+        datamodule=data,
+        logger=lightning_logger(ctx.run_id),
+    )
+    ctx.seconds[f"{name}_tune_seconds"] = outcome.seconds
+    if outcome.best_step is not None:
+        log.info(
+            "Best validation accuracy %.4f at step %d of %d: keeping that prompt",
+            outcome.score,
+            outcome.best_step,
+            outcome.steps,
+        )
     prompt = SoftPrompt(
-        module.tuned_prompt(),
+        outcome.prompt,
         base_model=side.name,
         base_model_uri=side.uri,
         tokenizer_fingerprint=side.fingerprint,
         task_type="SEQ_2_SEQ_LM" if side.seq2seq else "CAUSAL_LM",
         init=cfg.prompt.init,
         task=data.encoder.task,
+        cost={"steps": outcome.steps, "seconds": outcome.seconds, "parameters": side.parameters},
     )
     return ctx.tied(prompt, side)
 
 
-def fit(ctx: Context, source: LoadedModel, target: LoadedModel, recycler: Recycler) -> Recycler:
-    anchors = ctx.cfg.anchors
-    start = time.perf_counter()
-    fit_recycler(
-        recycler,
-        source.model,
-        source.tokenizer,
-        target.model,
-        target.tokenizer,
-        anchor_offset=anchors.offset,
-        anchor_size=anchors.size,
+def transfer(ctx: Context, source: LoadedModel, target: LoadedModel) -> Transfer:
+    """The model pair with a recycler fit per policy choice, each fitted once and timed."""
+    anchors, fitted = ctx.cfg.anchors, {}
+
+    def fit(choice: RecyclerChoice) -> Recycler:
+        if choice.label not in fitted:
+            start = time.perf_counter()
+            fitted[choice.label] = fit_recycler(
+                get_recycler(choice.name, **choice.options),
+                source.model,
+                source.tokenizer,
+                target.model,
+                target.tokenizer,
+                anchor_offset=anchors.offset,
+                anchor_size=anchors.size,
+            )
+            ctx.seconds["recycler_fit_seconds"] = (
+                ctx.seconds.get("recycler_fit_seconds", 0.0) + time.perf_counter() - start
+            )
+        return fitted[choice.label]
+
+    task = ctx.cfg.task
+    return Transfer(
+        source,
+        target,
+        ctx.trainer,
+        fit,
+        limit_val=task.limit_val,
+        eval_batch_size=task.eval_batch_size,
+        random_draws=ctx.cfg.eval.random_prompt_draws,
+        seed=ctx.cfg.seed,
     )
-    ctx.seconds["recycle_seconds"] = time.perf_counter() - start
-    return recycler
 
 
-def transform(ctx: Context, recycler: Recycler, prompt: SoftPrompt, s: Setup, recycled_from: str | None) -> SoftPrompt:
-    """Map the prompt to the target, then refine it there when the recycler config asks."""
-    start = time.perf_counter()
-    recycled = recycler.transform(prompt, recycled_from).replace(base_model=s.target.name, base_model_uri=s.target.uri)
-    settings = refine_settings(ctx.cfg.recycler)
-    if settings is not None:
-        recycled = distill(s.source, prompt, s.target, recycled, settings, ctx.cfg.trainer, seed=ctx.cfg.seed)
-    ctx.seconds["recycle_seconds"] = ctx.seconds.get("recycle_seconds", 0.0) + time.perf_counter() - start
-    return ctx.tied(recycled, s.target)
+def migrate_prompt(
+    ctx: Context, pair: Transfer, policy: Policy, prompt: SoftPrompt, recycled_from: str | None
+) -> PolicyOutcome:
+    """Run the policy on one prompt and tie the result to the target's registered version."""
+    outcome = run_policy(policy, pair, prompt, recycled_from)
+    ctx.seconds["recycle_seconds"] = outcome.seconds
+    outcome.prompt = ctx.tied(outcome.prompt, pair.target)
+    return outcome
 
 
 # ---------------------------------------------------------------------- logging
@@ -255,30 +293,20 @@ def verdict(
     title: str,
     source_name: str | None = None,
 ) -> dict[str, float]:
-    """Per-split metrics, the success flag and the chart for the prompt under test (``subject``).
+    """Per-split metrics, the success flag (on the last split: the report) and the chart.
 
     ``accuracies[label][split]`` are measured on the target, except ``source``.
     """
-    accuracies = {**accuracies, "zero_shot": baselines.zero_shot, "random_prompt": baselines.random_prompt}
-    metrics: dict[str, float] = {}
-    for split in ctx.splits:
-        for label, per_split in accuracies.items():
-            metrics[f"{split}/{label}_accuracy"] = per_split[split]
-        best = baselines.best(split)
-        metrics[f"{split}/random_prompt_std"] = baselines.random_prompt_std[split]
-        metrics[f"{split}/best_baseline_accuracy"] = best
-        metrics[f"{split}/success"] = float(baselines.beaten_by(accuracies[subject][split], split))
-        if "retuned" in accuracies and accuracies["retuned"][split] > best:
-            gap = accuracies["retuned"][split] - best
-            metrics[f"{split}/recovery"] = (accuracies[subject][split] - best) / gap
+    metrics = verdict_metrics(accuracies, baselines, subject, ctx.splits)
     final = ctx.splits[-1]
     metrics["success"] = metrics[f"{final}/success"]
     if is_rank_zero():
         mlflow.set_tag("mlflow_recycle.verdict", "success" if metrics["success"] else "failure")
-        names = {label: label.replace("_", " ") for label in accuracies}
+        shown = {**accuracies, "zero_shot": baselines.zero_shot, "random_prompt": baselines.random_prompt}
+        names = {label: label.replace("_", " ") for label in shown}
         names["source"] = f"source prompt\non {source_name}"
         chart = accuracy_chart(
-            {names[label]: per_split[final] for label, per_split in accuracies.items()},
+            {names[label]: per_split[final] for label, per_split in shown.items()},
             errors={"random prompt": baselines.random_prompt_std[final]},
             baseline=baselines.best(final),
             title=title,
@@ -312,11 +340,21 @@ def run_tune(ctx: Context, s: Setup) -> dict[str, float]:
     return {f"{split}/source_accuracy": value for split, value in accuracy.items()}
 
 
+def _policy_record(outcome: PolicyOutcome) -> dict[str, float]:
+    """The policy's stages and gate, as the run's metrics and tags (rank 0)."""
+    if is_rank_zero():
+        mlflow.set_tags({"mlflow_recycle.gate": outcome.gate, "mlflow_recycle.stage": outcome.stage or "none"})
+        if outcome.reason:
+            mlflow.set_tag("mlflow_recycle.gate_reason", outcome.reason)
+    log.info("Policy: %s", outcome.summary())
+    return outcome.metrics()
+
+
 def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.target)
-    recycled = transform(ctx, fit(ctx, s.source, s.target, s.recycler), s.prompt, s, ctx.cfg.prompt_uri)
-    ctx.publish(recycled, "recycled_prompt")
-    return {}
+    outcome = migrate_prompt(ctx, transfer(ctx, s.source, s.target), s.policy, s.prompt, ctx.cfg.prompt_uri)
+    ctx.publish(outcome.prompt, "recycled_prompt")
+    return _policy_record(outcome)
 
 
 def run_evaluate(ctx: Context, s: Setup) -> dict[str, float]:
@@ -328,20 +366,24 @@ def run_evaluate(ctx: Context, s: Setup) -> dict[str, float]:
 def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     cfg, evaluator = ctx.cfg, ctx.evaluator
     ctx.register_bases(s.source, s.target)
-    recycler = fit(ctx, s.source, s.target, s.recycler)  # before tuning: a bad pair fails fast
+    pair = transfer(ctx, s.source, s.target)
+    for choice in s.policy.stages[0].recyclers:  # before tuning: a pair a recycler cannot map fails fast
+        if choice.when is None:
+            pair.fit(choice)
     if s.prompt is not None and str(cfg.prompt_uri).startswith("models:/"):
         source_prompt, source_uri = s.prompt, str(cfg.prompt_uri)  # already registered
     else:
         source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source")
         source_uri = ctx.publish(source_prompt, "source_prompt")
     accuracies = {"source": evaluator.accuracy(s.source, s.source_data, source_prompt.embeddings, "source")}
-    recycled = transform(ctx, recycler, source_prompt, s, source_uri)
-    ctx.publish(recycled, "recycled_prompt")
-    accuracies["recycled"] = evaluator.accuracy(s.target, s.target_data, recycled.embeddings, "recycled")
+    outcome = migrate_prompt(ctx, pair, s.policy, source_prompt, source_uri)
+    metrics = _policy_record(outcome)
+    ctx.publish(outcome.prompt, "recycled_prompt")
+    accuracies["recycled"] = evaluator.accuracy(s.target, s.target_data, outcome.prompt.embeddings, "recycled")
     baselines = evaluator.baselines(s.target, s.target_data, source_prompt.length)
     if cfg.retune:
         retuned = tune(ctx, s.target, s.target_data, "target")
         accuracies["retuned"] = evaluator.accuracy(s.target, s.target_data, retuned.embeddings, "retuned")
         ctx.publish(retuned, "retuned_prompt", register=False)
-    title = f"{s.spec.name}: {s.source.name} → {s.target.name} ({recycler.name})"
-    return verdict(ctx, accuracies, baselines, "recycled", title, source_name=s.source.name)
+    title = f"{s.spec.name}: {s.source.name} → {s.target.name} ({s.policy.label})"
+    return {**metrics, **verdict(ctx, accuracies, baselines, "recycled", title, source_name=s.source.name)}

@@ -1,15 +1,18 @@
 """Automatic migration: recycle every prompt tied to one base-model version onto a newer one.
 
 ``migrate("imdb-lm", to_version=2)`` finds every soft-prompt version tied to the newest
-earlier version of ``imdb-lm`` that has prompts, fits the recycler once (or reuses the
-fitted one logged by an earlier migration between the same versions), recycles each
-prompt, evaluates it on the new base model where the prompt names its evaluation data,
-and registers it as a new version of the same prompt model, tied to version 2. The
-configured alias moves only to a version that passes the gate; a failing one is still
-registered and tagged ``failed``, so nothing is silently dropped.
+earlier version of ``imdb-lm`` that has prompts and runs each through the migration
+policy (:mod:`mlflow_recycle.policy`, ``conf/policy/``): recycle (each recycler fitted
+once per base pair, or reused from an earlier migration's run), then, until the prompt
+passes the gate on the new base's validation split, label-free refinement and re-tuning
+from the recycled start, each within its budget. The result is registered as a new
+version of the same prompt model, tied to version 2, with the stage that passed, each
+stage's steps, seconds and gate value, and the test accuracy next to it (reported, never
+deciding). The configured alias moves only to a version that passes; one that fails every
+stage is still registered and tagged ``failed`` with the reason, so nothing is dropped.
 
-Idempotent: each recycled version is created with a migration key (prompt version, base
-versions, recycler config) in its tags, so running the same migration again, after a
+Idempotent: each migrated version is created with a migration key (prompt version, base
+versions, policy and anchors) in its tags, so running the same migration again, after a
 crash or from a duplicate event, creates no second version.
 """
 
@@ -22,7 +25,6 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -33,12 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 from . import registry
 from .config import compose
 from .errors import RecycleError
-from .evaluation import Baselines, Evaluator, task_data
+from .evaluation import verdict_metrics
 from .models import LoadedModel, load_base_model
-from .prompt import SoftPrompt
+from .policy import Policy, PolicyOutcome, RecyclerChoice, Transfer, retune_reference, run_policy
 from .recycle import fit_recycler
 from .recyclers import Recycler, get_recycler, load_recycler
-from .refine import distill, refine_settings
 from .tracking import configure
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 TAG_MIGRATION_KEY = "mlflow_recycle.migration_key"
 TAG_GATE = "mlflow_recycle.gate"
 TAG_RECYCLER_KEY = "mlflow_recycle.recycler_key"
+TAG_STAGE = "mlflow_recycle.stage"
+TAG_GATE_REASON = "mlflow_recycle.gate_reason"
 METRIC_TAG_PREFIX = "mlflow_recycle.metric."
 GATE_PASSED, GATE_FAILED, GATE_UNEVALUATED = "passed", "failed", "unevaluated"
 
@@ -63,6 +66,8 @@ class MigratedPrompt:
     created: bool
     gate: str
     metrics: dict[str, float] = field(default_factory=dict)
+    stage: str | None = None  # the policy stage that passed the gate
+    reason: str = ""  # why it failed every stage, or was not judged
 
 
 @dataclass
@@ -78,25 +83,34 @@ class MigrationReport:
     def created(self) -> int:
         return sum(p.created for p in self.prompts)
 
+    def lines(self) -> list[str]:
+        """One line per prompt: where it went, the gate, the stage, and the reason when it failed."""
+        out = []
+        for p in self.prompts:
+            how = f" at {p.stage}" if p.stage else ""
+            why = f": {p.reason}" if p.reason and p.gate != GATE_PASSED else ""
+            new = "" if p.created else " (existing)"
+            out.append(f"{p.source} -> {p.target}{new}: {p.gate}{how}{why}")
+        return out
+
 
 def _digest(payload: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def recycler_settings(cfg: DictConfig) -> dict[str, Any]:
-    """What determines the fitted map: recycler, its options and the anchor vocabulary."""
+def policy_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What determines a migrated prompt: the policy (gate, stages, budgets) and the anchors."""
     return {
-        "recycler": cfg.recycler.name,
-        "options": OmegaConf.to_container(cfg.recycler.get("options", {}), resolve=True),
+        "policy": Policy.from_config(cfg.policy).to_dict(),
         "anchors": OmegaConf.to_container(cfg.anchors, resolve=True),
-        "refine": OmegaConf.to_container(cfg.recycler.refine, resolve=True) if cfg.recycler.get("refine") else None,
+        "evaluate": bool(cfg.evaluate),
     }
 
 
 def migration_key(source: ModelVersion, base_model: str, from_version: str, to_version: str, cfg: DictConfig) -> str:
     """Identity of one prompt's migration: same key, same result, so never registered twice."""
     payload = {"prompt": source.name, "version": str(source.version), "base": base_model}
-    payload.update({"from": from_version, "to": to_version, **recycler_settings(cfg)})
+    payload.update({"from": from_version, "to": to_version, **policy_settings(cfg)})
     return _digest(payload)
 
 
@@ -128,25 +142,39 @@ def _move_alias(client: MlflowClient, version: ModelVersion, alias: str | None) 
 
 
 class _Migration:
-    """One (base, from, to, recycler) migration: loads models and fits the map once."""
+    """One (base, from, to, policy) migration: loads both versions once, fits each recycler once."""
 
     def __init__(self, cfg: DictConfig, base_model: str, from_version: str, to_version: str) -> None:
+        from hydra.utils import instantiate
+
         self.cfg, self.base_model, self.from_version, self.to_version = cfg, base_model, from_version, to_version
         self.client = MlflowClient()
-        self.evaluator = Evaluator(cfg.trainer, tuple(cfg.eval.splits), cfg.eval.random_prompt_draws, cfg.seed)
-        self._baselines: dict[tuple[Any, int], Baselines] = {}
-        self.source = self._side(from_version)
-        self.target = self._side(to_version)
+        self.policy = Policy.from_config(cfg.policy)
+        self._fitted: dict[str, Recycler] = {}
+        self.transfer = Transfer(
+            self._side(from_version),
+            self._side(to_version),
+            instantiate(cfg.trainer, _partial_=True),
+            self.fitted_recycler,
+            limit_val=cfg.eval.limit_val,
+            eval_batch_size=cfg.eval.eval_batch_size,
+            random_draws=cfg.eval.random_prompt_draws,
+            seed=cfg.seed,
+        )
 
     def _side(self, version: str) -> LoadedModel:
         uri = registry.model_uri(self.base_model, version)
         model, tokenizer = load_base_model(uri)
         return LoadedModel(f"{self.base_model} v{version}", uri, model, tokenizer, self.base_model)
 
-    def fitted_recycler(self) -> Recycler:
+    def fitted_recycler(self, choice: RecyclerChoice) -> Recycler:
         """The map for this pair: reused from an earlier migration's run when one logged it."""
+        if choice.label in self._fitted:
+            return self._fitted[choice.label]
+        anchors = OmegaConf.to_container(self.cfg.anchors, resolve=True)
         key = _digest(
-            {"base": self.base_model, "from": self.from_version, "to": self.to_version, **recycler_settings(self.cfg)}
+            {"base": self.base_model, "from": self.from_version, "to": self.to_version}
+            | {"recycler": choice.name, "options": dict(choice.options), "anchors": anchors}
         )
         earlier = mlflow.search_runs(
             search_all_experiments=True, filter_string=f"tags.`{TAG_RECYCLER_KEY}` = '{key}'", output_format="list"
@@ -156,83 +184,66 @@ class _Migration:
                 path = mlflow.artifacts.download_artifacts(
                     run_id=earlier[0].info.run_id, artifact_path="recycler", dst_path=tmp
                 )
-                log.info("Reusing the fitted recycler of run %s", earlier[0].info.run_id)
-                return load_recycler(path)
-        anchors = self.cfg.anchors
-        recycler = fit_recycler(
-            get_recycler(self.cfg.recycler.name, **self.cfg.recycler.get("options", {})),
-            self.source.model,
-            self.source.tokenizer,
-            self.target.model,
-            self.target.tokenizer,
-            anchor_offset=anchors.offset,
-            anchor_size=anchors.size,
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifacts(str(recycler.save(tmp)), "recycler")
-        mlflow.set_tag(TAG_RECYCLER_KEY, key)  # after the artifact: a tagged run always has it
+                log.info("Reusing the fitted %s recycler of run %s", choice.name, earlier[0].info.run_id)
+                recycler = load_recycler(path)
+        else:
+            source, target = self.transfer.source, self.transfer.target
+            with mlflow.start_run(run_name=f"fit {choice.name}", nested=True):
+                recycler = fit_recycler(
+                    get_recycler(choice.name, **choice.options),
+                    source.model,
+                    source.tokenizer,
+                    target.model,
+                    target.tokenizer,
+                    anchor_offset=self.cfg.anchors.offset,
+                    anchor_size=self.cfg.anchors.size,
+                )
+                with tempfile.TemporaryDirectory() as tmp:
+                    mlflow.log_artifacts(str(recycler.save(tmp)), "recycler")
+                mlflow.set_tag(TAG_RECYCLER_KEY, key)  # after the artifact: a tagged run always has it
+        self._fitted[choice.label] = recycler
         return recycler
 
-    def evaluate(self, prompt: SoftPrompt) -> tuple[str, dict[str, float]]:
-        """Gate verdict and metrics of a recycled prompt on the target model."""
-        task = prompt.task
-        if not self.cfg.evaluate or task is None or not task.data or not Path(task.data).exists():
-            reason = (
-                "evaluation is off"
-                if not self.cfg.evaluate
-                else f"its task data {task.data if task else None!r} is not available"
-            )
-            log.warning("Not evaluating %s: %s", prompt.recycled_from, reason)
-            return GATE_UNEVALUATED, {}
-        data = task_data(
-            self.target,
-            task,
-            prompt_length=prompt.length,
-            eval_batch_size=self.cfg.eval.eval_batch_size,
-            limit_test=self.cfg.eval.limit_test,
-            seed=self.cfg.seed,
-        )
-        baseline_key = (task, prompt.length)
-        if baseline_key not in self._baselines:  # once per task and length, not per prompt
-            self._baselines[baseline_key] = self.evaluator.baselines(self.target, data, prompt.length)
-        baselines = self._baselines[baseline_key]
-        recycled = self.evaluator.accuracy(self.target, data, prompt.embeddings, "recycled")
-        metrics = {}
-        for split in self.evaluator.splits:
-            metrics.update(
-                {
-                    f"{split}/recycled_accuracy": recycled[split],
-                    f"{split}/zero_shot_accuracy": baselines.zero_shot[split],
-                    f"{split}/random_prompt_accuracy": baselines.random_prompt[split],
-                    f"{split}/best_baseline_accuracy": baselines.best(split),
-                }
-            )
-        final = self.evaluator.splits[-1]
-        return (GATE_PASSED if baselines.beaten_by(recycled[final], final) else GATE_FAILED), metrics
+    def report_test(self, outcome: PolicyOutcome) -> dict[str, float]:
+        """Test accuracy of the migrated prompt next to the new base's baselines: reported, never deciding."""
+        prompt, transfer = outcome.prompt, self.transfer
+        if outcome.gate == GATE_UNEVALUATED or "test" not in self.cfg.eval.splits:
+            return {}
+        data = transfer.data(transfer.target, prompt, limit_test=self.cfg.eval.limit_test)
+        baselines = transfer.baselines(transfer.target, prompt, "test", data)
+        accuracy = transfer.evaluator("test").accuracy(transfer.target, data, prompt.embeddings, "recycled")
+        return verdict_metrics({"recycled": accuracy}, baselines, "recycled", ["test"])
 
-    def migrate_one(self, source: ModelVersion, key: str, recycler: Recycler) -> MigratedPrompt:
+    def migrate_one(self, source: ModelVersion, key: str) -> MigratedPrompt:
         source_uri = registry.model_uri(source.name, source.version)
         prompt = registry.load_prompt(source_uri)
         target_base = self.client.get_model_version(self.base_model, self.to_version)
-        recycled = recycler.transform(prompt, source_uri)
-        settings = refine_settings(self.cfg.recycler)
-        if settings is not None:
-            recycled = distill(
-                self.source, prompt, self.target, recycled, settings, self.cfg.trainer, seed=self.cfg.seed
-            )
-        recycled = registry.tie(recycled, target_base)
         with mlflow.start_run(
             run_name=f"{source.name} v{source.version} -> {self.base_model} v{self.to_version}", nested=True
         ):
-            gate, metrics = self.evaluate(recycled)
+            outcome = run_policy(self.policy, self.transfer, prompt, source_uri, judge=self.cfg.evaluate)
+            migrated = registry.tie(outcome.prompt, target_base)
+            metrics = {**outcome.metrics(), **self.report_test(outcome)}
+            if outcome.baselines is not None:
+                split = self.policy.gate.split
+                metrics[f"{split}/recycled_accuracy"] = outcome.score
+                metrics[f"{split}/best_baseline_accuracy"] = outcome.baselines.best(split)
+            reference = retune_reference(prompt, self.transfer.target)
+            if reference:
+                metrics["retune_reference/steps"] = reference["steps"]
+                metrics["retune_reference/seconds"] = reference["seconds"]
+                metrics["policy/cost_fraction"] = outcome.seconds / reference["seconds"]
+            tags = {TAG_MIGRATION_KEY: key, TAG_GATE: outcome.gate, TAG_STAGE: outcome.stage or "none"}
+            if outcome.reason:
+                tags[TAG_GATE_REASON] = outcome.reason[:5000]
             mlflow.log_metrics(metrics)
-            mlflow.set_tags({TAG_GATE: gate, TAG_MIGRATION_KEY: key})
-            tags = {TAG_MIGRATION_KEY: key, TAG_GATE: gate}
+            mlflow.set_tags(tags)
             tags.update({f"{METRIC_TAG_PREFIX}{name}": f"{value:.4f}" for name, value in metrics.items()})
-            version = registry.log_prompt(recycled, "recycled_prompt", source.name, tags=tags)
-        log.info("%s -> %s version %s (%s)", source_uri, version.name, version.version, gate)
+            version = registry.log_prompt(migrated, "recycled_prompt", source.name, tags=tags)
+        log.info("%s -> %s version %s: %s", source_uri, version.name, version.version, outcome.summary())
         _move_alias(self.client, version, self.cfg.alias)
-        return MigratedPrompt(source_uri, registry.model_uri(version.name, version.version), True, gate, metrics)
+        target_uri = registry.model_uri(version.name, version.version)
+        return MigratedPrompt(source_uri, target_uri, True, outcome.gate, metrics, outcome.stage, outcome.reason)
 
 
 def migrate(
@@ -254,7 +265,7 @@ def migrate(
     from_version = (
         str(from_version) if from_version is not None else previous_version_with_prompts(base_model, to_version)
     )
-    report = MigrationReport(base_model, to_version, from_version, cfg.recycler.name)
+    report = MigrationReport(base_model, to_version, from_version, Policy.from_config(cfg.policy).label)
     if from_version is None:
         log.info("No version of %s before %s has prompts: nothing to migrate", base_model, to_version)
         return report
@@ -274,7 +285,16 @@ def migrate(
             registry.model_uri(source.name, source.version),
             registry.model_uri(existing.name, existing.version),
         )
-        report.prompts.append(MigratedPrompt(source_uri, target_uri, False, existing.tags.get(TAG_GATE, "")))
+        report.prompts.append(
+            MigratedPrompt(
+                source_uri,
+                target_uri,
+                False,
+                existing.tags.get(TAG_GATE, ""),
+                stage=existing.tags.get(TAG_STAGE),
+                reason=existing.tags.get(TAG_GATE_REASON, ""),
+            )
+        )
     log.info("%s v%s -> v%s: %d prompts, %d to migrate", base_model, from_version, to_version, len(keyed), len(todo))
     if todo:
         failures = []
@@ -282,20 +302,34 @@ def migrate(
         with mlflow.start_run(run_name=f"migrate {base_model} v{from_version} -> v{to_version}", tags=tags):
             # "migrated_from": the resolved version (an MLproject run already logged the requested one)
             params = {"base_model": base_model, "to_version": to_version, "migrated_from": from_version}
-            mlflow.log_params({**params, "recycler": cfg.recycler.name})
             migration = _Migration(cfg, base_model, from_version, to_version)
-            recycler = migration.fitted_recycler()
+            mlflow.log_params({**params, "policy": migration.policy.label})
+            mlflow.log_dict(migration.policy.to_dict(), "policy.json")
             for source, key in todo:
                 try:
-                    report.prompts.append(migration.migrate_one(source, key, recycler))
+                    report.prompts.append(migration.migrate_one(source, key))
                 except RecycleError as exc:
                     log.error("Cannot migrate %s v%s: %s", source.name, source.version, exc)
                     failures.append(f"{source.name} v{source.version}: {exc}")
-            mlflow.log_metric("migrated_prompts", sum(p.created for p in report.prompts))
+            mlflow.log_metrics(_totals(report.prompts))
+            mlflow.log_text("\n".join(report.lines()) + "\n", "migration_report.txt")
         if failures:
             raise MigrationError(f"{len(failures)} of {len(todo)} prompts were not migrated: " + "; ".join(failures))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _totals(prompts: list[MigratedPrompt]) -> dict[str, float]:
+    """The migration's compute, per stage and in total, next to re-tuning every prompt from scratch."""
+    created = [p for p in prompts if p.created]
+    totals: dict[str, float] = {"migrated_prompts": len(created)}
+    totals["passed_prompts"] = sum(p.gate == GATE_PASSED for p in created)
+    for name in sorted({k for p in created for k in p.metrics if k.endswith(("/steps", "/seconds"))}):
+        if name.startswith(("policy/", "retune_reference/")):
+            totals[f"total/{name}"] = sum(p.metrics.get(name, 0.0) for p in created)
+    if totals.get("total/retune_reference/seconds"):
+        totals["total/cost_fraction"] = totals["total/policy/seconds"] / totals["total/retune_reference/seconds"]
+    return totals
 
 
 # ---------------------------------------------------------------------- reconcile

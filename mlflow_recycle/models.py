@@ -44,6 +44,11 @@ class LoadedModel:
     def fingerprint(self) -> str:
         return tokenizer_fingerprint(self.tokenizer)
 
+    @cached_property
+    def parameters(self) -> int:
+        """Parameter count: what a training step's compute scales with."""
+        return sum(p.numel() for p in self.model.parameters())
+
     @property
     def max_positions(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)

@@ -56,6 +56,8 @@ class SoftPrompt:
         recycled_from: reference of the prompt this one was recycled from.
         recycler: name of the recycler that produced it.
         recycler_config: that recycler's options.
+        cost: what producing it on its base model cost: ``steps``, ``seconds`` and the
+            base model's ``parameters`` (what a migration compares its own cost against).
     """
 
     embeddings: torch.Tensor
@@ -69,6 +71,7 @@ class SoftPrompt:
     recycled_from: str | None = None
     recycler: str | None = None
     recycler_config: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         emb = self.embeddings
@@ -146,6 +149,7 @@ class SoftPrompt:
             "recycled_from": self.recycled_from,
             "recycler": self.recycler,
             "recycler_config": self.recycler_config,
+            "cost": self.cost,
         }
 
     def peft_config(self) -> dict[str, Any]:
@@ -234,6 +238,7 @@ class SoftPrompt:
             recycled_from=meta.get("recycled_from"),
             recycler=meta.get("recycler"),
             recycler_config=meta.get("recycler_config") or {},
+            cost=meta.get("cost") or {},
         )
 
 

@@ -16,10 +16,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules import PromptDistillationModule, UnlabelledPairDataModule, read_examples
+from lightning_modules import (
+    FitOutcome,
+    PromptDistillationModule,
+    TextClassificationDataModule,
+    TrainerFactory,
+    UnlabelledPairDataModule,
+    fit_prompt,
+    read_examples,
+)
 
 from .errors import RecycleError
 from .models import LoadedModel
@@ -76,13 +84,22 @@ def distill(
     source: LoadedModel,
     prompt: SoftPrompt,
     target: LoadedModel,
-    recycled: SoftPrompt,
+    start: torch.Tensor,
     settings: DistillSettings,
-    trainer: DictConfig,
+    trainer: TrainerFactory,
     *,
     seed: int = 0,
-) -> SoftPrompt:
-    """``recycled`` refined on ``target`` to agree with ``source`` + ``prompt`` on unlabelled inputs."""
+    validation: TextClassificationDataModule | None = None,
+    eval_every: int | None = None,
+    stop_above: float | None = None,
+) -> FitOutcome:
+    """A prompt on ``target``, trained from ``start`` to agree with ``source`` + ``prompt`` on unlabelled inputs.
+
+    With ``validation`` (the target's labelled validation data) and ``eval_every``, the
+    student is validated every that many steps, the best one is kept, and with
+    ``stop_above`` training ends as soon as its accuracy beats it (the gate). Labels only
+    judge; the training signal is the teacher's.
+    """
     task = prompt.task
     texts = unlabelled_texts(prompt, settings.split, settings.texts, seed)
     data = UnlabelledPairDataModule(
@@ -96,24 +113,33 @@ def distill(
         source.model,
         prompt.embeddings,
         target.model,
-        recycled.embeddings,
+        start,
         temperature=settings.temperature,
         lr=settings.lr,
         length_normalize=task.length_normalize,
     )
     log.info(
-        "Refining the recycled prompt on %s: %d distillation steps on %d unlabelled inputs",
+        "Refining the prompt on %s: up to %d distillation steps on %d unlabelled inputs",
         target.name,
         settings.steps,
         len(texts),
     )
     L.seed_everything(seed, verbose=False)
-    fit: L.Trainer = instantiate(
-        trainer, max_steps=settings.steps, logger=False, limit_val_batches=0, enable_checkpointing=False
+    return fit_prompt(
+        module,
+        trainer,
+        steps=settings.steps,
+        eval_every=eval_every if validation is not None else None,
+        stop_above_score=stop_above,
+        train_dataloaders=data.train_dataloader(),
+        val_dataloaders=validation.val_dataloader() if validation is not None else None,
     )
-    fit.fit(module, datamodule=data)
+
+
+def refined(recycled: SoftPrompt, outcome: FitOutcome, settings: DistillSettings) -> SoftPrompt:
+    """``recycled`` with the refined tensor and the refinement in its lineage."""
     return recycled.replace(
-        embeddings=module.student_prompt(),
+        embeddings=outcome.prompt,
         recycler=f"{recycled.recycler}+{settings.method}",
         recycler_config={**recycled.recycler_config, "refine": asdict(settings)},
     )
@@ -125,4 +151,4 @@ def refine_settings(recycler_cfg: DictConfig) -> DistillSettings | None:
     return DistillSettings.from_config(block) if block else None
 
 
-__all__ = ["DistillSettings", "distill", "refine_settings", "unlabelled_texts"]
+__all__ = ["DistillSettings", "distill", "refine_settings", "refined", "unlabelled_texts"]

@@ -1,0 +1,58 @@
+"""Callbacks for prompt training: keep the best validation prompt, stop once a gate is passed.
+
+A prompt is a few kilobytes, so the best one is kept in memory (what ``ModelCheckpoint``
+with ``save_top_k=1`` does on disk) and works the same under every strategy, FSDP
+included, through :meth:`TrainablePromptModule.tuned_prompt`.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+
+
+class BestPrompt(L.Callback):
+    """Keep the prompt with the best ``monitor`` value seen at validation (``mode="max"`` or ``"min"``).
+
+    After ``fit``: ``best_prompt`` (None when no validation ran), ``best_score`` and
+    ``best_step`` (the optimizer step it was reached at).
+    """
+
+    def __init__(self, monitor: str, mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        self.best_score: float | None = None
+        self.best_prompt: torch.Tensor | None = None
+        self.best_step: int | None = None
+
+    def _better(self, score: float) -> bool:
+        if self.best_score is None:
+            return True
+        return score > self.best_score if self.mode == "max" else score < self.best_score
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        if score == score and self._better(score):  # NaN (an empty split) never counts
+            self.best_score, self.best_step = score, trainer.global_step
+            self.best_prompt = pl_module.tuned_prompt()
+
+
+def stop_above(monitor: str, threshold: float) -> EarlyStopping:
+    """Stop training at the first validation whose ``monitor`` is strictly above ``threshold`` (the gate).
+
+    Lightning's ``EarlyStopping`` with a stopping threshold; its patience is unbounded, so
+    only the gate or the step budget (``max_steps``) ends the run.
+    """
+    return EarlyStopping(
+        monitor=monitor,
+        mode="max",
+        stopping_threshold=threshold,
+        patience=2**31,
+        check_on_train_epoch_end=False,
+        check_finite=False,
+        verbose=False,
+    )

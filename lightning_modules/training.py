@@ -1,0 +1,96 @@
+"""One way to train a prompt: a step budget, validation every K steps, the best validation
+prompt kept, and an optional early stop as soon as a gate is passed.
+
+Prompt tuning (on the source model, and re-tuning on a new base) and label-free
+distillation all train through :func:`fit_prompt`, so their budgets, stop rules and
+records mean the same thing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+
+from .callbacks import BestPrompt, stop_above
+from .modules import TrainablePromptModule
+
+#: Builds a Lightning trainer; keyword arguments override its configured ones. At the entry
+#: points: ``hydra.utils.instantiate(cfg.trainer, _partial_=True)``.
+TrainerFactory = Callable[..., L.Trainer]
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """What a prompt training run produced and what it cost.
+
+    Attributes:
+        prompt: the best validation prompt, or the last one when no validation ran.
+        steps: optimizer steps taken (below the budget when the gate stopped it early).
+        seconds: wall time of the run, validations included.
+        score: validation accuracy of ``prompt`` (None without validation).
+        best_step: the step ``prompt`` was taken at (None without validation).
+        stopped_early: the gate was passed before the budget ran out.
+    """
+
+    prompt: torch.Tensor
+    steps: int
+    seconds: float
+    score: float | None
+    best_step: int | None
+    stopped_early: bool
+
+
+def fit_prompt(
+    module: TrainablePromptModule,
+    trainer: TrainerFactory,
+    *,
+    steps: int,
+    eval_every: int | None = None,
+    stop_above_score: float | None = None,
+    datamodule: L.LightningDataModule | None = None,
+    train_dataloaders: Any = None,
+    val_dataloaders: Any = None,
+    **trainer_kwargs: Any,
+) -> FitOutcome:
+    """Train ``module``'s prompt for at most ``steps`` optimizer steps.
+
+    With ``eval_every``, the prompt is validated every that many steps (and at the end) on
+    the validation data, and the best one is returned; with ``stop_above_score`` too,
+    training stops at the first validation strictly above it. Without ``eval_every`` no
+    validation runs and the last prompt is returned.
+    """
+    monitor = f"{module.name}/validation_accuracy"
+    callbacks: list[L.Callback] = []
+    best = BestPrompt(monitor)
+    if eval_every:
+        callbacks.append(best)
+        if stop_above_score is not None:
+            callbacks.append(stop_above(monitor, stop_above_score))
+        validation = {"val_check_interval": min(eval_every, steps), "limit_val_batches": 1.0}
+    else:
+        validation = {"limit_val_batches": 0}
+    trainer_kwargs.setdefault("logger", False)
+    fit: L.Trainer = trainer(
+        max_steps=steps,
+        check_val_every_n_epoch=None,
+        enable_checkpointing=False,
+        callbacks=callbacks,
+        **validation,
+        **trainer_kwargs,
+    )
+    start = time.perf_counter()
+    fit.fit(module, datamodule=datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders)
+    taken = fit.global_step
+    if eval_every and taken % min(eval_every, steps) and not fit.should_stop:
+        # the steps after the last validation (BestPrompt sees this validation too)
+        fit.validate(module, datamodule=datamodule, dataloaders=val_dataloaders, verbose=False)
+    seconds = time.perf_counter() - start
+    if best.best_prompt is None:
+        return FitOutcome(module.tuned_prompt(), taken, seconds, None, None, False)
+    stopped = stop_above_score is not None and best.best_score > stop_above_score
+    return FitOutcome(best.best_prompt, taken, seconds, best.best_score, best.best_step, stopped)

@@ -1,0 +1,502 @@
+"""The migration policy: recycle, gate on validation, refine without labels, re-tune from the recycled start.
+
+A policy is an ordered list of stages, each with its budget, and a :class:`Gate`. A prompt
+goes through the stages until one produces a prompt that passes the gate on the target's
+validation split; each stage starts from the best prompt so far:
+
+- ``recycle``: recyclers tried in order (training-free maps, each fitted once per model
+  pair by the caller's ``fit`` and reused), e.g. ``identity`` when the new version kept its
+  embedding space, then ``linear``.
+- ``refine``: label-free teacher–student refinement (:func:`mlflow_recycle.refine.distill`),
+  validated every ``eval_every`` steps, stopping as soon as the gate passes.
+- ``retune``: supervised tuning on the target from the best prompt so far (a warm start),
+  the same early stop; only when the prompt's task data with labels can be read, otherwise
+  skipped with the reason recorded.
+
+Decisions look at validation only; the caller measures and reports test accuracy.
+Everything here is orchestration over the pure core and Lightning: no MLflow.
+``conf/policy/`` holds the configs; :func:`run_policy` runs one prompt through one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules import FitOutcome, PromptTuningModule, TrainerFactory, fit_prompt, read_examples
+
+from .anchors import embedding_table
+from .errors import RecycleError
+from .evaluation import Baselines, Evaluator, Gate, task_data
+from .models import LoadedModel
+from .prompt import SoftPrompt
+from .recyclers import Recycler
+from .refine import DistillSettings, distill, refined
+
+log = logging.getLogger(__name__)
+
+STAGES = ("recycle", "refine", "retune")
+CONDITIONS = ("same_space",)
+PASSED, FAILED, SKIPPED, UNEVALUATED = "passed", "failed", "skipped", "unevaluated"
+
+
+# ---------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class RecyclerChoice:
+    """One recycler of a ``recycle`` stage.
+
+    Args:
+        name, options: the recycler (``conf/recycler/<name>.yaml`` shape).
+        refine: a fixed refinement that is part of the method (``conf/recycler/distill.yaml``).
+        when: ``same_space``: only try it when both models share the tokenizer and dim and
+            their anchor embeddings have a mean cosine similarity of at least ``min_cosine``
+            (``identity`` for an update that kept its embedding space).
+    """
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    refine: DistillSettings | None = None
+    when: str | None = None
+    min_cosine: float = 0.9
+
+    @property
+    def label(self) -> str:
+        """``linear``, ``linear+distill(100)``: what the method is, for runs and tags."""
+        return self.name + (f"+{self.refine.method}({self.refine.steps})" if self.refine else "")
+
+
+@dataclass(frozen=True)
+class RecycleStage:
+    recyclers: tuple[RecyclerChoice, ...]
+    name: str = "recycle"
+
+
+@dataclass(frozen=True)
+class RefineStage:
+    settings: DistillSettings
+    eval_every: int = 25
+    name: str = "refine"
+
+
+@dataclass(frozen=True)
+class RetuneStage:
+    steps: int = 300
+    eval_every: int = 50
+    optimizer: str = "adamw"
+    lr: float = 0.01
+    weight_decay: float = 1e-5
+    batch_size: int = 32
+    limit_train: int | None = None
+    name: str = "retune"
+
+
+Stage = RecycleStage | RefineStage | RetuneStage
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The gate and the ordered stages (``conf/policy/*.yaml``)."""
+
+    gate: Gate
+    stages: tuple[Stage, ...]
+
+    @property
+    def label(self) -> str:
+        parts = []
+        for stage in self.stages:
+            if isinstance(stage, RecycleStage):
+                parts.append("/".join(choice.label for choice in stage.recyclers))
+            elif isinstance(stage, RefineStage):
+                parts.append(f"refine({stage.settings.steps})")
+            else:
+                parts.append(f"retune({stage.steps})")
+        return " > ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything that decides the outcome (for migration keys and run params)."""
+        return {"gate": asdict(self.gate), "stages": [asdict(stage) for stage in self.stages]}
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> Policy:
+        values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        try:
+            gate = Gate(**(values.get("gate") or {}))
+        except TypeError as exc:
+            raise RecycleError(
+                f"Bad policy.gate {values.get('gate')}: {exc} (keys: split, margin, keep_gain)."
+            ) from exc
+        stages = [_stage(dict(stage)) for stage in values.get("stages") or []]
+        if not stages or not isinstance(stages[0], RecycleStage):
+            raise RecycleError("A policy starts with a `recycle` stage (policy.stages[0].stage=recycle).")
+        return cls(gate, tuple(stages))
+
+
+def _choice(entry: Mapping[str, Any]) -> RecyclerChoice:
+    entry = dict(entry)
+    refine = entry.pop("refine", None)
+    when = entry.pop("when", None)
+    if when is not None and when not in CONDITIONS:
+        raise RecycleError(f"Unknown recycler condition when={when!r}; choose one of {', '.join(CONDITIONS)}.")
+    if "name" not in entry:
+        raise RecycleError(f"A recycler of policy.stages[].recyclers needs a name, got {entry}.")
+    return RecyclerChoice(
+        name=entry["name"],
+        options=entry.get("options") or {},
+        refine=DistillSettings.from_config(refine) if refine else None,
+        when=when,
+        min_cosine=entry.get("min_cosine", 0.9),
+    )
+
+
+def _stage(entry: dict[str, Any]) -> Stage:
+    kind = entry.pop("stage", None)
+    if kind not in STAGES:
+        raise RecycleError(f"Unknown policy stage {kind!r}; each of policy.stages needs stage: one of {STAGES}.")
+    try:
+        if kind == "recycle":
+            return RecycleStage(tuple(_choice(c) for c in entry.get("recyclers") or ()))
+        if kind == "refine":
+            eval_every = entry.pop("eval_every", 25)
+            return RefineStage(DistillSettings.from_config(entry), eval_every=eval_every)
+        return RetuneStage(**entry)
+    except TypeError as exc:
+        raise RecycleError(f"Bad settings for policy stage {kind!r}: {exc}.") from exc
+
+
+# ---------------------------------------------------------------------- outcome
+@dataclass
+class StageRecord:
+    """What one stage did: its status, the gate value after it, and what it cost."""
+
+    stage: str
+    status: str  # passed | failed | skipped | unevaluated
+    method: str = ""
+    score: float | None = None  # gate-split accuracy of the best prompt after the stage
+    steps: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+    tried: dict[str, float] = field(default_factory=dict)  # recycle: each recycler's gate-split accuracy
+
+
+@dataclass
+class PolicyOutcome:
+    """The migrated prompt and how it got there."""
+
+    prompt: SoftPrompt
+    gate: str  # passed | failed | unevaluated
+    score: float | None  # the prompt's accuracy on the gate split
+    threshold: float | None
+    baselines: Baselines | None
+    records: list[StageRecord]
+    reason: str = ""
+
+    @property
+    def stage(self) -> str | None:
+        """The stage whose prompt passed the gate (None when none did)."""
+        return next((r.stage for r in self.records if r.status == PASSED), None)
+
+    @property
+    def steps(self) -> int:
+        return sum(r.steps for r in self.records)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+    def metrics(self) -> dict[str, float]:
+        """Per stage and in total: steps, seconds, the gate value after it; and the threshold."""
+        metrics: dict[str, float] = {"policy/steps": self.steps, "policy/seconds": self.seconds}
+        if self.threshold is not None:
+            metrics["policy/gate_threshold"] = self.threshold
+        for record in self.records:
+            prefix = f"policy/{record.stage}"
+            metrics[f"{prefix}/steps"] = record.steps
+            metrics[f"{prefix}/seconds"] = record.seconds
+            if record.score is not None:
+                metrics[f"{prefix}/gate_accuracy"] = record.score
+            for method, score in record.tried.items():  # "linear+distill(100)" -> "linear_distill_100"
+                metrics[f"{prefix}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', method).strip('_')}_gate_accuracy"] = score
+        return metrics
+
+    def summary(self) -> str:
+        """One line: the verdict and each stage's status, value and cost."""
+        parts = []
+        for r in self.records:
+            value = f" {r.score:.3f}" if r.score is not None else ""
+            why = f" ({r.reason})" if r.reason else ""
+            parts.append(f"{r.stage}[{r.method}] {r.status}{value}, {r.steps} steps, {r.seconds:.1f} s{why}")
+        threshold = f" > {self.threshold:.3f}" if self.threshold is not None else ""
+        return f"gate {self.gate}{threshold}: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------- running
+@dataclass
+class Transfer:
+    """One source → target model pair, with what the stages need to run on it.
+
+    Args:
+        source, target: the two loaded models.
+        trainer: builds Lightning trainers (``instantiate(cfg.trainer, _partial_=True)``).
+        fit: a fitted recycler for a :class:`RecyclerChoice` (the caller fits once per pair
+            and may reuse one logged earlier).
+        limit_val, eval_batch_size, random_draws, seed: evaluation settings.
+    """
+
+    source: LoadedModel
+    target: LoadedModel
+    trainer: TrainerFactory
+    fit: Callable[[RecyclerChoice], Recycler]
+    limit_val: int | None = 500
+    eval_batch_size: int = 64
+    random_draws: int = 3
+    seed: int = 0
+    _baselines: dict[tuple[Any, ...], Baselines] = field(default_factory=dict, repr=False)
+
+    def evaluator(self, split: str) -> Evaluator:
+        return Evaluator(self.trainer, (split,), self.random_draws, self.seed)
+
+    def data(self, side: LoadedModel, prompt: SoftPrompt, **limits: Any):
+        return task_data(
+            side,
+            prompt.task,
+            prompt_length=prompt.length,
+            eval_batch_size=self.eval_batch_size,
+            limit_val=self.limit_val,
+            seed=self.seed,
+            **limits,
+        )
+
+    def baselines(self, side: LoadedModel, prompt: SoftPrompt, split: str, data) -> Baselines:
+        """Zero-shot and random-prompt accuracy of ``side``, once per task, length and split."""
+        key = (side.uri, prompt.task, prompt.length, split)
+        if key not in self._baselines:
+            self._baselines[key] = self.evaluator(split).baselines(side, data, prompt.length)
+        return self._baselines[key]
+
+    def same_space(self, min_cosine: float) -> tuple[bool, str]:
+        """Whether the target kept the source's embedding space (same tokenizer and dim, close rows)."""
+        if self.source.fingerprint != self.target.fingerprint:
+            return False, "the tokenizers differ"
+        source, target = embedding_table(self.source.model), embedding_table(self.target.model)
+        if source.shape != target.shape:
+            return False, f"the embedding tables differ in shape ({tuple(source.shape)} vs {tuple(target.shape)})"
+        cosine = float(torch.nn.functional.cosine_similarity(source.float(), target.float(), dim=1).mean())
+        if cosine < min_cosine:
+            return False, f"mean embedding cosine {cosine:.3f} < min_cosine {min_cosine}"
+        return True, f"mean embedding cosine {cosine:.3f}"
+
+
+def labelled_data_problem(prompt: SoftPrompt, split: str) -> str | None:
+    """Why ``split`` of the prompt's task cannot be read with labels (None when it can)."""
+    task = prompt.task
+    if task is None or not task.data:
+        return "the prompt records no task data"
+    if not Path(task.data).exists() and "/" not in task.data:  # hub names contain a slash
+        return f"its task data {task.data!r} is not reachable"
+    try:
+        read_examples(task.data, split)
+    except (RecycleError, OSError, ValueError) as exc:
+        return f"its task data {task.data!r} has no usable {split!r} split ({exc})"
+    return None
+
+
+def _on_target(prompt: SoftPrompt, target: LoadedModel) -> SoftPrompt:
+    return prompt.replace(base_model=target.name, base_model_uri=target.uri, base_model_version=None)
+
+
+def run_policy(
+    policy: Policy, transfer: Transfer, prompt: SoftPrompt, recycled_from: str | None = None, *, judge: bool = True
+) -> PolicyOutcome:
+    """Migrate ``prompt`` (on ``transfer.source``) to ``transfer.target`` under ``policy``.
+
+    ``judge=False`` (evaluation off): the first applicable recycler's prompt, unevaluated.
+    """
+    source, target = transfer.source, transfer.target
+    gate = policy.gate
+    records: list[StageRecord] = []
+    problem = labelled_data_problem(prompt, gate.split) if judge else "evaluation is off"
+    data = threshold = baselines = None
+    if problem is None:
+        data = transfer.data(target, prompt)
+        baselines = transfer.baselines(target, prompt, gate.split, data)
+        source_gain = None
+        if gate.keep_gain is not None:
+            source_data = transfer.data(source, prompt)
+            source_baselines = transfer.baselines(source, prompt, gate.split, source_data)
+            on_source = transfer.evaluator(gate.split).accuracy(source, source_data, prompt.embeddings, "source")
+            source_gain = max(0.0, on_source[gate.split] - source_baselines.best(gate.split))
+        threshold = gate.threshold(baselines, source_gain)
+        log.info("Gate on %s/%s: accuracy > %.4f", target.name, gate.split, threshold)
+    else:
+        log.warning("Cannot gate %s: %s; recycling without a gate", recycled_from or "the prompt", problem)
+
+    best: SoftPrompt | None = None
+    best_score: float | None = None
+
+    def score(candidate: SoftPrompt, name: str) -> float:
+        return transfer.evaluator(gate.split).accuracy(target, data, candidate.embeddings, name)[gate.split]
+
+    for stage in policy.stages:
+        start = time.perf_counter()
+        if isinstance(stage, RecycleStage):
+            record = StageRecord("recycle", FAILED)
+            for choice in stage.recyclers:
+                if choice.when == "same_space":
+                    same, why = transfer.same_space(choice.min_cosine)
+                    if not same:
+                        log.info("Not trying %s: %s", choice.label, why)
+                        continue
+                candidate = _on_target(transfer.fit(choice).transform(prompt, recycled_from), target)
+                if choice.refine is not None:
+                    outcome = distill(
+                        source,
+                        prompt,
+                        target,
+                        candidate.embeddings,
+                        choice.refine,
+                        transfer.trainer,
+                        seed=transfer.seed,
+                    )
+                    candidate = refined(candidate, outcome, choice.refine)
+                    record.steps += outcome.steps
+                if data is None:  # nothing to judge by: the first applicable recycler's prompt
+                    best, record.method = candidate, choice.label
+                    break
+                value = score(candidate, choice.label)
+                record.tried[choice.label] = value
+                if best_score is None or value > best_score:
+                    best, best_score, record.method = candidate, value, choice.label
+                if value > threshold:
+                    break
+            if best is None:
+                raise RecycleError(
+                    "No recycler of the policy's recycle stage applies to this model pair: "
+                    "add one without `when` to policy.stages[0].recyclers."
+                )
+        elif data is None:
+            record = StageRecord(stage.name, SKIPPED, reason=problem)
+        elif isinstance(stage, RefineStage):
+            record = StageRecord("refine", FAILED, method=stage.settings.method)
+            unlabelled = labelled_data_problem(prompt, stage.settings.split)
+            if unlabelled is not None:
+                record.status, record.reason = SKIPPED, f"no unlabelled inputs: {unlabelled}"
+            else:
+                outcome = distill(
+                    source,
+                    prompt,
+                    target,
+                    best.embeddings,
+                    stage.settings,
+                    transfer.trainer,
+                    seed=transfer.seed,
+                    validation=data,
+                    eval_every=stage.eval_every,
+                    stop_above=threshold,
+                )
+                record.steps = outcome.steps
+                if outcome.score is not None and outcome.score > best_score:
+                    best, best_score = refined(best, outcome, stage.settings), outcome.score
+        else:
+            record = StageRecord("retune", FAILED, method="retune")
+            labelled = labelled_data_problem(prompt, "train")
+            if labelled is not None:
+                record.status, record.reason = SKIPPED, f"no labelled training data: {labelled}"
+            else:
+                outcome = _retune(stage, transfer, best, threshold)
+                record.steps = outcome.steps
+                if outcome.score is not None and outcome.score > best_score:
+                    retuned_config = {**best.recycler_config, "retune": asdict(stage)}
+                    best = best.replace(
+                        embeddings=outcome.prompt, recycler=f"{best.recycler}+retune", recycler_config=retuned_config
+                    )
+                    best_score = outcome.score
+        record.seconds = time.perf_counter() - start
+        if record.status != SKIPPED:
+            record.score = best_score
+            if data is None:
+                record.status = UNEVALUATED
+            elif best_score > threshold:
+                record.status = PASSED
+        records.append(record)
+        log.info("Policy stage %s: %s", record.stage, record.status)
+        if record.status in (PASSED, UNEVALUATED):
+            break
+
+    verdict = UNEVALUATED if data is None else (PASSED if best_score > threshold else FAILED)
+    reason = problem or ""
+    if verdict == FAILED:
+        reason = f"best {gate.split} accuracy {best_score:.4f} does not beat {threshold:.4f} after every stage"
+        skipped = [f"{r.stage}: {r.reason}" for r in records if r.status == SKIPPED]
+        reason += f" ({'; '.join(skipped)})" if skipped else ""
+    cost = {"steps": sum(r.steps for r in records), "seconds": sum(r.seconds for r in records)}
+    best = best.replace(cost={**cost, "parameters": target.parameters})
+    outcome = PolicyOutcome(best, verdict, best_score, threshold, baselines, records, reason)
+    log.info("Policy for %s: %s", recycled_from or "the prompt", outcome.summary())
+    return outcome
+
+
+def _retune(stage: RetuneStage, transfer: Transfer, start: SoftPrompt, threshold: float) -> FitOutcome:
+    """Supervised tuning on the target from ``start``, stopping once the gate passes."""
+    target = transfer.target
+    data = task_data(
+        target,
+        start.task,
+        prompt_length=start.length,
+        batch_size=stage.batch_size,
+        eval_batch_size=transfer.eval_batch_size,
+        limit_train=stage.limit_train,
+        limit_val=transfer.limit_val,
+        seed=transfer.seed,
+    )
+    module = PromptTuningModule(
+        target.model,
+        start.embeddings,
+        optimizer=stage.optimizer,
+        lr=stage.lr,
+        weight_decay=stage.weight_decay,
+        length_normalize=start.task.length_normalize,
+        name="retune",
+    )
+    L.seed_everything(transfer.seed, verbose=False)
+    log.info("Re-tuning on %s from the recycled prompt: up to %d steps", target.name, stage.steps)
+    return fit_prompt(
+        module, transfer.trainer, steps=stage.steps, eval_every=stage.eval_every, stop_above_score=threshold,
+        datamodule=data,
+    )  # fmt: skip
+
+
+def retune_reference(prompt: SoftPrompt, target: LoadedModel) -> dict[str, float] | None:
+    """What re-tuning ``prompt`` from scratch on ``target`` would cost, from its recorded tuning cost.
+
+    Steps as recorded; seconds scaled by the models' parameter counts (a step's compute is
+    proportional to them). None when the prompt records no tuning cost.
+    """
+    cost = prompt.cost
+    if not cost.get("steps") or not cost.get("seconds"):
+        return None
+    scale = target.parameters / cost["parameters"] if cost.get("parameters") else 1.0
+    return {"steps": float(cost["steps"]), "seconds": float(cost["seconds"]) * scale}
+
+
+__all__ = [
+    "Policy",
+    "PolicyOutcome",
+    "RecycleStage",
+    "RecyclerChoice",
+    "RefineStage",
+    "RetuneStage",
+    "StageRecord",
+    "Transfer",
+    "labelled_data_problem",
+    "retune_reference",
+    "run_policy",
+]
