@@ -37,20 +37,43 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
 
 
+#: Share of ``train`` held out as ``validation`` when a task directory has no validation split.
+HELD_OUT_FRACTION = 0.1
+
+
+def _split_file(path: Path, split: str) -> Path | None:
+    return next((path / f"{split}{s}" for s in SUFFIXES if (path / f"{split}{s}").is_file()), None)
+
+
+def _held_out(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    """``validation``: a fixed, seeded slice of ``train``; ``train``: the rest (so they never overlap)."""
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    held = set(order[: max(1, int(len(rows) * HELD_OUT_FRACTION))])
+    return [row for i, row in enumerate(rows) if (i in held) == (split == "validation")]
+
+
 def read_examples(data: str, split: str, text_field: str = "text", label_field: str = "label") -> list[tuple[str, int]]:
     """``(text, label)`` pairs of one split.
 
     ``data`` is a directory holding ``{split}.jsonl|json|csv|tsv``, a single such file, or
-    (with ``datasets`` installed) a Hugging Face dataset name such as ``"glue/sst2"``.
+    (with ``datasets`` installed) a Hugging Face dataset name such as ``"glue/sst2"``. A
+    directory without a validation split holds out a fixed 10% of ``train`` as
+    ``validation`` (and ``train`` is the rest), so decisions never look at test.
     """
     path = Path(data)
     if path.is_dir():
-        files = [path / f"{split}{suffix}" for suffix in SUFFIXES if (path / f"{split}{suffix}").is_file()]
-        if not files:
+        file, train = _split_file(path, split), _split_file(path, "train")
+        if split in ("train", "validation") and _split_file(path, "validation") is None and train is not None:
+            rows = _held_out(_read_file(train), split)
+            if split == "validation":
+                log.info("%s has no validation split: holding out %d train rows", path, len(rows))
+        elif file is None:
             raise RecycleError(
                 f"No {split!r} split in {path}: expected one of {', '.join(split + s for s in SUFFIXES)}."
             )
-        rows = _read_file(files[0])
+        else:
+            rows = _read_file(file)
     elif path.is_file():
         rows = _read_file(path)
     else:

@@ -65,7 +65,7 @@ def fit_prompt(
     validation runs and the last prompt is returned.
     """
     monitor = f"{module.name}/validation_accuracy"
-    callbacks: list[L.Callback] = []
+    callbacks: list[L.Callback] = list(trainer_kwargs.pop("callbacks", None) or [])
     best = BestPrompt(monitor)
     if eval_every:
         callbacks.append(best)

@@ -1,0 +1,242 @@
+"""Migration under a policy: how many prompts work on the new base after each stage, and for what compute.
+
+For each task, source -> target pair, prompt init and seed: the prompt tuned on the source
+(the recycling matrix's cached prompts and recipe) goes through the migration policy
+(``conf/policy/<policy>.yaml``, the migration's default unless ``--policy``) onto the
+target. The gate decides on the target's validation split; test accuracy is measured for
+the report only, next to a prompt re-tuned on the target from scratch with the same
+recipe, whose measured tuning time is the cost the policy is compared with.
+
+    python bench/migration_policy.py                              # every pair of the matrix (hours on a CPU)
+    python bench/migration_policy.py --pairs small-a:small-b --seeds 0 1 2
+    python bench/migration_policy.py --report-only
+    python bench/migration_policy.py --quick --out /tmp/p         # CI smoke test
+
+Rows go to ``bench/results/migration_policy.csv`` (kept across runs: only missing rows
+are computed), the summary to docs/benchmarks.md and, with ``--mlflow``, to one MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from docs_update import update_section  # noqa: E402
+from recycling_matrix import INITS, PAIRS, Matrix  # noqa: E402
+
+from mlflow_recycle.config import compose  # noqa: E402
+from mlflow_recycle.job import data_module, task_spec  # noqa: E402
+from mlflow_recycle.policy import Policy, Transfer, run_policy  # noqa: E402
+from mlflow_recycle.recycle import fit_recycler  # noqa: E402
+from mlflow_recycle.recyclers import get_recycler  # noqa: E402
+
+log = logging.getLogger("bench.policy")
+
+COLUMNS = [
+    "task", "source", "target", "policy", "init", "seed", "gate", "stage", "threshold", "gate_accuracy",
+    "recycle_steps", "refine_steps", "retune_steps", "policy_seconds", "retune_seconds", "cost_fraction",
+    "test_accuracy", "test_zero_shot", "test_random_prompt", "test_retuned", "test_source", "n_test",
+]  # fmt: skip
+STAGE_ORDER = ("recycle", "refine", "retune")
+QUICK_POLICY = [
+    "policy.stages.1.steps=2",
+    "policy.stages.1.eval_every=1",
+    "policy.stages.1.texts=16",
+    "policy.stages.1.batch_size=4",
+    "policy.stages.2.steps=2",
+    "policy.stages.2.eval_every=1",
+    "policy.stages.2.batch_size=4",
+    "policy.stages.2.limit_train=16",
+    "eval.limit_val=16",
+]
+
+
+def policy_config(args: argparse.Namespace):
+    overrides = [f"policy={args.policy}", *args.override, *(QUICK_POLICY if args.quick else [])]
+    return compose(overrides, config_name="migrate")
+
+
+def rows(matrix: Matrix, args: argparse.Namespace, done: set[tuple]):
+    cfg = policy_config(args)
+    policy = Policy.from_config(cfg.policy)
+    label = args.policy + (" " + " ".join(args.override) if args.override else "")
+    for task in args.tasks:
+        for pair in args.pairs:
+            source, target = pair.split(":")
+            todo = [(i, s) for i in args.inits for s in args.seeds if (task, source, target, label, i, s) not in done]
+            if not todo:
+                continue
+            src, tgt = matrix.model(source), matrix.model(target)
+            fitted = {}
+
+            def fit(choice, src=src, tgt=tgt, fitted=fitted):
+                if choice.label not in fitted:
+                    recycler = get_recycler(choice.name, **choice.options)
+                    fitted[choice.label] = fit_recycler(recycler, src.model, src.tokenizer, tgt.model, tgt.tokenizer)
+                return fitted[choice.label]
+
+            job_cfg = matrix.config(task, model=target)
+            n_test = len(data_module(tgt, task_spec(job_cfg.task), job_cfg).dataset("test"))
+            transfer = Transfer(
+                src,
+                tgt,
+                instantiate(job_cfg.trainer, _partial_=True),
+                fit,
+                limit_val=cfg.eval.limit_val,
+                random_draws=job_cfg.eval.random_prompt_draws,
+                seed=0,
+            )
+            for init, seed in todo:
+                prompt, _ = matrix.tuned(task, source, init, seed)
+                retuned, retune_seconds = matrix.tuned(task, target, init, seed)
+                prompt = prompt.replace(task=prompt.task.replace(data=str(job_cfg.task.data)))
+                transfer.seed = seed
+                outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
+                zero_shot, random_prompt = matrix.baselines(task, target, prompt.length)
+                steps = {r.stage: r.steps for r in outcome.records}
+                yield {
+                    "task": task, "source": source, "target": target, "policy": label, "init": init, "seed": seed,
+                    "gate": outcome.gate, "stage": outcome.stage or "none",
+                    "threshold": round(outcome.threshold, 4), "gate_accuracy": round(outcome.score, 4),
+                    **{f"{s}_steps": steps.get(s, 0) for s in STAGE_ORDER},
+                    "policy_seconds": round(outcome.seconds, 2), "retune_seconds": round(retune_seconds, 2),
+                    "cost_fraction": round(outcome.seconds / retune_seconds, 4),
+                    "test_accuracy": matrix.accuracy(task, target, outcome.prompt.embeddings),
+                    "test_zero_shot": zero_shot, "test_random_prompt": random_prompt,
+                    "test_retuned": matrix.accuracy(task, target, retuned.embeddings),
+                    "test_source": matrix.accuracy(task, source, prompt.embeddings),
+                    "n_test": n_test,
+                }  # fmt: skip
+
+
+# ---------------------------------------------------------------------- report
+def load_rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        out = list(csv.DictReader(f))
+    for row in out:
+        for key in COLUMNS[8:]:
+            row[key] = float(row[key])
+        row["seed"] = int(row["seed"])
+    return out
+
+
+def row_key(row: dict) -> tuple:
+    return row["task"], row["source"], row["target"], row["policy"], row["init"], row["seed"]
+
+
+def standard_error(p: float, n: float) -> float:
+    """One standard error of an accuracy ``p`` measured on ``n`` examples."""
+    return (p * (1 - p) / n) ** 0.5 if n else float("nan")
+
+
+def report(all_rows: list[dict]) -> str:
+    lines = []
+    for (task, label), group in sorted(_groups(all_rows, ("task", "policy")).items()):
+        lines += [f"### {task.upper()}, policy `{label}`", ""]
+        lines += [
+            "Share of prompts passing the gate (validation) after each stage; test accuracy of the migrated",
+            "prompt (mean) against the best baseline and the prompt re-tuned from scratch; compute as a",
+            "fraction of re-tuning from scratch (median; measured seconds, same process and machine).",
+            "",
+            "| pair | prompts | after recycle | after refine | after retune | test: migrated | best baseline "
+            "| re-tuned | migrated / re-tuned | cost (median) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for pair, rows_ in _groups(group, ("source", "target")).items():
+            n = len(rows_)
+            shares = []
+            passed = 0
+            for stage in STAGE_ORDER:
+                passed += sum(r["stage"] == stage for r in rows_)
+                shares.append(f"{passed / n:.0%}")
+            test = statistics.fmean(r["test_accuracy"] for r in rows_)
+            best = statistics.fmean(max(r["test_zero_shot"], r["test_random_prompt"]) for r in rows_)
+            retuned = statistics.fmean(r["test_retuned"] for r in rows_)
+            se = standard_error(test, rows_[0]["n_test"])
+            cost = statistics.median(r["cost_fraction"] for r in rows_)
+            lines.append(
+                f"| {pair[0]} → {pair[1]} | {n} | " + " | ".join(shares)
+                + f" | {test:.3f} ± {se:.3f} | {best:.3f} | {retuned:.3f} | {test / retuned:.2f} | {cost:.0%} |"
+            )  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _groups(rows_: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows_:
+        groups[tuple(row[k] for k in keys)].append(row)
+    return dict(groups)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["sst2"])
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="source:target model names (conf/model)")
+    parser.add_argument("--inits", nargs="+", default=INITS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--policy", default="default", help="a conf/policy entry")
+    parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides of conf/migrate.yaml")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--cache", default=str(ROOT / "bench" / "cache"))
+    parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--mlflow", action="store_true", help="log the rows and summary to MLflow")
+    parser.add_argument("--quick", action="store_true", help="one tiny prompt: a smoke test")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("lightning", "mlflow", "lightning_modules", "mlflow_recycle.evaluation"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.quick:
+        args.tasks, args.pairs, args.inits, args.seeds = ["sst2"], ["small-a-early:small-a"], ["vocab"], [0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "migration_policy.csv"
+    if not args.report_only:
+        Policy.from_config(policy_config(args).policy)  # a bad policy fails before any tuning
+        kept = load_rows(csv_path) if csv_path.exists() else []
+        matrix = Matrix(argparse.Namespace(cache=args.cache, quick=args.quick))
+        with csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+            for row in rows(matrix, args, set(map(row_key, kept))):
+                writer.writerow(row)
+                f.flush()
+                log.info("%s %s->%s %s seed %d: %s at %s, %.0f%% of re-tuning", row["task"], row["source"],
+                         row["target"], row["init"], row["seed"], row["gate"], row["stage"],
+                         100 * row["cost_fraction"])  # fmt: skip
+    markdown = report(load_rows(csv_path))
+    print(markdown)
+    if not args.quick:
+        machine = (
+            f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+        )
+        shown = csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path
+        note = f"_Summary of `{shown}` (`python bench/migration_policy.py`), written on {machine}._"
+        update_section(Path(args.docs), "migration-policy", f"{note}\n\n{markdown}")
+    if args.mlflow:
+        import mlflow
+
+        with mlflow.start_run(run_name="migration policy"):
+            mlflow.log_artifact(str(csv_path))
+            mlflow.log_text(markdown, "migration_policy.md")
+
+
+if __name__ == "__main__":
+    main()

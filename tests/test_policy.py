@@ -1,0 +1,221 @@
+"""The migration policy on real models: each stage's stop rule, skips and their reasons, the
+gate's threshold, the best-validation prompt, and the data a gate may look at."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_modules import BestPrompt, PromptTuningModule, TextClassificationDataModule, fit_prompt, read_examples
+from mlflow_recycle import RecycleError, SoftPrompt
+from mlflow_recycle.evaluation import Baselines, Gate
+from mlflow_recycle.models import LoadedModel
+from mlflow_recycle.policy import FAILED, PASSED, SKIPPED, UNEVALUATED, Policy, Transfer, run_policy
+from mlflow_recycle.prompt_init import initial_prompt
+from mlflow_recycle.prompted_lm import TaskEncoder
+from mlflow_recycle.recycle import fit_recycler
+from mlflow_recycle.recyclers import get_recycler
+
+PROMPT = Path(__file__).parent / "assets" / "sst2-prompt-small-a"
+
+trainer = partial(
+    L.Trainer, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0
+)
+
+
+@pytest.fixture(scope="module")
+def sides(load_model, model_dir):
+    def side(name: str) -> LoadedModel:
+        model, tokenizer = load_model(name)
+        return LoadedModel(name, str(model_dir(name)), model, tokenizer)
+
+    return side
+
+
+@pytest.fixture
+def good_prompt(data_dir):
+    """A prompt tuned on small-a (tests/assets, 300 steps): above small-a's zero-shot on SST-2."""
+    prompt = SoftPrompt.load(PROMPT)
+    return prompt.replace(task=prompt.task.replace(data=str(data_dir("sst2"))))
+
+
+def transfer(sides, source: str, target: str, fits: list[str] | None = None, **kwargs) -> Transfer:
+    src, tgt = sides(source), sides(target)
+
+    def fit(choice):
+        if fits is not None:
+            fits.append(choice.label)
+        return fit_recycler(
+            get_recycler(choice.name, **choice.options), src.model, src.tokenizer, tgt.model, tgt.tokenizer
+        )
+
+    return Transfer(src, tgt, trainer, fit, **{"limit_val": 48, "random_draws": 1, **kwargs})
+
+
+def policy(*stages: dict, margin: float = 0.0, **gate) -> Policy:
+    return Policy.from_config({"gate": {"margin": margin, **gate}, "stages": list(stages)})
+
+
+RECYCLE = {"stage": "recycle", "recyclers": [{"name": "identity", "when": "same_space"}, {"name": "linear"}]}
+REFINE = {"stage": "refine", "steps": 4, "eval_every": 2, "texts": 64, "batch_size": 8}
+RETUNE = {"stage": "retune", "steps": 4, "eval_every": 2, "batch_size": 8, "limit_train": 64}
+
+
+# ---------------------------------------------------------------------- the gate
+def test_gate_threshold_margin_and_kept_gain():
+    baselines = Baselines({"validation": 0.70}, {"validation": 0.60}, {"validation": 0.02})
+    assert Gate().threshold(baselines) == pytest.approx(0.70)
+    assert Gate(margin=2).threshold(baselines) == pytest.approx(0.72)
+    # keep half of a 20-point source gain: 0.70 + 0.10, above the margin's 0.72
+    assert Gate(margin=2, keep_gain=0.5).threshold(baselines, source_gain=0.20) == pytest.approx(0.80)
+    with pytest.raises(RecycleError, match="gate.split may be"):
+        Gate(split="train")
+    with pytest.raises(RecycleError, match="keep_gain is a fraction"):
+        Gate(keep_gain=5)
+
+
+def test_bad_policies_are_refused_with_the_setting_to_change():
+    with pytest.raises(RecycleError, match="starts with a `recycle` stage"):
+        policy(REFINE)
+    with pytest.raises(RecycleError, match="Unknown policy stage 'finetune'"):
+        policy(RECYCLE, {"stage": "finetune"})
+    with pytest.raises(RecycleError, match="Bad settings for policy stage 'retune'"):
+        policy(RECYCLE, {"stage": "retune", "epochs": 3})
+    with pytest.raises(RecycleError, match="Unknown recycler condition"):
+        policy({"stage": "recycle", "recyclers": [{"name": "identity", "when": "always"}]})
+
+
+# ---------------------------------------------------------------------- stop rules
+def tuning_module(load_model, data_dir, lr=0.05):
+    model, tokenizer = load_model("small-a")
+    prompt = SoftPrompt.load(PROMPT)
+    encoder = TaskEncoder(tokenizer, prompt.task.replace(data=str(data_dir("sst2"))))
+    data = TextClassificationDataModule(encoder, batch_size=8, limit_train=96, limit_val=32)
+    init = initial_prompt("vocab", model.get_input_embeddings().weight, 8, seed=0)
+    return PromptTuningModule(model, init, optimizer="adamw", lr=lr, name="t"), data
+
+
+def test_fit_stops_at_the_first_validation_above_the_gate(load_model, data_dir):
+    module, data = tuning_module(load_model, data_dir)
+    passed = fit_prompt(module, trainer, steps=12, eval_every=3, stop_above_score=-1.0, datamodule=data)
+    assert (passed.steps, passed.stopped_early, passed.best_step) == (3, True, 3)
+    module, data = tuning_module(load_model, data_dir)
+    never = fit_prompt(module, trainer, steps=6, eval_every=3, stop_above_score=2.0, datamodule=data)
+    assert (never.steps, never.stopped_early) == (6, False)
+
+
+def test_the_best_validation_prompt_is_kept_not_the_last(load_model, data_dir):
+    """A run whose last validation is worse than an earlier one returns the earlier prompt."""
+    module, data = tuning_module(load_model, data_dir, lr=0.5)  # a large lr: validation goes up and down
+
+    class Record(L.Callback):
+        seen: list = []
+
+        def on_validation_end(self, trainer, pl_module):
+            self.seen.append((float(trainer.callback_metrics["t/validation_accuracy"]), pl_module.tuned_prompt()))
+
+    record = Record()
+    outcome = fit_prompt(module, trainer, steps=16, eval_every=2, datamodule=data, callbacks=[record])
+    scores = [score for score, _ in record.seen]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    assert scores[-1] < scores[best], f"the run must end below its best to test this: {scores}"
+    assert outcome.score == scores[best] and outcome.best_step == 2 * (best + 1)
+    assert torch.equal(outcome.prompt, record.seen[best][1])
+    assert not torch.equal(outcome.prompt, module.tuned_prompt())
+
+
+def test_best_prompt_callback_refuses_a_bad_mode():
+    with pytest.raises(ValueError, match="mode must be"):
+        BestPrompt("x", mode="up")
+
+
+# ---------------------------------------------------------------------- stages
+def test_recycle_stops_at_the_first_recycler_that_passes(sides, good_prompt):
+    fits: list[str] = []
+    outcome = run_policy(policy(RECYCLE, REFINE, RETUNE), transfer(sides, "small-a", "small-a", fits), good_prompt)
+    assert (outcome.gate, outcome.stage) == (PASSED, "recycle")
+    assert fits == ["identity"] and list(outcome.records[0].tried) == ["identity"]  # linear never fitted
+    assert len(outcome.records) == 1 and outcome.steps == 0  # no training once the gate passed
+    assert outcome.score > outcome.threshold == outcome.baselines.best("validation")
+
+
+def test_identity_is_only_tried_when_the_embedding_space_is_kept(sides, good_prompt):
+    fits: list[str] = []
+    outcome = run_policy(policy(RECYCLE, margin=-100), transfer(sides, "small-a", "small-b", fits), good_prompt)
+    assert fits == ["linear"] and outcome.records[0].method == "linear"
+    assert outcome.prompt.recycler == "linear" and outcome.prompt.base_model == "small-b"
+
+
+def test_a_prompt_failing_every_stage_is_returned_with_the_reason(sides, good_prompt):
+    outcome = run_policy(
+        policy(RECYCLE, REFINE, RETUNE, margin=100), transfer(sides, "small-a", "small-b"), good_prompt
+    )
+    assert outcome.gate == FAILED and outcome.stage is None
+    assert [(r.stage, r.status, r.steps) for r in outcome.records] == [
+        ("recycle", FAILED, 0),
+        ("refine", FAILED, 4),  # the whole budget: the gate never passed
+        ("retune", FAILED, 4),
+    ]
+    assert "does not beat" in outcome.reason and outcome.prompt.cost["steps"] == 8
+    metrics = outcome.metrics()
+    assert metrics["policy/steps"] == 8 and metrics["policy/refine/steps"] == 4
+    assert metrics["policy/seconds"] == pytest.approx(sum(r.seconds for r in outcome.records))
+
+
+def test_without_labelled_train_data_refine_and_retune_are_skipped_with_reasons(sides, good_prompt, tmp_path):
+    data = tmp_path / "sst2-eval-only"  # validation and test, no train split
+    data.mkdir()
+    for split in ("validation", "test"):
+        shutil.copy(good_prompt.task.data + f"/{split}.jsonl", data)
+    prompt = good_prompt.replace(task=good_prompt.task.replace(data=str(data)))
+    outcome = run_policy(policy(RECYCLE, REFINE, RETUNE, margin=100), transfer(sides, "small-a", "small-b"), prompt)
+    assert [(r.stage, r.status) for r in outcome.records] == [
+        ("recycle", FAILED),
+        ("refine", SKIPPED),
+        ("retune", SKIPPED),
+    ]
+    assert (
+        "no unlabelled inputs" in outcome.records[1].reason and "no usable 'train' split" in outcome.records[1].reason
+    )
+    assert "no labelled training data" in outcome.records[2].reason
+    assert "retune: no labelled training data" in outcome.reason
+
+
+def test_without_task_data_the_prompt_is_recycled_unevaluated(sides, good_prompt):
+    prompt = good_prompt.replace(task=good_prompt.task.replace(data="/nonexistent/sst2"))
+    outcome = run_policy(policy(RECYCLE, REFINE, RETUNE), transfer(sides, "small-a", "small-b"), prompt)
+    assert outcome.gate == UNEVALUATED and outcome.threshold is None
+    assert [(r.stage, r.status) for r in outcome.records] == [("recycle", UNEVALUATED)]
+    assert "not reachable" in outcome.reason
+
+
+def test_refinement_and_re_tuning_carry_a_failing_recycled_prompt_over_the_gate(sides, good_prompt):
+    """small-a -> small-b (another seed): the linear map loses the task; the policy brings it back."""
+    refine = {**REFINE, "steps": 60, "eval_every": 10, "texts": 960}
+    retune = {**RETUNE, "steps": 60, "eval_every": 10, "limit_train": 960, "lr": 0.03}
+    outcome = run_policy(policy(RECYCLE, refine, retune), transfer(sides, "small-a", "small-b"), good_prompt)
+    statuses = [(r.stage, r.status) for r in outcome.records]
+    assert statuses[0] == ("recycle", FAILED), statuses
+    assert outcome.gate == PASSED and outcome.stage in ("refine", "retune"), outcome.summary()
+    passing = outcome.records[-1]
+    assert passing.status == PASSED and passing.steps < 60 and passing.steps % 10 == 0  # stopped at the gate
+    assert outcome.score > outcome.threshold
+
+
+# ---------------------------------------------------------------------- data for the gate
+def test_a_task_without_validation_split_holds_out_train(data_dir, tmp_path):
+    data = tmp_path / "no-validation"
+    data.mkdir()
+    rows = [json.dumps({"text": f"review {i}", "label": i % 2}) for i in range(200)]
+    (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (data / "test.jsonl").write_text("\n".join(rows[:10]) + "\n")
+    validation, train = read_examples(str(data), "validation"), read_examples(str(data), "train")
+    assert len(validation) == 20 and len(train) == 180
+    assert not {t for t, _ in validation} & {t for t, _ in train}  # never the same rows
+    assert validation == read_examples(str(data), "validation")  # the same slice every time
