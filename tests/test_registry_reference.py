@@ -62,7 +62,8 @@ def test_reference_registration_stores_no_weights_and_refuses_changed_ones(store
 
 
 def test_local_directories_are_still_copied_by_default(store, model_dir, tmp_path):
-    version = register_base_model(str(model_dir("small-a-early")), "lm-copy")
+    version = register_base_model(str(model_dir("small-a-early")), "lm-copy", bos=False)
     uri = f"models:/lm-copy/{version.version}"
     assert "transformers" in mlflow.models.Model.load(uri).flavors
     assert artifact_bytes(uri, tmp_path / "dl") > (model_dir("small-a-early") / "model.safetensors").stat().st_size
+    assert load_base_model(uri)[1].bos_token is None  # the copied tokenizer keeps the bos setting
