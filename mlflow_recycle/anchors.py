@@ -36,6 +36,9 @@ class Anchors:
     target_ids: torch.Tensor
     tokens: tuple[str, ...]
     same_tokenizer: bool
+    #: Candidate anchors found (alphabetic whole words in both vocabularies), before
+    #: ``offset`` and ``size`` select the ``len(anchors)`` used.
+    found: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -101,6 +104,7 @@ def find_anchors(
         target_ids=torch.tensor([target_words[w] for w in selected], dtype=torch.long),
         tokens=tuple(selected),
         same_tokenizer=same,
+        found=len(shared),
     )
 
 

@@ -36,6 +36,8 @@ PEFT_TENSOR_KEY = "prompt_embeddings"
 METADATA_FORMAT_VERSION = 1
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+#: Base-model URIs that name an MLflow model rather than weights PEFT can load.
+MLFLOW_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class SoftPrompt:
         base_model_uri: where to load the base model: ``models:/name/version``, a local
             path or a hub id.
         base_model_version: the registered version of the base model, as a string.
+        base_model_path: the local directory or hub id the base model's weights were loaded
+            from, written as PEFT's ``base_model_name_or_path`` so that
+            ``peft.AutoPeftModelForCausalLM.from_pretrained(prompt_dir)`` finds them.
+            Taken from ``base_model_uri`` whenever that is a path or hub id, and kept when
+            ``base_model_uri`` is replaced by a ``models:/`` URI (:func:`~mlflow_recycle.registry.tie`).
         tokenizer_fingerprint: :func:`~mlflow_recycle.vocab.tokenizer_fingerprint` of the
             base model's tokenizer.
         task_type: PEFT's ``CAUSAL_LM`` or ``SEQ_2_SEQ_LM`` (prompt on the encoder input).
@@ -72,6 +79,7 @@ class SoftPrompt:
     recycler: str | None = None
     recycler_config: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
+    base_model_path: str | None = None
 
     def __post_init__(self) -> None:
         emb = self.embeddings
@@ -90,6 +98,8 @@ class SoftPrompt:
             )
         if self.task_type not in TASK_TYPES:
             raise RecycleError(f"Unknown task_type {self.task_type!r}; expected one of {TASK_TYPES}.")
+        if self.base_model_uri and not self.base_model_uri.startswith(MLFLOW_URI_SCHEMES):
+            object.__setattr__(self, "base_model_path", self.base_model_uri)
         # Detached float32 on CPU: the canonical, bit-exact form for saving and recycling.
         object.__setattr__(self, "embeddings", emb.detach().to("cpu", torch.float32).contiguous())
 
@@ -142,6 +152,7 @@ class SoftPrompt:
             "base_model": self.base_model,
             "base_model_uri": self.base_model_uri,
             "base_model_version": self.base_model_version,
+            "base_model_path": self.base_model_path,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "task_type": self.task_type,
             "init": self.init,
@@ -167,7 +178,8 @@ class SoftPrompt:
             "prompt_tuning_init_text": None,
             "tokenizer_name_or_path": None,
             "tokenizer_kwargs": None,
-            "base_model_name_or_path": self.base_model_uri or self.base_model,
+            # Where PEFT can load the base from (AutoPeftModel*); the models:/ URI is in METADATA_FILE.
+            "base_model_name_or_path": self.base_model_path or self.base_model_uri or self.base_model,
             "revision": None,
             "inference_mode": True,
             "auto_mapping": None,
@@ -231,6 +243,7 @@ class SoftPrompt:
             base_model=meta.get("base_model"),
             base_model_uri=meta.get("base_model_uri"),
             base_model_version=meta.get("base_model_version"),
+            base_model_path=meta.get("base_model_path"),
             tokenizer_fingerprint=meta.get("tokenizer_fingerprint"),
             task_type=meta.get("task_type") or "CAUSAL_LM",
             init=meta.get("init"),

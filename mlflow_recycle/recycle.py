@@ -30,22 +30,30 @@ def fit_recycler(
     anchor_size: int = DEFAULT_SIZE,
     **recycler_config: Any,
 ) -> Recycler:
-    """Find anchors between the two models and fit ``recycler`` (a name or an instance) on them."""
+    """Find anchors between the two models and fit ``recycler`` (a name or an instance) on them.
+
+    The fitted recycler's ``anchor_stats`` says how many anchors were found and used
+    (``{"found": n, "used": m}``), for the caller to log.
+    """
     if isinstance(recycler, str):
         recycler = get_recycler(recycler, **recycler_config)
     anchors = find_anchors(source_tokenizer, target_tokenizer, offset=anchor_offset, size=anchor_size)
     source, target = anchors.embeddings(embedding_table(source_model), embedding_table(target_model))
     log.info(
-        "Fitting %s recycler on %d anchors (%s tokenizer), dim %d -> %d",
+        "Fitting %s recycler on %d of %d anchors found (%s tokenizer), dim %d -> %d",
         recycler.name,
         len(anchors),
+        anchors.found,
         "same" if anchors.same_tokenizer else "cross",
         source.shape[1],
         target.shape[1],
     )
-    return recycler.fit(
+    fitted = recycler.fit(
         source,
         target,
         source_fingerprint=tokenizer_fingerprint(source_tokenizer),
         target_fingerprint=tokenizer_fingerprint(target_tokenizer),
     )
+    # For the run: how many anchor tokens the two vocabularies share, and how many the map was fitted on.
+    fitted.anchor_stats = {"found": anchors.found, "used": len(anchors)}
+    return fitted

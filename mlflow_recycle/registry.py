@@ -9,7 +9,6 @@ what to recycle when version 2 appears.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -24,7 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from . import soft_prompt
 from .errors import RecycleError
-from .models import load_pretrained
+from .models import BaseModelReference, apply_bos, load_pretrained, weights_digest
 from .prompt import SoftPrompt
 from .vocab import tokenizer_fingerprint
 
@@ -61,23 +60,6 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
     return name, str(version)
 
 
-def weights_digest(path: str) -> str:
-    """Content hash of a local model directory's weight files (or the hub id for a hub model).
-
-    Identifies a base model independently of where it lies, so registering the same weights
-    twice finds the existing version instead of creating another.
-    """
-    directory = Path(path)
-    files = sorted(p for p in directory.glob("*") if p.suffix in (".safetensors", ".bin")) if directory.is_dir() else []
-    if not files:
-        return f"hub:{path}"
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
-    return f"sha256:{digest.hexdigest()[:32]}"
-
-
 @contextmanager
 def _run(run_name: str):
     """The active run, or a new one for a registry helper called outside any run."""
@@ -93,34 +75,66 @@ def _escape(value: str) -> str:
 
 
 # ---------------------------------------------------------------------- base models
-def register_base_model(path: str, name: str, *, await_registration_for: int = 300) -> ModelVersion:
+def register_base_model(
+    path: str,
+    name: str,
+    *,
+    copy_weights: bool | None = None,
+    bos: str | bool | None = None,
+    await_registration_for: int = 300,
+) -> ModelVersion:
     """Register a local Hugging Face directory (or hub id) as a new version of base model ``name``.
 
     The version is tagged with its tokenizer fingerprint, embedding dim and weights digest
     so that prompts can be checked against it without downloading it.
+
+    Args:
+        copy_weights: copy the weights into the artifact store (an ``mlflow.transformers``
+            model; the default for local directories), or register a reference: for a local
+            directory its path and weights digest (a few hundred bytes; loading refuses
+            weights that changed since), for a hub id ``mlflow.transformers`` with
+            ``save_pretrained=False`` (the repository and commit; the default for hub ids).
+        bos: the model config's ``bos`` (:func:`~mlflow_recycle.models.apply_bos`), kept
+            with the version so that whoever loads it starts contexts the same way.
     """
+    local = Path(path).is_dir()
+    if copy_weights is None:
+        copy_weights = local
     model, tokenizer = load_pretrained(path, dtype=None)  # keep the checkpoint's dtype
+    apply_bos(tokenizer, bos)
+    digest = weights_digest(path)
     tags = {
         TAG_KIND: KIND_BASE,
         TAG_FINGERPRINT: tokenizer_fingerprint(tokenizer),
         TAG_DIM: str(model.get_input_embeddings().weight.shape[1]),
-        TAG_DIGEST: weights_digest(path),
+        TAG_DIGEST: digest,
     }
     with _run(f"register {name}"):
-        # transformers 5 needs loaded components (not a path); explicit requirements skip a slow inference.
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            name=f"base-{name}",
-            task="text-generation",
-            pip_requirements=[
-                f"transformers=={_version('transformers')}",
-                f"torch=={_version('torch').split('+')[0]}",
-                f"safetensors=={_version('safetensors')}",
-            ],
-        )
+        if local and not copy_weights:
+            reference = {"path": str(Path(path).resolve()), "weights_digest": digest}
+            if bos is not None:
+                reference["bos"] = bos
+            info = mlflow.models.Model.log(
+                artifact_path=None, name=f"base-{name}", flavor=BaseModelReference, reference=reference
+            )
+        else:
+            # transformers 5 needs loaded components (not a path); explicit requirements skip a slow inference.
+            info = mlflow.transformers.log_model(
+                transformers_model={"model": model, "tokenizer": tokenizer},
+                name=f"base-{name}",
+                task="text-generation",
+                save_pretrained=copy_weights,
+                pip_requirements=[
+                    f"transformers=={_version('transformers')}",
+                    f"torch=={_version('torch').split('+')[0]}",
+                    f"safetensors=={_version('safetensors')}",
+                ],
+            )
     # Registered with its tags in one call: a version is never seen without its digest.
     version = mlflow.register_model(info.model_uri, name, await_registration_for=await_registration_for, tags=tags)
-    log.info("Registered %s as %s version %s", path, name, version.version)
+    log.info(
+        "Registered %s as %s version %s (%s)", path, name, version.version, "copy" if copy_weights else "reference"
+    )
     return version
 
 
@@ -130,15 +144,20 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def ensure_base_model(path: str, name: str) -> ModelVersion:
-    """The version of ``name`` holding these weights, registering them first if no version does."""
+def ensure_base_model(
+    path: str, name: str, *, copy_weights: bool | None = None, bos: str | bool | None = None
+) -> ModelVersion:
+    """The version of ``name`` holding these weights, registering them first if no version does.
+
+    ``copy_weights`` and ``bos`` apply to a new registration (:func:`register_base_model`).
+    """
     digest = weights_digest(path)
     found = MlflowClient().search_model_versions(
         f"name = '{_escape(name)}' AND tags.`{TAG_DIGEST}` = '{_escape(digest)}'"
     )
     if found:
         return min(found, key=lambda v: int(v.version))
-    return register_base_model(path, name)
+    return register_base_model(path, name, copy_weights=copy_weights, bos=bos)
 
 
 def base_versions(name: str) -> list[ModelVersion]:
