@@ -50,8 +50,8 @@ from docs_update import update_section  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
-from mlflow_recycle.job import Context, data_module, load_model, task_spec, tune  # noqa: E402
-from mlflow_recycle.models import LoadedModel  # noqa: E402
+from mlflow_recycle.job import Context, data_module, task_spec, tune  # noqa: E402
+from mlflow_recycle.models import LoadedModel, load_model  # noqa: E402
 from mlflow_recycle.prompt import SoftPrompt  # noqa: E402
 from mlflow_recycle.recycle import fit_recycler  # noqa: E402
 from mlflow_recycle.recyclers import get_recycler  # noqa: E402

@@ -29,7 +29,7 @@ from .anchors import embedding_table
 from .charts import accuracy_chart
 from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, task_data, verdict_metrics
-from .models import LoadedModel, load_pretrained
+from .models import LoadedModel, configure_threads, load_model, model_dir
 from .policy import Policy, PolicyOutcome, RecyclerChoice, Transfer, run_policy
 from .prompt import SoftPrompt
 from .prompt_init import initial_prompt, regularization_anchor
@@ -41,18 +41,6 @@ from .tracking import configure, flatten, is_rank_zero, job_run, lightning_logge
 log = logging.getLogger(__name__)
 
 JOBS = ("main", "tune", "recycle", "evaluate")
-
-
-def load_model(cfg: DictConfig) -> LoadedModel:
-    """The model a ``conf/model`` entry names, frozen, in its configured dtype."""
-    import torch
-
-    try:
-        model, tokenizer = load_pretrained(str(cfg.path), dtype=getattr(torch, cfg.get("dtype", "float32")))
-    except RecycleError as exc:
-        raise RecycleError(f"Model {cfg.name!r}: {exc}") from exc
-    log.info("Loaded %s from %s", cfg.name, cfg.path)
-    return LoadedModel(cfg.name, str(cfg.path), model, tokenizer, cfg.get("registered_name") or cfg.name)
 
 
 def task_spec(cfg: DictConfig) -> TaskSpec:
@@ -103,8 +91,10 @@ def prepare(cfg: DictConfig) -> Setup:
     for choice in policy.stages[0].recyclers:  # a misspelt recycler or option fails before any loading
         get_recycler(choice.name, **choice.options)
     spec = task_spec(cfg.task)
-    source = load_model(cfg.source)
-    target = source if cfg.target.path == cfg.source.path else load_model(cfg.target)
+    configure_threads(cfg.get("threads"))
+    source = load_model(cfg.source, cache=cfg.paths.get("cache"))
+    same = (model_dir(cfg.target), cfg.target.get("gguf_file")) == (model_dir(cfg.source), cfg.source.get("gguf_file"))
+    target = source if same else load_model(cfg.target, cache=cfg.paths.get("cache"))
     prompt = registry.load_prompt(cfg.prompt_uri) if cfg.prompt_uri else None
     if cfg.job in ("recycle", "evaluate") and prompt is None:
         raise RecycleError(f"job={cfg.job} needs prompt_uri: the prompt to {cfg.job}.")
@@ -151,7 +141,7 @@ class Context:
         """Find or register each side's base-model version, so prompts can be tied to it."""
         if is_rank_zero() and self.cfg.registry.register:
             for side in sides:
-                self.bases[side.name] = registry.ensure_base_model(side.uri, side.registered_name)
+                self.bases[side.name] = registry.ensure_base_model(side.uri, side.registered_name, bos=side.bos)
 
     def tied(self, prompt: SoftPrompt, side: LoadedModel) -> SoftPrompt:
         base = self.bases.get(side.name)

@@ -36,7 +36,7 @@ from . import registry
 from .config import compose
 from .errors import RecycleError
 from .evaluation import verdict_metrics
-from .models import LoadedModel, load_base_model
+from .models import LoadedModel, configure_threads, load_base_model
 from .policy import Policy, PolicyOutcome, RecyclerChoice, Transfer, retune_reference, run_policy
 from .recycle import fit_recycler
 from .recyclers import Recycler, get_recycler, load_recycler
@@ -198,6 +198,8 @@ class _Migration:
                     anchor_offset=self.cfg.anchors.offset,
                     anchor_size=self.cfg.anchors.size,
                 )
+                stats = getattr(recycler, "anchor_stats", None) or {}
+                mlflow.log_metrics({f"anchors_{key}": float(value) for key, value in stats.items()})
                 with tempfile.TemporaryDirectory() as tmp:
                     mlflow.log_artifacts(str(recycler.save(tmp)), "recycler")
                 mlflow.set_tag(TAG_RECYCLER_KEY, key)  # after the artifact: a tagged run always has it
@@ -261,6 +263,7 @@ def migrate(
     """
     cfg = cfg if cfg is not None else compose(overrides, config_name="migrate")
     configure(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    configure_threads(cfg.get("threads"))
     start, to_version = time.perf_counter(), str(to_version)
     from_version = (
         str(from_version) if from_version is not None else previous_version_with_prompts(base_model, to_version)
