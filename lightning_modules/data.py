@@ -82,8 +82,9 @@ def read_examples(data: str, split: str, text_field: str = "text", label_field: 
     for i, row in enumerate(rows):
         if text_field not in row or label_field not in row:
             raise RecycleError(
-                f"{data} ({split}) row {i} has fields {sorted(row)}; expected {text_field!r} and {label_field!r} "
-                "(set data.text_field / data.label_field)."
+                f"{data} ({split}) row {i} has fields {sorted(row)}; expected {text_field!r} and {label_field!r}: "
+                "rename those fields in the data files, or pass text_field= / label_field= to read_examples "
+                "or TextClassificationDataModule."
             )
         examples.append((str(row[text_field]), int(row[label_field])))
     return examples

@@ -89,15 +89,19 @@ def find_anchors(
     shared = [word for word in source_words if word in target_words]  # source order
     selected = shared[offset : offset + size]
     if len(selected) < min_anchors:
-        raise RecycleError(
-            f"Only {len(selected)} anchor tokens between the two tokenizers ({len(shared)} alphabetic whole words in "
-            f"both, minus offset {offset}); at least {min_anchors} are needed to fit a map. "
-            + (
-                "Lower anchors.offset or anchors.min_anchors."
-                if len(shared) >= min_anchors
-                else "The vocabularies share too little text (another language or script?): "
+        if len(shared) < min_anchors:
+            hint = (
+                "The vocabularies share too little text (another language or script?): "
                 "recycling between them is not supported."
             )
+        elif size < min_anchors:
+            hint = f"Raise anchors.size to at least {min_anchors}."
+        else:
+            hint = f"Lower anchors.offset to at most {len(shared) - min_anchors}."
+        raise RecycleError(
+            f"Only {len(selected)} anchor tokens between the two tokenizers ({len(shared)} alphabetic whole words in "
+            f"both, minus offset {offset}, at most size {size}); at least {min_anchors} are needed to fit a map. "
+            + hint
         )
     return Anchors(
         source_ids=torch.tensor([source_words[w] for w in selected], dtype=torch.long),

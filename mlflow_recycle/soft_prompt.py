@@ -1,29 +1,50 @@
 """The ``soft_prompt`` MLflow flavor: log, register and load soft prompts.
 
 Laid out like MLflow's built-in flavors (``save_model``, ``log_model``, ``load_model``,
-``_load_pyfunc``). The model directory holds the prompt in the PEFT prompt-tuning layout
-(under ``prompt/``, so the artifact also loads with ``peft.PeftModel.from_pretrained``),
-and the MLmodel's ``soft_prompt`` section records the tie to the base model (registered
-name, version, URI, tokenizer fingerprint), the shape, the task and the lineage.
+``_load_pyfunc``), with the same parameters and meanings as
+``mlflow.sentence_transformers``: ``code_paths``, ``signature`` (``False`` for none),
+``input_example``, the environment arguments, ``metadata``, ``extra_files``,
+``model_config``, and for ``log_model`` ``name`` (``artifact_path`` is its deprecated
+alias), ``registered_model_name``, ``await_registration_for``, ``params``, ``tags``, ...
+
+The model directory holds the prompt in the PEFT prompt-tuning layout (under
+``prompt/``, so the artifact also loads with ``peft.PeftModel.from_pretrained``), and the
+MLmodel's ``soft_prompt`` section records the tie to the base model (registered name,
+version, URI, tokenizer fingerprint), the shape, the task and the lineage.
 
 As a pyfunc, a soft prompt classifies text with its base model::
 
     model = mlflow.pyfunc.load_model("models:/sentiment-prompt/3")
-    model.predict(pd.DataFrame({"text": ["a gripping, beautiful film"]}))
+    model.predict(pd.DataFrame({"text": ["a gripping, beautiful film"]}), params={"batch_size": 8})
     #    label label_name  score_bad  score_great
     # 0      1      great     -4.125       -1.879
 
 The base model is loaded from the prompt's ``base_model_uri`` (``models:/name/version`` of
-an ``mlflow.transformers`` model, a local directory or a hub id) once per process
-(:func:`mlflow_recycle.models.load_base_model`).
+an ``mlflow.transformers`` model, a local directory or a hub id; ``model_config``'s
+``base_model_uri`` overrides it) once per process, on the first prediction
+(:func:`mlflow_recycle.models.load_base_model`). Logging never loads it: MLflow's check
+that the input example can be served would, so it is skipped (the example is still stored).
+
+A logged prompt's requirements name this package in a form a fresh serving environment can
+install: ``mlflow-recycle==<version>`` when it was installed from a package index, else a
+wheel of the installed code stored in the model's ``wheels/`` folder (the folder MLflow's
+own ``add_libraries_to_model`` uses), which MLflow's environment managers install from the
+model directory.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
 import logging
 import os
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +53,19 @@ import pandas as pd
 import torch
 import yaml
 from mlflow import pyfunc
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelInputExample, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
 from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
     _CONSTRAINTS_FILE_NAME,
     _PYTHON_ENV_FILE_NAME,
     _REQUIREMENTS_FILE_NAME,
+    _generate_mlflow_version_pinning,
     _mlflow_conda_env,
     _process_conda_env,
     _process_pip_requirements,
@@ -50,8 +73,15 @@ from mlflow.utils.environment import (
     _validate_env_arguments,
 )
 from mlflow.utils.file_utils import get_total_file_size, write_to
-from mlflow.utils.model_utils import _get_flavor_configuration, _validate_and_prepare_target_save_path
+from mlflow.utils.model_utils import (
+    _add_code_from_conf_to_system_path,
+    _copy_extra_files,
+    _get_flavor_configuration,
+    _validate_and_copy_code_paths,
+    _validate_and_prepare_target_save_path,
+)
 from mlflow.utils.requirements_utils import _get_pinned_requirement
+from packaging.version import Version
 
 from .errors import PromptArtifactError, RecycleError
 from .models import load_base_model
@@ -62,27 +92,116 @@ from .vocab import tokenizer_fingerprint
 FLAVOR_NAME = "soft_prompt"
 PROMPT_DATA_DIR = "prompt"
 DEFAULT_BATCH_SIZE = 32
+#: Keys of ``model_config`` (pyfunc inference settings, overridable at ``mlflow.pyfunc.load_model``).
+MODEL_CONFIG_KEYS = ("base_model_uri",)
+PACKAGE = "mlflow-recycle"
+#: Top-level packages of the ``mlflow-recycle`` distribution (setup.cfg's packages).
+PACKAGE_MODULES = ("mlflow_recycle", "lightning_modules")
+WHEELS_DIR = "wheels"
 
 _logger = logging.getLogger(__name__)
 
 
+def _pinned_requirement(package: str) -> str:
+    """``package==<installed version>``, pinned by MLflow's ``_get_pinned_requirement``.
+
+    The version given is the public one: MLflow means to drop a local label (``+cpu``,
+    ``+cu126``) that PyPI cannot serve, but with packaging >= 26 its
+    ``_strip_local_version_label`` keeps the label (it overrides ``Version.local``, which
+    ``Version.__str__`` no longer reads), so the requirement would not install.
+    """
+    return _get_pinned_requirement(package, version=Version(importlib.metadata.version(package)).public)
+
+
 def get_default_pip_requirements() -> list[str]:
-    """Requirements of a model logged by this flavor (serving needs torch and transformers)."""
-    from importlib.metadata import version
-
-    from . import __version__
-
-    # torch's local label (+cpu, +cu126) is not installable from PyPI: pin the release only.
-    return [
-        f"mlflow-recycle=={__version__}",
-        f"torch=={version('torch').split('+')[0]}",
-        _get_pinned_requirement("transformers"),
-        _get_pinned_requirement("safetensors"),
-    ]
+    """What serving a soft prompt needs besides MLflow and this package (which ``save_model`` adds)."""
+    return [_pinned_requirement(package) for package in ("torch", "transformers", "safetensors")]
 
 
 def get_default_conda_env() -> dict[str, Any]:
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+
+
+def _distribution() -> importlib.metadata.Distribution | None:
+    try:
+        return importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _installed_from_index(dist: importlib.metadata.Distribution | None) -> bool:
+    """Whether the running code is a distribution an installer (pip, uv) took from a package index.
+
+    Such a distribution has an ``INSTALLER`` file and no PEP 610 ``direct_url.json`` (which
+    marks editable, local-directory, VCS and file installs), and holds the imported code (not
+    a source tree on ``PYTHONPATH`` shadowing it, whose ``.egg-info`` has neither file).
+    """
+    if dist is None or dist.read_text("INSTALLER") is None or dist.read_text("direct_url.json") is not None:
+        return False
+    from . import __file__ as init_file
+
+    return Path(dist.locate_file("mlflow_recycle/__init__.py")).resolve() == Path(init_file).resolve()
+
+
+def package_requirement(model_path: str | os.PathLike) -> str:
+    """This package as a requirement a fresh environment can install, for the model at ``model_path``.
+
+    ``mlflow-recycle==<version>`` when the running code was installed from a package index;
+    otherwise (an editable, local-directory or VCS install, a source tree) a wheel of the
+    installed code written to ``<model>/wheels/`` and named by its path relative to the model
+    directory.
+    """
+    if _installed_from_index(_distribution()):
+        return _pinned_requirement(PACKAGE)
+    filename, data = _package_wheel()
+    wheels = Path(model_path) / WHEELS_DIR
+    wheels.mkdir(exist_ok=True)
+    (wheels / filename).write_bytes(data)
+    return f"{WHEELS_DIR}/{filename}"
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+@functools.cache
+def _package_wheel() -> tuple[str, bytes]:
+    """``(file name, bytes)`` of a pure-Python wheel of the installed ``mlflow_recycle`` code (built once)."""
+    from . import __version__
+
+    dist = _distribution()
+    version = dist.version if dist is not None else __version__
+    requires = [req for req in (dist.requires or []) if "extra ==" not in req] if dist is not None else []
+    dist_info = f"mlflow_recycle-{version}.dist-info"
+    files: list[tuple[str, bytes]] = []
+    for module in PACKAGE_MODULES:
+        spec = importlib.util.find_spec(module)  # finds the package without importing it (lightning is slow)
+        if spec is None or not spec.submodule_search_locations:
+            raise RecycleError(f"Cannot find the {module} package to bundle with the model.")
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for file in sorted(root.rglob("*")):
+            if file.is_file() and "__pycache__" not in file.parts and file.suffix != ".pyc":
+                files.append((f"{module}/{file.relative_to(root).as_posix()}", file.read_bytes()))
+    metadata = [
+        "Metadata-Version: 2.1",
+        f"Name: {PACKAGE}",
+        f"Version: {version}",
+        "Summary: Recycle soft prompts to new base-model versions, as an MLflow plugin",
+        "Requires-Python: >=3.10",
+        *(f"Requires-Dist: {req}" for req in requires),
+    ]
+    files.append((f"{dist_info}/METADATA", ("\n".join(metadata) + "\n").encode()))
+    wheel = "Wheel-Version: 1.0\nGenerator: mlflow_recycle.soft_prompt\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files.append((f"{dist_info}/WHEEL", wheel.encode()))
+    record = [f"{name},{_record_hash(data)},{len(data)}" for name, data in files] + [f"{dist_info}/RECORD,,"]
+    files.append((f"{dist_info}/RECORD", ("\n".join(record) + "\n").encode()))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # reproducible bytes
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
+    return f"mlflow_recycle-{version}-py3-none-any.whl", buffer.getvalue()
 
 
 def as_soft_prompt(prompt: Any) -> SoftPrompt:
@@ -102,10 +221,15 @@ def as_soft_prompt(prompt: Any) -> SoftPrompt:
 
 
 def default_signature(prompt: SoftPrompt) -> ModelSignature:
+    """``text`` in; ``label``, ``label_name`` and one ``score_<label>`` per class out; param ``batch_size``."""
     labels = prompt.task.labels if prompt.task else ()
     outputs = [ColSpec("long", "label"), ColSpec("string", "label_name")]
     outputs += [ColSpec("double", f"score_{label}") for label in labels]
-    return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "text")]),
+        outputs=Schema(outputs),
+        params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE)]),
+    )
 
 
 def flavor_config(prompt: SoftPrompt) -> dict[str, Any]:
@@ -133,38 +257,75 @@ def flavor_config(prompt: SoftPrompt) -> dict[str, Any]:
     }
 
 
+def _check_model_config(model_config: dict[str, Any]) -> dict[str, Any]:
+    if unknown := sorted(set(model_config) - set(MODEL_CONFIG_KEYS)):
+        raise RecycleError(
+            f"Unknown soft_prompt model_config key(s) {unknown}; the pyfunc takes {list(MODEL_CONFIG_KEYS)} "
+            "(set the batch size per call with params={'batch_size': n})."
+        )
+    return model_config
+
+
+#: Arguments ``Model.log`` reads and then hands on to ``save_model`` with the flavor's own.
+_MODEL_LOG_ONLY_KWARGS = frozenset({"validate_serving_input"})
+
+
 def save_model(
     prompt: Any,
     path: str,
-    conda_env: dict[str, Any] | str | None = None,
+    code_paths: list[str] | None = None,
     mlflow_model: Model | None = None,
-    signature: ModelSignature | None = None,
+    signature: ModelSignature | bool | None = None,
     input_example: ModelInputExample | None = None,
     pip_requirements: list[str] | str | None = None,
     extra_pip_requirements: list[str] | str | None = None,
+    conda_env: dict[str, Any] | str | None = None,
     metadata: dict[str, Any] | None = None,
+    extra_files: list[str] | None = None,
+    model_config: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> None:
     """Save a soft prompt as an MLflow model directory at ``path``.
 
     Args:
         prompt: a :class:`SoftPrompt`, a prompt directory (ours or PEFT's), or a
             ``peft.PeftModel`` with a prompt-tuning adapter.
-        path: where to write the model directory (must not exist).
-        signature: defaults to ``text`` in; ``label``, ``label_name`` and one
-            ``score_<label>`` column per class out.
-        input_example: defaults to two short texts when the prompt knows its task.
-        conda_env, pip_requirements, extra_pip_requirements, metadata, mlflow_model: as for
-            MLflow's built-in flavors.
+        path: where to write the model directory (must not exist or be empty).
+        code_paths: files or directories copied into the model's ``code/`` folder, which
+            :func:`load_model` and ``mlflow.pyfunc.load_model`` put on ``sys.path``.
+        signature: ``None`` (default): ``text`` in; ``label``, ``label_name`` and one
+            ``score_<label>`` column per class out; param ``batch_size`` (long, default 32).
+            ``False``: no signature. It is never inferred from ``input_example``: that
+            would load the base model.
+        input_example: stored with the model (not run); defaults to two short texts when
+            the prompt knows its task.
+        model_config: pyfunc settings, overridable in ``mlflow.pyfunc.load_model(uri,
+            model_config=...)``: ``base_model_uri`` (where the pyfunc loads the base
+            model; defaults to the prompt's own).
+        pip_requirements, extra_pip_requirements, conda_env: as for MLflow's built-in
+            flavors. The default requirements are this package (see
+            :func:`package_requirement`) and pinned torch, transformers and safetensors.
+        metadata, extra_files, mlflow_model: as for MLflow's built-in flavors.
+        kwargs: only what ``Model.log`` passes through (``validate_serving_input``).
     """
+    if unexpected := sorted(set(kwargs) - _MODEL_LOG_ONLY_KWARGS):
+        raise TypeError(f"save_model() got unexpected keyword argument(s): {', '.join(unexpected)}")
     prompt = as_soft_prompt(prompt)
+    config = _check_model_config({"base_model_uri": prompt.base_model_uri, **(model_config or {})})
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
+    code_dir_subpath = _validate_and_copy_code_paths(code_paths, path)
     mlflow_model = mlflow_model or Model()
     if input_example is None and prompt.task is not None:
         input_example = pd.DataFrame({"text": ["a gripping, beautiful film", "dull and far too long"]})
     _save_example(mlflow_model, input_example, path)
-    mlflow_model.signature = signature or default_signature(prompt)
+    if signature is None:
+        signature = default_signature(prompt)
+    elif signature is False:
+        signature = None
+    if signature is not None:
+        mlflow_model.signature = signature
     if metadata is not None:
         mlflow_model.metadata = metadata
     prompt.save(Path(path) / PROMPT_DATA_DIR)
@@ -172,16 +333,24 @@ def save_model(
         mlflow_model,
         loader_module="mlflow_recycle.soft_prompt",
         data=PROMPT_DATA_DIR,
+        code=code_dir_subpath,
         conda_env=_CONDA_ENV_FILE_NAME,
         python_env=_PYTHON_ENV_FILE_NAME,
+        model_config=config,
     )
-    mlflow_model.add_flavor(FLAVOR_NAME, **flavor_config(prompt))
+    extra_files_config = _copy_extra_files(extra_files, path)
+    mlflow_model.add_flavor(FLAVOR_NAME, code=code_dir_subpath, **flavor_config(prompt), **extra_files_config)
     if size := get_total_file_size(path):
         mlflow_model.model_size_bytes = size
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
     if conda_env is None:
-        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
+        default_reqs = None
+        if pip_requirements is None:
+            # MLflow pins itself unless it sees a requirement for mlflow, and it takes the wheel's
+            # path (".../mlflow_recycle-...") for one: pin it here.
+            default_reqs = [_generate_mlflow_version_pinning(), package_requirement(path)]
+            default_reqs += get_default_pip_requirements()
         conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
             default_reqs, pip_requirements, extra_pip_requirements
         )
@@ -197,78 +366,110 @@ def save_model(
 
 def log_model(
     prompt: Any,
-    name: str | None = None,
+    artifact_path: str | None = None,
+    code_paths: list[str] | None = None,
     registered_model_name: str | None = None,
-    signature: ModelSignature | None = None,
+    signature: ModelSignature | bool | None = None,
     input_example: ModelInputExample | None = None,
-    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
-    conda_env: dict[str, Any] | str | None = None,
+    await_registration_for: int | None = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
     pip_requirements: list[str] | str | None = None,
     extra_pip_requirements: list[str] | str | None = None,
+    conda_env: dict[str, Any] | str | None = None,
     metadata: dict[str, Any] | None = None,
+    extra_files: list[str] | None = None,
+    model_config: dict[str, Any] | None = None,
+    prompts: list[Any] | None = None,
+    name: str | None = None,
     params: dict[str, Any] | None = None,
     tags: dict[str, Any] | None = None,
+    model_type: str | None = None,
+    step: int = 0,
+    model_id: str | None = None,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
     """Log a soft prompt to the active run (and register it when ``registered_model_name`` is given).
 
+    Parameters are those of ``mlflow.sentence_transformers.log_model`` (less its ``task``
+    and ``inference_config``, plus ``model_config``), with the same meanings; see
+    :func:`save_model` for the flavor's own. ``artifact_path`` is the deprecated alias of
+    ``name``; ``prompts`` are MLflow prompt-registry prompts to link, not soft prompts.
+    The input example is stored but not served at log time (MLflow's check would load the
+    base model); try it with ``mlflow.models.predict``.
+
     To tie the registered version to its base model's registered version, use
     :func:`mlflow_recycle.registry.log_prompt`, which calls this and sets the tags.
     """
-    import mlflow_recycle.soft_prompt as flavor
-
     return Model.log(
-        artifact_path=None,
+        artifact_path=artifact_path,
         name=name,
-        flavor=flavor,
+        flavor=sys.modules[__name__],
         registered_model_name=registered_model_name,
-        prompt=prompt,
-        signature=signature,
-        input_example=input_example,
         await_registration_for=await_registration_for,
-        conda_env=conda_env,
-        pip_requirements=pip_requirements,
-        extra_pip_requirements=extra_pip_requirements,
         metadata=metadata,
+        prompts=prompts,
         params=params,
         tags=tags,
+        model_type=model_type,
+        step=step,
+        model_id=model_id,
+        prompt=prompt,
+        code_paths=code_paths,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        conda_env=conda_env,
+        extra_files=extra_files,
+        model_config=model_config,
+        # Serving the example loads the base model (and downloads a models:/ one) on every log.
+        validate_serving_input=False,
         **kwargs,
     )
 
 
 def load_model(model_uri: str, dst_path: str | None = None) -> SoftPrompt:
-    """Load a logged soft prompt (``runs:/``, ``models:/``, a local path, ...) as a :class:`SoftPrompt`."""
+    """Load a logged soft prompt (``runs:/``, ``models:/``, a local path, ...) as a :class:`SoftPrompt`.
+
+    Code logged with ``code_paths`` goes on ``sys.path`` first, as for MLflow's flavors.
+    """
     local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
     try:
         flavor_conf = _get_flavor_configuration(model_path=local_path, flavor_name=FLAVOR_NAME)
-    except mlflow.exceptions.MlflowException as exc:
+    except MlflowException as exc:
         raise PromptArtifactError(
             f"{model_uri} is not a soft prompt ({exc.message}); log prompts with mlflow_recycle.soft_prompt.log_model."
         ) from exc
+    _add_code_from_conf_to_system_path(local_path, flavor_conf)
     return SoftPrompt.load(Path(local_path) / flavor_conf.get("prompt_data", PROMPT_DATA_DIR))
 
 
 class SoftPromptPyfunc:
-    """pyfunc wrapper: rank-classify texts with the prompt on its base model."""
+    """pyfunc wrapper: rank-classify texts with the prompt on its base model.
 
-    def __init__(self, prompt: SoftPrompt) -> None:
+    The base model is loaded on the first :meth:`predict`, from ``base_model_uri`` when
+    given (``model_config``), else from the prompt's own.
+    """
+
+    def __init__(self, prompt: SoftPrompt, base_model_uri: str | None = None) -> None:
         if prompt.task is None:
             raise PromptArtifactError(
                 "This soft prompt has no task (template and verbalizers), so it cannot classify text: "
                 "log it with a SoftPrompt whose task is set."
             )
         self.prompt = prompt
+        self.base_model_uri = base_model_uri or prompt.base_model_uri
 
     def get_raw_model(self) -> SoftPrompt:
         return self.prompt
 
     @functools.cached_property
     def _scorer(self) -> tuple[PromptedLM, TaskEncoder]:
-        uri = self.prompt.base_model_uri
+        uri = self.base_model_uri
         if not uri:
             raise PromptArtifactError(
                 f"Soft prompt for {self.prompt.describe_base()} records no base_model_uri, so pyfunc cannot load "
-                "its base model: re-log it with base_model_uri set (models:/name/version or a local path)."
+                "its base model: re-log it with base_model_uri set (models:/name/version or a local path), or "
+                "load it with mlflow.pyfunc.load_model(uri, model_config={'base_model_uri': ...})."
             )
         model, tokenizer = load_base_model(uri)
         self.prompt.check_fits(
@@ -280,9 +481,15 @@ class SoftPromptPyfunc:
         return lm, TaskEncoder(tokenizer, self.prompt.task, seq2seq=lm.seq2seq)
 
     def predict(self, model_input: pd.DataFrame | list[str], params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Predicted ``label`` (index), ``label_name`` and each class's log-likelihood ``score_<label>``."""
+        """Predicted ``label`` (index), ``label_name`` and each class's log-likelihood ``score_<label>``.
+
+        ``params={"batch_size": n}`` scores ``n`` texts at a time (default 32).
+        """
         texts = list(model_input["text"] if isinstance(model_input, pd.DataFrame) else model_input)
-        batch_size = int((params or {}).get("batch_size", DEFAULT_BATCH_SIZE))
+        value = (params or {}).get("batch_size")
+        batch_size = DEFAULT_BATCH_SIZE if value is None else int(value)
+        if batch_size < 1:
+            raise RecycleError(f"batch_size must be at least 1, got {value!r}.")
         lm, encoder = self._scorer
         prompt = self.prompt.embeddings.to(next(lm.parameters()).device)
         scores = []
@@ -300,5 +507,16 @@ class SoftPromptPyfunc:
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> SoftPromptPyfunc:
-    """pyfunc loader: ``path`` is the model's ``prompt/`` data directory."""
-    return SoftPromptPyfunc(SoftPrompt.load(path))
+    """pyfunc loader: ``path`` is the model's ``prompt/`` data directory.
+
+    ``mlflow.pyfunc.load_model`` has put logged code on ``sys.path`` already; a direct call
+    does it here.
+    """
+    root = Path(path).parent
+    if (root / MLMODEL_FILE_NAME).is_file():
+        conf = _get_flavor_configuration(model_path=str(root), flavor_name=FLAVOR_NAME)
+        code = conf.get("code")
+        if code and os.path.normpath(root / code) not in map(os.path.normpath, sys.path):
+            _add_code_from_conf_to_system_path(str(root), conf)
+    config = _check_model_config(dict(model_config or {}))
+    return SoftPromptPyfunc(SoftPrompt.load(path), base_model_uri=config.get("base_model_uri"))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer
 from tokenizers.models import WordPiece
 from tokenizers.pre_tokenizers import Whitespace
@@ -69,10 +73,29 @@ def test_too_little_overlap_is_refused(load_model):
         find_anchors(tok_a, greek)
 
 
-def test_offset_too_large_suggests_lowering_it(load_model):
+def anchor_settings() -> set[str]:
+    """The ``anchors.*`` settings conf/config.yaml exposes."""
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text())
+    return {f"anchors.{key}" for key in config["anchors"]}
+
+
+def test_offset_too_large_suggests_an_offset_that_works(load_model):
     _, tok_a = load_model("small-a")
-    with pytest.raises(RecycleError, match="Lower anchors.offset"):
+    with pytest.raises(RecycleError, match=r"Lower anchors.offset to at most (\d+)\.$") as error:
         find_anchors(tok_a, tok_a, offset=5400)
+    assert set(re.findall(r"anchors\.\w+", str(error.value))) <= anchor_settings()
+    highest = int(re.search(r"at most (\d+)", str(error.value))[1])
+    assert len(find_anchors(tok_a, tok_a, offset=highest)) == 500  # following the hint works
+    with pytest.raises(RecycleError, match="Lower anchors.offset"):
+        find_anchors(tok_a, tok_a, offset=highest + 1)
+
+
+def test_too_small_size_suggests_raising_it(load_model):
+    _, tok_a = load_model("small-a")
+    with pytest.raises(RecycleError, match=r"at most size 300\).*Raise anchors.size to at least 500\.$") as error:
+        find_anchors(tok_a, tok_a, size=300)
+    assert set(re.findall(r"anchors\.\w+", str(error.value))) <= anchor_settings()
+    assert len(find_anchors(tok_a, tok_a, size=500)) == 500
 
 
 def test_embeddings_pair_rows_of_both_tables(load_model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import lightning as L
@@ -158,8 +159,12 @@ def test_data_formats_limits_and_errors(tmp_path, load_model):
     assert read_examples(str(tmp_path), "train")[3] == ("review 3", 1)
     assert read_examples(str(tmp_path), "test")[4] == ("review 4", 0)
     assert read_examples(str(tmp_path), "validation", text_field="sentence")[5] == ("review 5", 1)
-    with pytest.raises(RecycleError, match=r"has fields \['label', 'sentence'\]; expected 'text'"):
+    with pytest.raises(RecycleError, match=r"has fields \['label', 'sentence'\]; expected 'text'") as error:
         read_examples(str(tmp_path), "validation")
+    # The hint names arguments that exist (no config exposes the field names)
+    assert "pass text_field= / label_field= to read_examples or TextClassificationDataModule" in str(error.value)
+    for takes_fields in (read_examples, TextClassificationDataModule):
+        assert {"text_field", "label_field"} <= set(inspect.signature(takes_fields).parameters)
     with pytest.raises(RecycleError, match="No 'dev' split"):
         read_examples(str(tmp_path), "dev")
 
