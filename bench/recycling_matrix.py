@@ -50,7 +50,7 @@ from docs_update import update_section  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
-from mlflow_recycle.job import Context, data_module, task_spec, tune  # noqa: E402
+from mlflow_recycle.job import Context, data_module, task_spec, tune, with_recipe  # noqa: E402
 from mlflow_recycle.models import LoadedModel, load_model  # noqa: E402
 from mlflow_recycle.prompt import SoftPrompt  # noqa: E402
 from mlflow_recycle.recycle import fit_recycler  # noqa: E402
@@ -83,10 +83,6 @@ RECIPE = {
     "sst2": ["trainer.max_steps=300", "task.max_length=128", "task.limit_test=null"],
     "imdb": ["trainer.max_steps=300", "task.max_length=128", "task.limit_test=500"],
 }
-#: Per-model additions to the recipe. `large` underfits at AdamW 0.01 x 300 steps (SST-2: prompts
-#: at 65.5% against its 72.2% zero-shot); an lr probe on it gave 0.001: 57.8%, 0.003: 60.4%,
-#: 0.01: ~65%, 0.03: 71.1% (docs/benchmarks.md). SST-2 rows tuned before this entry keep lr 0.01.
-MODEL_RECIPE = {"large": ["prompt.lr=0.03"]}
 COMMON = [
     "trainer.enable_progress_bar=false",
     "trainer.limit_val_batches=0",
@@ -180,8 +176,12 @@ class Matrix:
         self.models: dict[str, LoadedModel] = {}
 
     def config(self, task: str, init: str = "vocab", seed: int = 0, model: str | None = None):
-        recipe = QUICK if self.args.quick else [*RECIPE[task], *MODEL_RECIPE.get(model, [])]
-        return compose([f"task={task}", f"prompt.init={init}", f"seed={seed}", *COMMON, *recipe])
+        """The job config the matrix tunes ``model`` with: the task's recipe, then the model's own
+        (``recipe:`` in its conf/model entry, as the job and migrations use it)."""
+        recipe = QUICK if self.args.quick else RECIPE[task]
+        models = [f"model@source={model}"] if model else []
+        cfg = compose([f"task={task}", f"prompt.init={init}", f"seed={seed}", *models, *COMMON, *recipe])
+        return with_recipe(cfg, cfg.source) if model and not self.args.quick else cfg
 
     def model(self, name: str) -> LoadedModel:
         if name not in self.models:

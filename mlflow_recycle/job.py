@@ -147,21 +147,42 @@ class Context:
         base = self.bases.get(side.name)
         return registry.tie(prompt, base) if base else prompt
 
-    def publish(self, prompt: SoftPrompt, name: str, register: bool = True) -> str | None:
+    def publish(
+        self, prompt: SoftPrompt, name: str, register: bool = True, tags: dict[str, str] | None = None
+    ) -> str | None:
         """Log ``prompt`` as model ``name`` of the run (rank 0); register it when asked. Returns its URI."""
         if not is_rank_zero():
             return None
         registered = self.cfg.registry.prompt_name if register and self.cfg.registry.register else None
-        result = registry.log_prompt(prompt, name, registered)
+        result = registry.log_prompt(prompt, name, registered, tags=tags)
         if registered:
             log.info("Registered %s as %s version %s", name, result.name, result.version)
             return registry.model_uri(result.name, result.version)
         return result.model_uri
 
 
-def tune(ctx: Context, side: LoadedModel, data: TextClassificationDataModule, name: str) -> SoftPrompt:
-    """Tune a prompt on ``side``; the training curve goes to the run as ``{name}/...``."""
-    cfg = ctx.cfg
+def with_recipe(cfg: DictConfig, model: DictConfig | None) -> DictConfig:
+    """``cfg`` with a model's tuning recipe (the ``recipe:`` block of its ``conf/model`` entry)
+    merged over ``prompt`` and ``trainer``: every prompt tuned on that model, by the job, the
+    benchmarks or a migration's re-tuning, uses it."""
+    recipe = model.get("recipe") if model is not None else None
+    if not recipe:
+        return cfg
+    unknown = set(recipe) - {"prompt", "trainer"}
+    if unknown:
+        raise RecycleError(f"Model {model.name!r}: recipe may set `prompt` and `trainer`, not {sorted(unknown)}.")
+    merged = cfg.copy()
+    for group in recipe:
+        merged[group] = OmegaConf.merge(cfg[group], recipe[group])
+    return merged
+
+
+def tune(
+    ctx: Context, side: LoadedModel, data: TextClassificationDataModule, name: str, model: DictConfig | None = None
+) -> SoftPrompt:
+    """Tune a prompt on ``side`` with the recipe of its model config ``model``; the training curve
+    goes to the run as ``{name}/...``."""
+    cfg = with_recipe(ctx.cfg, model)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     init = initial_prompt(
         cfg.prompt.init,
@@ -194,7 +215,7 @@ def tune(ctx: Context, side: LoadedModel, data: TextClassificationDataModule, na
     validates = cfg.trainer.get("limit_val_batches") != 0
     outcome = fit_prompt(
         module,
-        ctx.trainer,
+        instantiate(cfg.trainer, _partial_=True),
         steps=steps,
         eval_every=cfg.trainer.val_check_interval if validates else None,
         datamodule=data,
@@ -324,7 +345,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def run_tune(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.source)
-    prompt = tune(ctx, s.source, s.source_data, "source")
+    prompt = tune(ctx, s.source, s.source_data, "source", ctx.cfg.source)
     ctx.publish(prompt, "source_prompt")
     accuracy = ctx.evaluator.accuracy(s.source, s.source_data, prompt.embeddings, "source")
     return {f"{split}/source_accuracy": value for split, value in accuracy.items()}
@@ -333,9 +354,7 @@ def run_tune(ctx: Context, s: Setup) -> dict[str, float]:
 def _policy_record(outcome: PolicyOutcome) -> dict[str, float]:
     """The policy's stages and gate, as the run's metrics and tags (rank 0)."""
     if is_rank_zero():
-        mlflow.set_tags({"mlflow_recycle.gate": outcome.gate, "mlflow_recycle.stage": outcome.stage or "none"})
-        if outcome.reason:
-            mlflow.set_tag("mlflow_recycle.gate_reason", outcome.reason)
+        mlflow.set_tags(registry.outcome_tags(outcome))
     log.info("Policy: %s", outcome.summary())
     return outcome.metrics()
 
@@ -343,8 +362,9 @@ def _policy_record(outcome: PolicyOutcome) -> dict[str, float]:
 def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.target)
     outcome = migrate_prompt(ctx, transfer(ctx, s.source, s.target), s.policy, s.prompt, ctx.cfg.prompt_uri)
-    ctx.publish(outcome.prompt, "recycled_prompt")
-    return _policy_record(outcome)
+    metrics = _policy_record(outcome)
+    ctx.publish(outcome.prompt, "recycled_prompt", tags=registry.outcome_tags(outcome, metrics))
+    return metrics
 
 
 def run_evaluate(ctx: Context, s: Setup) -> dict[str, float]:
@@ -363,16 +383,16 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     if s.prompt is not None and str(cfg.prompt_uri).startswith("models:/"):
         source_prompt, source_uri = s.prompt, str(cfg.prompt_uri)  # already registered
     else:
-        source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source")
+        source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source", cfg.source)
         source_uri = ctx.publish(source_prompt, "source_prompt")
     accuracies = {"source": evaluator.accuracy(s.source, s.source_data, source_prompt.embeddings, "source")}
     outcome = migrate_prompt(ctx, pair, s.policy, source_prompt, source_uri)
     metrics = _policy_record(outcome)
-    ctx.publish(outcome.prompt, "recycled_prompt")
+    ctx.publish(outcome.prompt, "recycled_prompt", tags=registry.outcome_tags(outcome, metrics))
     accuracies["recycled"] = evaluator.accuracy(s.target, s.target_data, outcome.prompt.embeddings, "recycled")
     baselines = evaluator.baselines(s.target, s.target_data, source_prompt.length)
     if cfg.retune:
-        retuned = tune(ctx, s.target, s.target_data, "target")
+        retuned = tune(ctx, s.target, s.target_data, "target", cfg.target)
         accuracies["retuned"] = evaluator.accuracy(s.target, s.target_data, retuned.embeddings, "retuned")
         ctx.publish(retuned, "retuned_prompt", register=False)
     title = f"{s.spec.name}: {s.source.name} → {s.target.name} ({s.policy.label})"

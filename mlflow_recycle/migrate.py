@@ -45,11 +45,8 @@ from .tracking import configure
 log = logging.getLogger(__name__)
 
 TAG_MIGRATION_KEY = "mlflow_recycle.migration_key"
-TAG_GATE = "mlflow_recycle.gate"
 TAG_RECYCLER_KEY = "mlflow_recycle.recycler_key"
-TAG_STAGE = "mlflow_recycle.stage"
-TAG_GATE_REASON = "mlflow_recycle.gate_reason"
-METRIC_TAG_PREFIX = "mlflow_recycle.metric."
+TAG_GATE, TAG_STAGE, TAG_GATE_REASON = registry.TAG_GATE, registry.TAG_STAGE, registry.TAG_GATE_REASON
 GATE_PASSED, GATE_FAILED, GATE_UNEVALUATED = "passed", "failed", "unevaluated"
 
 
@@ -235,12 +232,10 @@ class _Migration:
                 metrics["retune_reference/steps"] = reference["steps"]
                 metrics["retune_reference/seconds"] = reference["seconds"]
                 metrics["policy/cost_fraction"] = outcome.seconds / reference["seconds"]
-            tags = {TAG_MIGRATION_KEY: key, TAG_GATE: outcome.gate, TAG_STAGE: outcome.stage or "none"}
-            if outcome.reason:
-                tags[TAG_GATE_REASON] = outcome.reason[:5000]
+            tags = {TAG_MIGRATION_KEY: key, **registry.outcome_tags(outcome)}
             mlflow.log_metrics(metrics)
             mlflow.set_tags(tags)
-            tags.update({f"{METRIC_TAG_PREFIX}{name}": f"{value:.4f}" for name, value in metrics.items()})
+            tags = {**tags, **registry.outcome_tags(outcome, metrics)}
             version = registry.log_prompt(migrated, "recycled_prompt", source.name, tags=tags)
         log.info("%s -> %s version %s: %s", source_uri, version.name, version.version, outcome.summary())
         _move_alias(self.client, version, self.cfg.alias)

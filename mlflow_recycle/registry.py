@@ -37,6 +37,10 @@ TAG_DIM = "mlflow_recycle.embedding_dim"
 TAG_DIGEST = "mlflow_recycle.weights_digest"
 TAG_RECYCLED_FROM = "mlflow_recycle.recycled_from"
 TAG_RECYCLER = "mlflow_recycle.recycler"
+TAG_GATE = "mlflow_recycle.gate"
+TAG_STAGE = "mlflow_recycle.stage"
+TAG_GATE_REASON = "mlflow_recycle.gate_reason"
+METRIC_TAG_PREFIX = "mlflow_recycle.metric."
 TAG_RECYCLER_CONFIG = "mlflow_recycle.recycler_config"
 KIND_BASE, KIND_PROMPT = "base_model", "soft_prompt"
 
@@ -210,6 +214,16 @@ def log_prompt(
     if registered_model_name is None:
         return info
     return mlflow.register_model(info.model_uri, registered_model_name, tags=tie)
+
+
+def outcome_tags(outcome: Any, metrics: Mapping[str, float] | None = None) -> dict[str, str]:
+    """Tags of a migrated prompt version: the gate, the stage that passed, the reason when it
+    failed, and ``metrics`` as ``mlflow_recycle.metric.*`` (``outcome``: a ``PolicyOutcome``)."""
+    tags = {TAG_GATE: outcome.gate, TAG_STAGE: outcome.stage or "none"}
+    if outcome.reason:
+        tags[TAG_GATE_REASON] = outcome.reason[:5000]
+    tags.update({f"{METRIC_TAG_PREFIX}{name}": f"{value:.4f}" for name, value in (metrics or {}).items()})
+    return tags
 
 
 def prompts_for(base_model: str, version: str | int) -> list[ModelVersion]:

@@ -180,3 +180,31 @@ def test_distill_recycler_refines_on_the_target_and_records_it(tmp_path):
     assert recycled.tags[TAG_RECYCLER] == "linear+distill"
     prompt = soft_prompt.load_model(f"models:/{recycled.name}/{recycled.version}")
     assert prompt.recycler_config["refine"]["steps"] == 2 and "test/recycled_accuracy" in run.data.metrics
+
+
+def test_main_job_runs_the_migration_policy_and_records_each_stage(tmp_path):
+    """`policy=default` with a gate no prompt can pass: every stage runs its whole budget, and the run says so."""
+    budgets = ["policy.stages.1.steps=2", "policy.stages.1.eval_every=1", "policy.stages.1.texts=16"]
+    budgets += ["policy.stages.2.steps=2", "policy.stages.2.eval_every=1", "policy.gate.margin=100"]
+    result = run_cli(tmp_path, *QUICK, "policy=default", *budgets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.data.tags["mlflow_recycle.gate"] == "failed" and run.data.tags["mlflow_recycle.stage"] == "none"
+    assert "does not beat" in run.data.tags["mlflow_recycle.gate_reason"]
+    metrics = run.data.metrics
+    assert metrics["policy/refine/steps"] == 2 and metrics["policy/retune/steps"] == 2 and metrics["policy/steps"] == 4
+    assert metrics["policy/gate_threshold"] > 1  # 100 points above the best baseline
+    (recycled,) = prompts_for("imdb-lm", 2)  # registered and tagged as a migration tags it
+    assert (recycled.tags["mlflow_recycle.gate"], recycled.tags["mlflow_recycle.stage"]) == ("failed", "none")
+    assert float(recycled.tags["mlflow_recycle.metric.policy/steps"]) == 4
+
+
+def test_a_models_recipe_reaches_every_tuning_of_it():
+    from mlflow_recycle.job import with_recipe
+
+    cfg = compose(["model@source=large", "model@target=small-a"])
+    assert with_recipe(cfg, cfg.source).prompt.lr == 0.03 and cfg.prompt.lr == 0.01
+    assert with_recipe(cfg, cfg.target) is cfg  # small-a has no recipe of its own
+    bad = compose(["model@source=large", "+model@source.recipe.optimizer={lr: 1}"])
+    with pytest.raises(RecycleError, match="recipe may set `prompt` and `trainer`"):
+        with_recipe(bad, bad.source)
