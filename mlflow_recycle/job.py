@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -123,6 +124,8 @@ class Context:
     seconds: dict[str, float] = field(default_factory=dict)
     #: Registered base-model versions by model name (rank 0, when registry.register is on).
     bases: dict[str, ModelVersion] = field(default_factory=dict)
+    #: URIs of the prompts the job logged or registered, by name.
+    published: dict[str, str] = field(default_factory=dict)
 
     @property
     def trainer(self) -> TrainerFactory:
@@ -157,8 +160,11 @@ class Context:
         result = registry.log_prompt(prompt, name, registered, tags=tags)
         if registered:
             log.info("Registered %s as %s version %s", name, result.name, result.version)
-            return registry.model_uri(result.name, result.version)
-        return result.model_uri
+            uri = registry.model_uri(result.name, result.version)
+        else:
+            uri = result.model_uri
+        self.published[name] = uri
+        return uri
 
 
 def with_recipe(cfg: DictConfig, model: DictConfig | None) -> DictConfig:
@@ -332,7 +338,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Run ``cfg.job`` and return its metrics (the same on every rank)."""
     configure(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     setup = prepare(cfg)
-    with job_run(cfg.mlflow.run_name, {"mlflow_recycle.job": cfg.job}) as run_id:
+    with job_run(cfg.mlflow.run_name or run_name(cfg, setup), {"mlflow_recycle.job": cfg.job}) as run_id:
         ctx = Context(cfg, run_id)
         log_config(cfg)
         job = {"main": run_main, "tune": run_tune, "recycle": run_recycle, "evaluate": run_evaluate}[cfg.job]
@@ -340,7 +346,46 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics.update(ctx.seconds)
         if is_rank_zero():
             mlflow.log_metrics(metrics)
+            log.info("%s", summary(cfg, setup, metrics, ctx.published))
     return metrics
+
+
+def run_name(cfg: DictConfig, s: Setup) -> str:
+    """What ran, and a short unique suffix: the jobs of a multirun (which reseed the global RNG
+    MLflow draws its random names from) get distinct names."""
+    what = {
+        "main": f"{s.source.name}→{s.target.name} {s.policy.label}",
+        "tune": f"tune {s.source.name}",
+        "recycle": f"recycle →{s.target.name} {s.policy.label}",
+        "evaluate": f"evaluate on {s.target.name}",
+    }[cfg.job]
+    return f"{what} {uuid.uuid4().hex[:6]}"
+
+
+def summary(cfg: DictConfig, s: Setup, metrics: dict[str, float], published: dict[str, str]) -> str:
+    """The job's closing lines: accuracies per split, the verdict, what was registered, where the run is."""
+    lines = [f"{cfg.job} job on {s.spec.name}: {s.source.name} → {s.target.name}"]
+    labels = ("source", "recycled", "prompt", "zero_shot", "random_prompt", "retuned", "best_baseline")
+    splits = [split for split in ("validation", "test") if any(k.startswith(f"{split}/") for k in metrics)]
+    if splits:
+        lines.append(f"  {'':<16}" + "".join(f"{split:>12}" for split in splits))
+        for label in labels:
+            if any(f"{split}/{label}_accuracy" in metrics for split in splits):
+                cells = [metrics.get(f"{split}/{label}_accuracy") for split in splits]
+                lines.append(f"  {label:<16}" + "".join(f"{c:>12.4f}" if c is not None else f"{'':>12}" for c in cells))
+    if "success" in metrics:
+        verdict = "success" if metrics["success"] else "failure"
+        lines.append(
+            f"  verdict on {list(cfg.eval.splits)[-1]}: {verdict} (success: the recycled prompt beats max(zero-shot, random prompt))"
+        )
+    if "policy/steps" in metrics:
+        steps, seconds = int(metrics["policy/steps"]), metrics["policy/seconds"]
+        lines.append(f"  policy {s.policy.label}: {steps} steps, {seconds:.1f} s")
+    lines += [f"  {name}: {uri}" for name, uri in published.items()]
+    run = mlflow.active_run()
+    if run is not None:
+        lines.append(f"  run {run.info.run_id} (experiment {run.info.experiment_id}) in {mlflow.get_tracking_uri()}")
+    return "\n".join(lines)
 
 
 def run_tune(ctx: Context, s: Setup) -> dict[str, float]:

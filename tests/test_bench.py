@@ -85,6 +85,20 @@ def test_evaluation_cache_survives_a_line_cut_by_a_killed_run(tmp_path):
     assert Cache(tmp_path).evals == {"a": 0.5, "c": 0.25}  # the new record is not glued to the cut line
 
 
+def test_migration_policy_quick(tmp_path):
+    args = ("--out", str(tmp_path), "--cache", str(tmp_path / "cache"))
+    first = run("migration_policy.py", *args, cwd=tmp_path)
+    with (tmp_path / "migration_policy.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["source"], row["target"], row["policy"]) == ("small-a-early", "small-a", "default")
+    assert row["gate"] in ("passed", "failed") and row["stage"] in ("recycle", "refine", "retune", "none")
+    steps = [int(row[f"{stage}_steps"]) for stage in ("recycle", "refine", "retune")]
+    assert all(0 <= n <= 2 for n in steps) and float(row["cost_fraction"]) > 0  # within the quick budgets
+    assert "| small-a-early → small-a | 1 |" in first.stdout
+    kept = run("migration_policy.py", *args, cwd=tmp_path)  # a rerun keeps its row: nothing tuned or migrated
+    assert "Tuning" not in kept.stderr and "Policy for" not in kept.stderr
+
+
 def test_migration_latency_quick(tmp_path):
     assert "| no evaluation | 2 |" in run("migration_latency.py", cwd=tmp_path).stdout
 

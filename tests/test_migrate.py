@@ -1,0 +1,129 @@
+"""Migrations in a real SQLite registry: the policy's outcome on each prompt version, the tags a
+user finds, the alias rules, reuse of fitted recyclers, idempotence and partial failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mlflow_recycle import SoftPrompt
+from mlflow_recycle.config import compose
+from mlflow_recycle.migrate import (
+    TAG_GATE,
+    TAG_GATE_REASON,
+    TAG_STAGE,
+    MigrationError,
+    _move_alias,
+    migrate,
+)
+from mlflow_recycle.registry import TAG_RECYCLED_FROM, log_prompt, prompts_for, register_base_model, tie
+
+PROMPT = Path(__file__).parent / "assets" / "sst2-prompt-small-a"
+SMALL = ["eval.limit_val=48", "eval.limit_test=48", "eval.random_prompt_draws=1", "alias=candidate"]
+#: the default policy with budgets a test can afford
+BUDGETS = ["policy.stages.1.steps=2", "policy.stages.1.eval_every=1", "policy.stages.1.texts=16"]
+BUDGETS += ["policy.stages.2.steps=2", "policy.stages.2.eval_every=1", "policy.stages.2.limit_train=16"]
+
+
+@pytest.fixture
+def store(tmp_path):
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+def config(store: str, *overrides: str):
+    return compose([f"mlflow.tracking_uri={store}", *SMALL, *BUDGETS, *overrides], config_name="migrate")
+
+
+@pytest.fixture
+def registered(store, model_dir, data_dir):
+    """Base model `lm` v1 = small-a with a tuned prompt (`good`) and one whose task data is gone (`nodata`);
+    v2 = the same weights registered again (a re-export: identity recycles)."""
+    v1 = register_base_model(str(model_dir("small-a")), "lm")
+    good = SoftPrompt.load(PROMPT)
+    good = good.replace(task=good.task.replace(data=str(data_dir("sst2"))))
+    versions = {
+        "good": log_prompt(tie(good, v1), "prompt", "good-prompt"),
+        "nodata": log_prompt(tie(good.replace(task=good.task.replace(data="/gone/sst2")), v1), "prompt", "nodata"),
+    }
+    register_base_model(str(model_dir("small-a")), "lm")
+    return versions
+
+
+def by_name(version: int | str = 2) -> dict:
+    return {v.name: v for v in prompts_for("lm", version)}
+
+
+def test_migration_gates_on_validation_and_tags_what_happened(store, registered):
+    report = migrate("lm", 2, cfg=config(store))
+    assert report.created == 2 and report.from_version == "1"
+    migrated = by_name()
+    good, nodata = migrated["good-prompt"].tags, migrated["nodata"].tags
+    assert (good[TAG_GATE], good[TAG_STAGE]) == ("passed", "recycle")  # identity: the embedding space is the same
+    assert good["mlflow_recycle.recycler"] == "identity"
+    assert float(good["mlflow_recycle.metric.validation/recycled_accuracy"]) > float(
+        good["mlflow_recycle.metric.validation/best_baseline_accuracy"]
+    )
+    assert "mlflow_recycle.metric.test/recycled_accuracy" in good  # reported next to it, deciding nothing
+    assert float(good["mlflow_recycle.metric.policy/steps"]) == 0
+    assert (nodata[TAG_GATE], nodata[TAG_STAGE]) == ("unevaluated", "none")
+    assert "not reachable" in nodata[TAG_GATE_REASON]
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("good-prompt", "candidate").version == migrated["good-prompt"].version
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias("nodata", "candidate")  # never moved to an unevaluated version
+    lines = "\n".join(report.lines())
+    assert "passed at recycle" in lines and "unevaluated: its task data '/gone/sst2' is not reachable" in lines
+    (run,) = mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`mlflow_recycle.job` = 'migrate'", output_format="list"
+    )
+    assert run.data.metrics["passed_prompts"] == 1 and run.data.metrics["migrated_prompts"] == 2
+    assert run.data.metrics["total/policy/steps"] == 0
+
+    again = migrate("lm", 2, cfg=config(store))  # the same migration again: nothing new
+    assert again.created == 0 and len(prompts_for("lm", 2)) == 2
+    assert {p.gate for p in again.prompts} == {"passed", "unevaluated"}
+
+
+def test_a_prompt_failing_every_stage_is_registered_failed_and_the_alias_stays(store, registered):
+    migrate("lm", 2, cfg=config(store))
+    client = MlflowClient()
+    passed = client.get_model_version_by_alias("good-prompt", "candidate").version
+    hopeless = migrate("lm", 2, cfg=config(store, "policy.gate.margin=100"))  # another policy: a new migration
+    (failed,) = [p for p in hopeless.prompts if p.source.startswith("models:/good-prompt")]
+    assert failed.created and failed.gate == "failed" and failed.stage is None
+    assert "does not beat" in failed.reason
+    version = client.get_model_version("good-prompt", failed.target.rsplit("/", 1)[1])
+    assert version.tags[TAG_GATE] == "failed" and version.tags[TAG_RECYCLED_FROM] == failed.source
+    assert float(version.tags["mlflow_recycle.metric.policy/refine/steps"]) == 2  # each stage spent its budget
+    assert float(version.tags["mlflow_recycle.metric.policy/retune/steps"]) == 2
+    assert client.get_model_version_by_alias("good-prompt", "candidate").version == passed  # not moved to it
+    # the identity map fitted by the first migration was reused, not fitted again
+    fits = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'fit identity'")
+    assert len(fits) == 1
+
+
+def test_the_alias_never_moves_backwards(store, registered):
+    migrate("lm", 2, cfg=config(store))
+    client = MlflowClient()
+    newest = by_name()["good-prompt"]
+    older = client.get_model_version("good-prompt", registered["good"].version)
+    client.set_model_version_tag("good-prompt", older.version, TAG_GATE, "passed")
+    _move_alias(client, client.get_model_version("good-prompt", older.version), "candidate")
+    assert client.get_model_version_by_alias("good-prompt", "candidate").version == newest.version
+
+
+def test_a_prompt_that_cannot_migrate_fails_the_migration_after_the_others(store, registered, model_dir):
+    v1 = MlflowClient().get_model_version("lm", "1")
+    wrong = SoftPrompt(torch.randn(4, 128), task=SoftPrompt.load(PROMPT).task)  # dim 128: not small-a's 256
+    log_prompt(tie(wrong, v1), "prompt", "wrong-dim")
+    with pytest.raises(MigrationError, match="1 of 3 prompts were not migrated: wrong-dim v1: .*embedding dim"):
+        migrate("lm", 2, cfg=config(store))
+    assert set(by_name()) == {"good-prompt", "nodata"}  # the others were migrated all the same
