@@ -375,9 +375,7 @@ def summary(cfg: DictConfig, s: Setup, metrics: dict[str, float], published: dic
                 lines.append(f"  {label:<16}" + "".join(f"{c:>12.4f}" if c is not None else f"{'':>12}" for c in cells))
     if "success" in metrics:
         verdict = "success" if metrics["success"] else "failure"
-        lines.append(
-            f"  verdict on {list(cfg.eval.splits)[-1]}: {verdict} (success: the recycled prompt beats max(zero-shot, random prompt))"
-        )
+        lines.append(f"  verdict on {list(cfg.eval.splits)[-1]}: {verdict} (recycled vs max(zero-shot, random prompt))")
     if "policy/steps" in metrics:
         steps, seconds = int(metrics["policy/steps"]), metrics["policy/seconds"]
         lines.append(f"  policy {s.policy.label}: {steps} steps, {seconds:.1f} s")
