@@ -300,7 +300,8 @@ def labelled_data_problem(prompt: SoftPrompt, split: str) -> str | None:
     task = prompt.task
     if task is None or not task.data:
         return "the prompt records no task data"
-    if not Path(task.data).exists() and "/" not in task.data:  # hub names contain a slash
+    looks_local = task.data.startswith(("/", ".", "~")) or "/" not in task.data  # hub names are owner/name
+    if looks_local and not Path(task.data).expanduser().exists():
         return f"its task data {task.data!r} is not reachable"
     try:
         read_examples(task.data, split)
