@@ -195,9 +195,10 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
+        train = self.dataset("train")
         return DataLoader(
-            self.dataset("train"),
-            batch_size=self.batch_size,
+            train,
+            batch_size=min(self.batch_size, len(train)) or 1,  # full batches only, but never none
             shuffle=True,
             drop_last=True,
             generator=generator,

@@ -102,11 +102,14 @@ def distill(
     """
     task = prompt.task
     texts = unlabelled_texts(prompt, settings.split, settings.texts, seed)
+    if not texts:
+        raise RecycleError(f"The {settings.split!r} split of {task.data} has no inputs to refine on.")
+    batch_size = min(settings.batch_size, len(texts))  # batches are full-size only: a small task still trains
     data = UnlabelledPairDataModule(
         texts,
         TaskEncoder(source.tokenizer, task, seq2seq=source.seq2seq),
         TaskEncoder(target.tokenizer, task, seq2seq=target.seq2seq),
-        batch_size=settings.batch_size,
+        batch_size=batch_size,
         seed=seed,
     )
     module = PromptDistillationModule(

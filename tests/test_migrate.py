@@ -34,6 +34,7 @@ def store(tmp_path):
     previous = mlflow.get_tracking_uri()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("migrate-tests")  # MLflow keeps the active experiment of an earlier store otherwise
     yield uri
     mlflow.set_tracking_uri(previous)
 
