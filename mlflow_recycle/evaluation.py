@@ -160,7 +160,8 @@ class Evaluator:
         )
         accuracies = {}
         for split in self.splits:
-            trainer: L.Trainer = self.trainer(logger=False)
+            # every example of the split, whatever the trainer config limits for training-time validation
+            trainer: L.Trainer = self.trainer(logger=False, limit_val_batches=1.0, limit_test_batches=1.0)
             run = trainer.test if split == "test" else trainer.validate
             run(module, datamodule=data, verbose=False)
             accuracies[split] = module.results[split]["accuracy"]
