@@ -20,6 +20,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
 from . import soft_prompt
 from .errors import RecycleError
@@ -128,11 +129,7 @@ def register_base_model(
                 name=f"base-{name}",
                 task="text-generation",
                 save_pretrained=copy_weights,
-                pip_requirements=[
-                    f"transformers=={_version('transformers')}",
-                    f"torch=={_version('torch').split('+')[0]}",
-                    f"safetensors=={_version('safetensors')}",
-                ],
+                pip_requirements=[soft_prompt._pinned_requirement(p) for p in ("transformers", "torch", "safetensors")],
             )
     # Registered with its tags in one call: a version is never seen without its digest.
     version = mlflow.register_model(info.model_uri, name, await_registration_for=await_registration_for, tags=tags)
@@ -140,12 +137,6 @@ def register_base_model(
         "Registered %s as %s version %s (%s)", path, name, version.version, "copy" if copy_weights else "reference"
     )
     return version
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def ensure_base_model(
@@ -209,11 +200,14 @@ def log_prompt(
         )
     tie.update(tags or {})
     with _run(f"log {name}"):
+        await_registration_for = kwargs.pop("await_registration_for", DEFAULT_AWAIT_MAX_SLEEP_SECONDS)
         info = soft_prompt.log_model(prompt, name=name, tags=tie, **kwargs)
         mlflow.set_tags({f"mlflow_recycle.{name}.{key.split('.', 1)[1]}": value for key, value in tie.items()})
     if registered_model_name is None:
         return info
-    return mlflow.register_model(info.model_uri, registered_model_name, tags=tie)
+    return mlflow.register_model(
+        info.model_uri, registered_model_name, await_registration_for=await_registration_for, tags=tie
+    )
 
 
 def outcome_tags(outcome: Any, metrics: Mapping[str, float] | None = None) -> dict[str, str]:
