@@ -1,6 +1,6 @@
 """Lightning side of mlflow-recycle: prompt tuning, rank-classification evaluation, distillation, data."""
 
-from .callbacks import BestPrompt, stop_above
+from .callbacks import BestPrompt, ProgressLog, stop_above
 from .data import TextClassificationDataModule, read_examples
 from .distillation import PromptDistillationModule, UnlabelledPairDataModule
 from .modules import PromptTuningModule, RankClassificationModule, TrainablePromptModule, build_optimizer
@@ -9,6 +9,7 @@ from .training import FitOutcome, TrainerFactory, fit_prompt
 __all__ = [
     "BestPrompt",
     "FitOutcome",
+    "ProgressLog",
     "PromptDistillationModule",
     "PromptTuningModule",
     "RankClassificationModule",

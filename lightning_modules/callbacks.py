@@ -7,9 +7,36 @@ included, through :meth:`TrainablePromptModule.tuned_prompt`.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
+
+log = logging.getLogger(__name__)
+
+
+class ProgressLog(L.Callback):
+    """A log line every ``every_seconds`` of training (and at the end): step, budget, the latest
+    metrics. For output that is not a terminal (a file, CI), where a progress bar says nothing."""
+
+    def __init__(self, every_seconds: float = 30.0) -> None:
+        self.every_seconds = every_seconds
+        self._last = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_seconds and trainer.global_step < trainer.max_steps:
+            return
+        self._last = now
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 0)() == 1}
+        values = ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
+        log.info("%s: step %d of %d%s", getattr(pl_module, "name", "training"), trainer.global_step,
+                 trainer.max_steps, f" ({values})" if values else "")  # fmt: skip
 
 
 class BestPrompt(L.Callback):

@@ -8,6 +8,7 @@ records mean the same thing.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from .callbacks import BestPrompt, stop_above
+from .callbacks import BestPrompt, ProgressLog, stop_above
 from .modules import TrainablePromptModule
 
 #: Builds a Lightning trainer; keyword arguments override its configured ones. At the entry
@@ -66,6 +67,8 @@ def fit_prompt(
     """
     monitor = f"{module.name}/validation_accuracy"
     callbacks: list[L.Callback] = list(trainer_kwargs.pop("callbacks", None) or [])
+    if not sys.stderr.isatty():  # a log file or CI: a progress bar writes nothing readable there
+        callbacks.append(ProgressLog())
     best = BestPrompt(monitor)
     if eval_every:
         callbacks.append(best)

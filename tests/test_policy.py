@@ -12,7 +12,14 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_modules import BestPrompt, PromptTuningModule, TextClassificationDataModule, fit_prompt, read_examples
+from lightning_modules import (
+    BestPrompt,
+    ProgressLog,
+    PromptTuningModule,
+    TextClassificationDataModule,
+    fit_prompt,
+    read_examples,
+)
 from mlflow_recycle import RecycleError, SoftPrompt
 from mlflow_recycle.evaluation import Baselines, Gate
 from mlflow_recycle.models import LoadedModel
@@ -128,6 +135,14 @@ def test_the_best_validation_prompt_is_kept_not_the_last(load_model, data_dir):
     assert outcome.score == scores[best] and outcome.best_step == 2 * (best + 1)
     assert torch.equal(outcome.prompt, record.seen[best][1])
     assert not torch.equal(outcome.prompt, module.tuned_prompt())
+
+
+def test_training_written_to_a_file_logs_its_progress(load_model, data_dir, caplog):
+    module, data = tuning_module(load_model, data_dir)
+    with caplog.at_level("INFO", logger="lightning_modules.callbacks"):
+        fit_prompt(module, trainer, steps=3, datamodule=data, callbacks=[ProgressLog(every_seconds=0)])
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_modules.callbacks"]
+    assert lines[0].startswith("t: step 1 of 3 (t/train_loss ") and lines[-1].startswith("t: step 3 of 3")
 
 
 def test_best_prompt_callback_refuses_a_bad_mode():
