@@ -110,19 +110,29 @@ class Receiver:
         secret: str,
         overrides: Sequence[str] = (),
         jobs_token: str | None = "test-jobs-token",
+        data_home: Path | None = None,
     ) -> None:
+        """``data_home``: leave ``hook.queue`` at its default, under this ``XDG_DATA_HOME``."""
         self.tracking_uri, self.root, self.secret, self.jobs_token = tracking_uri, Path(root), secret, jobs_token
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.queue_path = self.root / "queue.db"
-        self.overrides = [f"hook.port={self.port}", f"hook.queue={self.queue_path}", *overrides]
+        self.data_home = data_home
+        if data_home is None:
+            self.queue_path = self.root / "queue.db"
+            self.overrides = [f"hook.port={self.port}", f"hook.queue={self.queue_path}", *overrides]
+        else:
+            self.queue_path = Path(data_home) / "mlflow-recycle" / "queue.db"
+            self.overrides = [f"hook.port={self.port}", *overrides]
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
     @property
     def env(self) -> dict[str, str]:
         env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_RECYCLE_WEBHOOK_SECRET": self.secret}
-        env.pop("MLFLOW_RECYCLE_JOBS_TOKEN", None)
+        for name in ("MLFLOW_RECYCLE_JOBS_TOKEN", "MLFLOW_RECYCLE_QUEUE", "XDG_DATA_HOME"):
+            env.pop(name, None)
+        if self.data_home is not None:
+            env["XDG_DATA_HOME"] = str(self.data_home)
         return {**env, "MLFLOW_RECYCLE_JOBS_TOKEN": self.jobs_token} if self.jobs_token else env
 
     def start(self, timeout: float = 300) -> Receiver:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_EVENTS = ("model_version.created", "model_version_alias.created")
 TEST_DELIVERY = "test delivery"
 _VERSION = re.compile(r"[0-9]+")
+bearer = HTTPBearer(auto_error=False)  # module level: the endpoints' annotations are resolved in this namespace
 
 
 class BodyTooLarge(DeliveryRejected):
@@ -178,8 +179,6 @@ def create_app(cfg: DictConfig, queue: MigrationQueue, worker: Worker | None = N
             log.error("Health check: the worker thread is not running")
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
-
-    bearer = HTTPBearer(auto_error=False)
 
     @app.get("/jobs")
     async def jobs(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> JSONResponse:

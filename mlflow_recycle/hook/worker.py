@@ -52,7 +52,7 @@ def close_abandoned_runs(experiment: str, job: Job, before: float) -> list[str]:
     if found is None:
         return []
     ids = [found.experiment_id]
-    base = job.base_model.replace("'", "\\'")
+    base = job.base_model.replace("\\", "\\\\").replace("'", "\\'")
     running = client.search_runs(
         ids,
         f"tags.`{TAG_JOB}` = '{JOB_MIGRATE}' AND tags.`{TAG_BASE_MODEL}` = '{base}' AND attributes.status = 'RUNNING'",
