@@ -163,7 +163,7 @@ def serve(tracking_uri: str | None, overrides: tuple[str, ...]) -> None:
         lease_seconds=hook_cfg.lease_seconds,
         max_attempts=hook_cfg.max_attempts,
         poll_seconds=hook_cfg.poll_seconds,
-        on_takeover=lambda job, before: close_abandoned_runs(cfg.mlflow.experiment, job, before),
+        on_takeover=close_abandoned_runs,
     )
     try:
         app = create_app(cfg, queue, worker)

@@ -129,7 +129,8 @@ class Receiver:
     @property
     def env(self) -> dict[str, str]:
         env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_RECYCLE_WEBHOOK_SECRET": self.secret}
-        for name in ("MLFLOW_RECYCLE_JOBS_TOKEN", "MLFLOW_RECYCLE_QUEUE", "XDG_DATA_HOME"):
+        # Not inherited from the test process: its jobs token, queue, data home and active experiment.
+        for name in ("MLFLOW_RECYCLE_JOBS_TOKEN", "MLFLOW_RECYCLE_QUEUE", "XDG_DATA_HOME", "MLFLOW_EXPERIMENT_ID"):
             env.pop(name, None)
         if self.data_home is not None:
             env["XDG_DATA_HOME"] = str(self.data_home)

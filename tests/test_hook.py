@@ -393,6 +393,7 @@ def test_receiver_killed_mid_migration_completes_it_exactly_once(receiver_factor
     migrations = MlflowClient().get_experiment_by_name("mlflow-recycle-migrations").experiment_id
     of_crash = "tags.`mlflow_recycle.base_model` = 'lm-crash'"
     (left_running,) = MlflowClient().search_runs([migrations], f"{of_crash} AND attributes.status = 'RUNNING'")
+    assert MlflowClient().search_runs([migrations], f"tags.`mlflow.parentRunId` = '{left_running.info.run_id}'")
     receiver.start()  # same queue: the job's lease expires and the new worker takes it over
     wait_for_migration(receiver, lambda: len(prompts_for("lm-crash", 2)) >= 3, "the rest of the migration", "lm-crash")
     (job,) = wait_until(

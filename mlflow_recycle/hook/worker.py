@@ -39,31 +39,32 @@ TAG_JOB, JOB_MIGRATE, TAG_BASE_MODEL = "mlflow_recycle.job", "migrate", "mlflow_
 TAG_CLOSED_BY = "mlflow_recycle.closed_by"
 
 
-def close_abandoned_runs(experiment: str, job: Job, before: float) -> list[str]:
+def close_abandoned_runs(job: Job, before: float) -> list[str]:
     """Mark KILLED the runs of ``job``'s migration still RUNNING that started before ``before``.
 
     Called when a job is taken over: the lease guarantees its previous worker is gone (or has
-    lost the job), so its runs will never be ended by it. Returns the closed run ids.
+    lost the job), so its runs will never be ended by it. The runs are found by the tags
+    ``migrate`` sets, in any experiment (``MLFLOW_EXPERIMENT_ID`` may have chosen another
+    than ``mlflow.experiment``), with their nested per-prompt runs. Returns the closed run ids.
     """
+    import mlflow
     from mlflow import MlflowClient
 
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    ids = [found.experiment_id]
     base = job.base_model.replace("\\", "\\\\").replace("'", "\\'")
-    running = client.search_runs(
-        ids,
-        f"tags.`{TAG_JOB}` = '{JOB_MIGRATE}' AND tags.`{TAG_BASE_MODEL}` = '{base}' AND attributes.status = 'RUNNING'",
+    running = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`{TAG_JOB}` = '{JOB_MIGRATE}' AND tags.`{TAG_BASE_MODEL}` = '{base}'"
+        " AND attributes.status = 'RUNNING'",
+        output_format="list",
     )
-    closed = []
+    client, closed = MlflowClient(), []
     for run in running:
         # A run killed before it logged its parameters has no to_version: it can only be this job's.
         if run.info.start_time >= before * 1000 or run.data.params.get("to_version", job.to_version) != job.to_version:
             continue
         children = client.search_runs(
-            ids, f"tags.`mlflow.parentRunId` = '{run.info.run_id}' AND attributes.status = 'RUNNING'"
+            [run.info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{run.info.run_id}' AND attributes.status = 'RUNNING'",
         )
         for abandoned in [*children, run]:
             client.set_tag(abandoned.info.run_id, TAG_CLOSED_BY, f"job {job.id} attempt {job.attempts}")
