@@ -52,6 +52,17 @@ def _get_json(url: str, headers: dict[str, str] | None = None) -> Any:
         return None
 
 
+def _stop(process: subprocess.Popen | None, grace: float = 120) -> None:
+    """SIGTERM, and SIGKILL if it has not exited after ``grace`` seconds (a loaded machine is slow to exit)."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class TrackingServer:
     """``mlflow server`` on a free port with a SQLite backend in ``root`` and webhooks enabled."""
 
@@ -70,7 +81,8 @@ class TrackingServer:
         }
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> TrackingServer:
+    def start(self, timeout: float = 600) -> TrackingServer:
+        """Start ``mlflow server``; wait for ``/health`` while the process lives (a generous ceiling)."""
         self.root.mkdir(parents=True, exist_ok=True)
         command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db"]
         command += ["--artifacts-destination", str(self.root / "artifacts")]
@@ -78,7 +90,13 @@ class TrackingServer:
         self.starts += 1
         log = open(self.root / f"server-{self.starts}.log", "w")  # noqa: SIM115 (the process keeps it)
         self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self.healthy, timeout, "the MLflow server")
+
+        def up() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}: see {log.name}")
+            return self.healthy()
+
+        wait_until(up, timeout, "the MLflow server")
         return self
 
     def restart(self, encryption_key: str | None = None) -> TrackingServer:
@@ -95,9 +113,7 @@ class TrackingServer:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(15)
+        _stop(self.process)
 
 
 class Receiver:
@@ -213,12 +229,10 @@ class Receiver:
     def kill(self) -> None:
         """SIGKILL: no clean-up at all, as in a crash or an OOM kill."""
         self.process.send_signal(signal.SIGKILL)
-        self.process.wait(15)
+        self.process.wait()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(30)
+        _stop(self.process)
 
     def logs(self) -> str:
         return "".join((self.root / f"receiver-{i}.log").read_text() for i in range(1, self.starts + 1))
