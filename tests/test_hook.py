@@ -352,7 +352,17 @@ def test_the_door_refuses_big_bodies_bad_versions_and_strangers(receiver_factory
     good = event_body("lm-door", 2)
     assert receiver.post(good, signed_headers(good)).status_code == 202
     (job,) = receiver.jobs()
-    assert set(job) == {"id", "base_model", "to_version", "from_version", "origin", "status", "attempts", "error"}
+    assert set(job) == {
+        "id",
+        "base_model",
+        "to_version",
+        "from_version",
+        "origin",
+        "status",
+        "attempts",
+        "error",
+        "result",
+    }
 
 
 def test_old_deliveries_and_finished_jobs_are_pruned_and_the_queue_is_absolute(receiver_factory, tmp_path):
@@ -446,13 +456,17 @@ def test_server_restarted_with_another_key_is_caught_by_check_and_reconcile(
         assert broken.returncode == 1
         (line,) = [line for line in broken.stderr.splitlines() if line.startswith("Error:")]
         assert "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY" in line and "500" in line
+        reinstall = receiver.cli("hook", "install", "--url", f"{receiver.url}/webhook", "--name", name)
+        assert reinstall.returncode == 1 and line in reinstall.stderr  # the same one line, not minutes of retries
         register_base_model(str(model_dir("small-a-early")), "lm-rekey")  # its delivery fails on the server
         wait_for_migration(
             receiver, lambda: len(prompts_for("lm-rekey", 2)) == 1, "the migration reconcile found", "lm-rekey"
         )
         assert_migrated_once("lm-rekey", sources)
-        (job,) = [j for j in receiver.jobs() if j["to_version"] == "2"]
-        assert job["origin"] == "reconcile:periodic"
+        (job,) = wait_until(
+            lambda: [j for j in receiver.jobs() if j["to_version"] == "2" and j["status"] == "done"], 600, "the job"
+        )
+        assert job["origin"] == "reconcile:periodic" and job["result"]["created"] == 1
         wait_until(lambda: "no webhook delivery for it ever arrived" in receiver.logs(), 600, "the warning")
         tracking.restart(encryption_key=kept)  # the kept key: the stored secret is readable again
         assert receiver.cli("hook", "check", "--name", name).returncode == 0

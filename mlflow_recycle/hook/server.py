@@ -97,7 +97,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def job_summary(job: Job) -> dict[str, Any]:
-    """What ``/jobs`` shows of a job: its state and the error's type, never the error text."""
+    """What ``/jobs`` shows of a job: its state, its result and the error's type, never the error text."""
+    try:
+        result = json.loads(job.result) if job.result else None
+    except ValueError:
+        result = None
     return {
         "id": job.id,
         "base_model": job.base_model,
@@ -107,6 +111,7 @@ def job_summary(job: Job) -> dict[str, Any]:
         "status": job.status,
         "attempts": job.attempts,
         "error": job.error.split(":", 1)[0] if job.error else None,
+        "result": result,
     }
 
 
