@@ -165,6 +165,7 @@ def test_queue_prunes_old_deliveries_and_finished_jobs_and_remembers_deliveries(
     queue.enqueue([JobSpec("lm", "3")], origin="test")
     job = queue.claim("w", 60)
     queue.complete(job.id, "w", "{}")
+    assert [queue.last_status("lm", v) for v in ("2", "3", "4")] == ["done", "queued", None]
     assert queue.prune(deliveries_older_than=60, finished_older_than=60) == (0, 0)  # all recent
     time.sleep(0.3)
     assert queue.prune(deliveries_older_than=0.1, finished_older_than=0.1) == (1, 1)

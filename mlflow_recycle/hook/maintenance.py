@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from .queue import JobSpec, MigrationQueue
+from .queue import FAILED, JobSpec, MigrationQueue
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ def reconcile_into(
     from ..migrate import pending_migrations
 
     pending = pending_migrations(list(base_models) if base_models else None)
+    if origin == ORIGIN_PERIODIC_RECONCILE:  # no retry loop every interval: a restart or the CLI retries those
+        failed = [p for p in pending if queue.last_status(*p) == FAILED]
+        if failed:
+            log.warning("Not retrying migrations whose last job failed (see the log above): %s", failed)
+        pending = [p for p in pending if p not in failed]
     ids = queue.enqueue([JobSpec(base, version) for base, version in pending], origin=origin)
     if pending:
         log.info("Reconcile (%s) queued %d pending migrations: %s", origin, len(pending), pending)

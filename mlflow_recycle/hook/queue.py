@@ -248,6 +248,15 @@ class MigrationQueue:
             ).fetchone()
             return row is not None
 
+    def last_status(self, base_model: str, to_version: str) -> str | None:
+        """The status of the newest job for this migration, if any."""
+        with closing(self._connect()) as conn:
+            row = conn.execute(
+                "SELECT status FROM jobs WHERE base_model = ? AND to_version = ? ORDER BY id DESC LIMIT 1",
+                (base_model, to_version),
+            ).fetchone()
+            return row["status"] if row else None
+
     def prune(self, deliveries_older_than: float, finished_older_than: float) -> tuple[int, int]:
         """Drop delivery ids received more than ``deliveries_older_than`` seconds ago (too old to be
         replayed: the timestamp check rejects them anyway) and done or failed jobs last updated more
