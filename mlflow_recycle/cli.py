@@ -199,9 +199,9 @@ def _webhook_api_error(exc: Exception) -> click.ClickException:
     text = str(exc)
     if "500 error responses" in text or "error code 500" in text:
         return click.ClickException(
-            "the tracking server fails (HTTP 500) to read its webhooks: it cannot decrypt their secrets, so it was "
-            "restarted with another MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY than they were created with; restart it "
-            "with the original key (`mlflow-recycle hook encryption-key` prints the one kept for it)."
+            "the tracking server fails (HTTP 500) to read its webhooks: most likely it cannot decrypt their secrets "
+            "because it was restarted with another MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY than they were created with; "
+            "restart it with the original key (`mlflow-recycle hook encryption-key` prints the one kept for it)."
         )
     return click.ClickException(f"the tracking server's webhook API failed: {text.splitlines()[0] if text else exc!r}")
 
@@ -259,9 +259,7 @@ def check_webhook(client, webhook) -> str:
     )
 
 
-webhook_name_option = click.option(
-    "--name", default="mlflow-recycle", show_default=True, help="Webhook name; an existing one is updated."
-)
+webhook_name_option = click.option("--name", default="mlflow-recycle", show_default=True, help="The webhook's name.")
 
 
 @hook.command()
@@ -287,7 +285,7 @@ def install(
     tracking_uri: str | None,
     overrides: tuple[str, ...],
 ) -> None:
-    """Create (or update) the MLflow webhook that calls the receiver, then check it."""
+    """Create the MLflow webhook that calls the receiver (or update the one named NAME), then check it."""
     from mlflow.exceptions import MlflowException
 
     cfg, _ = _config(overrides, tracking_uri=tracking_uri)

@@ -473,6 +473,7 @@ def test_server_restarted_with_another_key_is_caught_by_check_and_reconcile(
         assert receiver.cli("hook", "check", "--name", name).returncode == 0
     finally:
         mlflow.set_tracking_uri(previous)
+        mlflow.set_experiment("hook-tests")  # the module server's: the next tests log there
         tracking.stop()
 
 
