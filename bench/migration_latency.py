@@ -35,9 +35,9 @@ import torch  # noqa: E402
 from docs_update import update_section  # noqa: E402
 
 from mlflow_recycle import SoftPrompt, TaskSpec  # noqa: E402
-from mlflow_recycle.hook import local  # noqa: E402
 from mlflow_recycle.models import load_pretrained  # noqa: E402
 from mlflow_recycle.registry import log_prompt, prompts_for, register_base_model, tie  # noqa: E402
+from tests import servers as local  # noqa: E402
 
 SECRET = "latency-benchmark"
 SHARED = Path(os.environ.get("MLFLOW_RECYCLE_SHARED", ROOT.parent / "shared"))

@@ -1,33 +1,48 @@
 """The registry hook: signature checks, the durable queue, and the whole loop against a real
-``mlflow server`` (SQLite backend, webhooks on) and the real receiver process."""
+``mlflow server`` (SQLite backend, webhooks on) and the real receiver process, including
+what an operator meets: server restarts with a new key, crashes, big or bad bodies, old state."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import stat
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import pytest
+from cryptography.fernet import Fernet
 from mlflow import MlflowClient
 
 from mlflow_recycle import SoftPrompt, TaskSpec
-from mlflow_recycle.hook import JobSpec, MigrationQueue, local, sign, verify
-from mlflow_recycle.hook.server import jobs_for_event
+from mlflow_recycle.hook import Job, JobSpec, MigrationQueue, sign, verify
+from mlflow_recycle.hook.maintenance import delivery_retention
+from mlflow_recycle.hook.queue import default_queue_path, queue_path
+from mlflow_recycle.hook.server import is_test_delivery, job_summary, jobs_for_event
 from mlflow_recycle.hook.signature import DeliveryRejected
 from mlflow_recycle.migrate import TAG_GATE, TAG_MIGRATION_KEY, pending_migrations
 from mlflow_recycle.models import load_pretrained
 from mlflow_recycle.registry import TAG_RECYCLED_FROM, log_prompt, model_uri, prompts_for, register_base_model, tie
+from tests import servers
 
 SECRET = "test-secret-do-not-log"
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
     try:
-        return local.wait_until(predicate, timeout, what, interval)
+        return servers.wait_until(predicate, timeout, what, interval)
     except TimeoutError as exc:
+        pytest.fail(str(exc))
+
+
+def wait_for_migration(receiver: servers.Receiver, predicate, what: str, base_model: str, version: str = "2"):
+    """Wait while the receiver works on the migration: fails when it dies or the job fails, not on a clock."""
+    try:
+        return receiver.wait_while_working(predicate, what, base_model, version)
+    except (TimeoutError, RuntimeError) as exc:
         pytest.fail(str(exc))
 
 
@@ -118,11 +133,87 @@ def test_queue_is_durable_deduplicated_and_leased(tmp_path):
     assert new != 1 and [j.id for j in queue.jobs("queued")] == [new]
 
 
+def test_versions_that_are_not_numbers_are_rejected_and_test_deliveries_recognised():
+    events = {"model_version.created"}
+    for version in ("abc", "2; drop", "-1", "1.5"):
+        with pytest.raises(DeliveryRejected, match="is not a version number") as rejected:
+            jobs_for_event("model_version.created", {"name": "lm", "version": version}, set(), events)
+        assert rejected.value.status == 400
+    assert jobs_for_event("model_version.created", {"name": "lm", "version": "02"}, set(), events)[0] == [
+        JobSpec("lm", "2")
+    ]
+    from mlflow.entities.webhook import WebhookEvent
+    from mlflow.webhooks.types import get_example_payload_for_event
+
+    example = get_example_payload_for_event(WebhookEvent.from_str("model_version.created"))
+    assert is_test_delivery("model_version.created", example)
+    assert not is_test_delivery("model_version.created", {**example, "version": "2"})
+
+
+def test_jobs_show_only_the_type_of_an_error():
+    job = Job("lm", "2", id=3, status="failed", error="MigrationError: /home/op/secret/path: Traceback ...")
+    summary = job_summary(job)
+    assert summary["error"] == "MigrationError" and "/home" not in json.dumps(summary)
+
+
+def test_queue_prunes_old_deliveries_and_finished_jobs_and_remembers_deliveries(tmp_path):
+    queue = MigrationQueue(tmp_path / "q.db")
+    (reconciled,) = queue.enqueue([JobSpec("lm", "2")], origin="reconcile:periodic")
+    assert not queue.was_delivered("lm", "2")
+    assert queue.accept("d1", "model_version.created", [JobSpec("lm", "2")], "queued") == [reconciled]
+    assert queue.was_delivered("lm", "2")  # the delivery joined the job reconcile had queued
+    queue.enqueue([JobSpec("lm", "3")], origin="test")
+    job = queue.claim("w", 60)
+    queue.complete(job.id, "w", "{}")
+    assert [queue.last_status("lm", v) for v in ("2", "3", "4")] == ["done", "queued", None]
+    assert queue.prune(deliveries_older_than=60, finished_older_than=60) == (0, 0)  # all recent
+    time.sleep(0.3)
+    assert queue.prune(deliveries_older_than=0.1, finished_older_than=0.1) == (1, 1)
+    assert [j.to_version for j in queue.jobs()] == ["3"]  # the queued job stays, whatever its age
+    assert queue.counts()["deliveries"] == 0
+    assert delivery_retention(300) > 2 * 300  # a replay is stale after 2 x tolerance
+
+
+def test_queue_path_is_absolute_and_defaults_under_the_data_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_queue_path() == tmp_path / "data" / "mlflow-recycle" / "queue.db"
+    assert queue_path(None) == default_queue_path()
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/dir")  # not absolute: ignored, as the XDG spec says
+    assert default_queue_path() == servers.Path.home() / ".local" / "share" / "mlflow-recycle" / "queue.db"
+    monkeypatch.chdir(tmp_path)
+    assert queue_path("q.db") == tmp_path / "q.db"
+
+
+def test_encryption_key_is_kept_in_a_private_file(tmp_path):
+    key_file = tmp_path / "conf" / "webhook-encryption.key"
+    run = [str(servers.BIN / "mlflow-recycle"), "hook", "encryption-key", "-o", f"hook.encryption_key_file={key_file}"]
+    first = servers.subprocess.run(run, capture_output=True, text=True, timeout=300, check=True).stdout.strip()
+    second = servers.subprocess.run(run, capture_output=True, text=True, timeout=300, check=True).stdout.strip()
+    assert first == second and Fernet(first.encode())  # the same valid key every time: restarts reuse it
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["reconcile", "--dry-run"], ["migrate", "lm", "2"], ["hook", "serve"]],
+    ids=["reconcile", "migrate", "serve"],
+)
+def test_commands_refuse_an_implicit_local_store(tmp_path, command):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_RECYCLE_WEBHOOK_SECRET"] = SECRET
+    done = servers.subprocess.run(
+        [str(servers.BIN / "mlflow-recycle"), *command], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert "MLFLOW_TRACKING_URI" in done.stderr and "--tracking-uri" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no ./mlflow.db, nothing at all
+
+
 # ---------------------------------------------------------------------- the real loop
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `mlflow server` with webhooks enabled for a loopback receiver."""
-    tracking = local.TrackingServer(tmp_path_factory.mktemp("server")).start()
+    tracking = servers.TrackingServer(tmp_path_factory.mktemp("server")).start()
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking.url)
     mlflow.set_experiment("hook-tests")  # MLflow keeps the active experiment of an earlier store otherwise
@@ -131,15 +222,18 @@ def server(tmp_path_factory):
     tracking.stop()
 
 
+SETTINGS = ["hook.lease_seconds=3", "hook.poll_seconds=0.2", "eval.limit_test=24", "eval.random_prompt_draws=1"]
+
+
 @pytest.fixture
 def receiver_factory(server, tmp_path):
     """Receivers watching one base model each, on a small evaluation set and a short lease."""
     receivers = []
 
-    def make(base_model: str, *overrides: str) -> local.Receiver:
-        settings = [f"hook.watch=[{base_model}]", "hook.lease_seconds=3", "hook.poll_seconds=0.2"]
-        settings += ["eval.limit_test=24", "eval.random_prompt_draws=1", *overrides]
-        receivers.append(local.Receiver(server, tmp_path / f"receiver-{len(receivers)}", SECRET, settings))
+    def make(base_model: str, *overrides: str, tracking_uri: str | None = None, **options) -> servers.Receiver:
+        settings = [f"hook.watch=[{base_model}]", *SETTINGS, *overrides]
+        root = tmp_path / f"receiver-{len(receivers)}"
+        receivers.append(servers.Receiver(tracking_uri or server, root, SECRET, settings, **options))
         return receivers[-1]
 
     yield make
@@ -153,7 +247,7 @@ def webhook(server):
     """`mlflow-recycle hook install` for a receiver; deleted afterwards."""
     names = []
 
-    def install(receiver: local.Receiver) -> None:
+    def install(receiver: servers.Receiver) -> None:
         names.append(receiver.install_webhook())
 
     yield install
@@ -194,7 +288,7 @@ def test_registering_a_new_base_version_migrates_every_prompt(receiver_factory, 
     receiver = receiver_factory("lm-hook").start()
     webhook(receiver)
     register_base_model(str(model_dir("small-a-early")), "lm-hook")  # version 2: nothing else is done
-    wait_until(lambda: len(prompts_for("lm-hook", 2)) == 3, 180, "three recycled prompts")
+    wait_for_migration(receiver, lambda: len(prompts_for("lm-hook", 2)) == 3, "three recycled prompts", "lm-hook")
     for version in assert_migrated_once("lm-hook", sources):
         assert version.tags[TAG_GATE] in ("passed", "failed") and version.tags[TAG_MIGRATION_KEY]
         assert 0 <= float(version.tags["mlflow_recycle.metric.test/recycled_accuracy"]) <= 1
@@ -203,7 +297,7 @@ def test_registering_a_new_base_version_migrates_every_prompt(receiver_factory, 
             run.data.metrics
         )
     done = wait_until(
-        lambda: [j for j in receiver.jobs() if j["to_version"] == "2" and j["status"] == "done"], 60, "the job"
+        lambda: [j for j in receiver.jobs() if j["to_version"] == "2" and j["status"] == "done"], 600, "the job"
     )
     assert done[0]["origin"].startswith("webhook:")
 
@@ -211,14 +305,13 @@ def test_registering_a_new_base_version_migrates_every_prompt(receiver_factory, 
 def test_bad_signature_stale_timestamp_and_replay_queue_nothing(receiver_factory):
     receiver = receiver_factory("lm-reject").start()
     body = event_body("lm-reject", 2)
-    before = receiver.health()
+    before = receiver.queue().counts()
     assert receiver.post(body, signed_headers(body, secret="wrong")).status_code == 401
     assert receiver.post(body, signed_headers(body, timestamp=int(time.time()) - 3600)).status_code == 400
     headers = signed_headers(body)
     unsigned = {k: v for k, v in headers.items() if k != "X-MLflow-Signature"}
     assert receiver.post(body, unsigned).status_code == 401
-    after_rejects = receiver.health()
-    assert after_rejects["deliveries"] == before["deliveries"] and after_rejects["queued"] == before["queued"]
+    assert receiver.queue().counts() == before
     assert receiver.post(body, headers).status_code == 202  # genuine: queued
     jobs = len(receiver.jobs())
     replay = receiver.post(body, headers)
@@ -231,35 +324,157 @@ def test_bad_signature_stale_timestamp_and_replay_queue_nothing(receiver_factory
     }
 
 
+def test_the_door_refuses_big_bodies_bad_versions_and_strangers(receiver_factory):
+    receiver = receiver_factory("lm-door", "hook.max_body_bytes=4096").start()
+    before = receiver.queue().counts()
+    # A declared 100 MB body is refused from its Content-Length, before a byte of it is read.
+    connection = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=60)
+    connection.putrequest("POST", "/webhook")
+    connection.putheader("Content-Length", str(100 * 2**20))
+    connection.endheaders()
+    answer = connection.getresponse()
+    assert answer.status == 413 and "hook.max_body_bytes" in json.loads(answer.read())["error"]
+    connection.close()
+    # A chunked body (no Content-Length) is counted as it streams in, and refused before parsing.
+    chunks = (b"x" * 1024 for _ in range(5))
+    streamed = servers.requests.post(f"{receiver.url}/webhook", data=chunks, timeout=60)
+    assert streamed.status_code == 413
+    # A signed event whose version is not a number: 400 at the door, nothing queued.
+    bad = event_body("lm-door", "abc")
+    rejected = receiver.post(bad, signed_headers(bad))
+    assert rejected.status_code == 400 and "not a version number" in rejected.json()["error"]
+    assert receiver.queue().counts() == before
+    # /health says only ok; /jobs wants the bearer token and shows no error texts.
+    assert receiver.health() == {"status": "ok"}
+    jobs_url = f"{receiver.url}/jobs"
+    assert servers.requests.get(jobs_url, timeout=10).status_code == 401
+    wrong = servers.requests.get(jobs_url, headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+    good = event_body("lm-door", 2)
+    assert receiver.post(good, signed_headers(good)).status_code == 202
+    (job,) = receiver.jobs()
+    assert set(job) == {
+        "id",
+        "base_model",
+        "to_version",
+        "from_version",
+        "origin",
+        "status",
+        "attempts",
+        "error",
+        "result",
+    }
+
+
+def test_old_deliveries_and_finished_jobs_are_pruned_and_the_queue_is_absolute(receiver_factory, tmp_path):
+    data_home = tmp_path / "xdg-data"
+    receiver = receiver_factory(
+        "lm-prune",
+        "hook.tolerance_seconds=2",
+        "hook.prune_interval_seconds=0.5",
+        "hook.keep_finished_seconds=1",
+        jobs_token=None,
+        data_home=data_home,
+    ).start()
+    expected = data_home / "mlflow-recycle" / "queue.db"
+    assert receiver.queue_path == expected and expected.exists()  # the default: under XDG_DATA_HOME
+    assert f"queue {expected}" in receiver.logs()  # printed at start-up
+    off = servers.requests.get(f"{receiver.url}/jobs", timeout=10)
+    assert off.status_code == 404 and "MLFLOW_RECYCLE_JOBS_TOKEN" in off.json()["error"]
+    ignored, queued = event_body("other", 3), event_body("lm-prune", 3)  # lm-prune has no prompts: a quick job
+    assert receiver.post(ignored, signed_headers(ignored)).status_code == 200
+    assert receiver.post(queued, signed_headers(queued)).status_code == 202
+    counts = receiver.queue().counts()
+    assert counts["deliveries"] == 2 and counts["queued"] + counts["running"] + counts["done"] == 1
+    # Pruned after 3 x tolerance (deliveries) and keep_finished_seconds after the job is done.
+    wait_until(lambda: not receiver.alive or receiver.queue().counts()["deliveries"] == 0, 600, "pruned deliveries")
+    wait_until(lambda: not receiver.alive or not receiver.queue().jobs(), 600, "the pruned finished job")
+    assert receiver.alive and "Pruned" in receiver.logs()
+
+
 def test_receiver_killed_mid_migration_completes_it_exactly_once(receiver_factory, webhook, model_dir, data_dir):
     sources = base_with_prompts("lm-crash", model_dir, data_dir)
     # A full SST-2 evaluation per prompt leaves seconds between versions to kill the receiver in.
     receiver = receiver_factory("lm-crash", "eval.limit_test=null").start()
     webhook(receiver)
     register_base_model(str(model_dir("small-a-early")), "lm-crash")
-    wait_until(lambda: len(prompts_for("lm-crash", 2)) >= 1, 180, "the first recycled prompt", interval=0.05)
+    wait_for_migration(receiver, lambda: len(prompts_for("lm-crash", 2)) >= 1, "the first recycled prompt", "lm-crash")
     receiver.kill()
     assert len(prompts_for("lm-crash", 2)) < 3, "the migration finished before the kill: the test proves nothing"
+    migrations = MlflowClient().get_experiment_by_name("mlflow-recycle-migrations").experiment_id
+    of_crash = "tags.`mlflow_recycle.base_model` = 'lm-crash'"
+    (left_running,) = MlflowClient().search_runs([migrations], f"{of_crash} AND attributes.status = 'RUNNING'")
+    assert MlflowClient().search_runs([migrations], f"tags.`mlflow.parentRunId` = '{left_running.info.run_id}'")
     receiver.start()  # same queue: the job's lease expires and the new worker takes it over
-    wait_until(lambda: len(prompts_for("lm-crash", 2)) >= 3, 240, "the rest of the migration")
-    time.sleep(2)  # let any stray duplicate surface
-    assert_migrated_once("lm-crash", sources)
+    wait_for_migration(receiver, lambda: len(prompts_for("lm-crash", 2)) >= 3, "the rest of the migration", "lm-crash")
     (job,) = wait_until(
-        lambda: [j for j in receiver.jobs() if j["status"] == "done" and j["to_version"] == "2"], 60, "the job"
+        lambda: [j for j in receiver.jobs() if j["status"] == "done" and j["to_version"] == "2"], 600, "the job"
     )
     assert job["attempts"] == 2
+    assert_migrated_once("lm-crash", sources)
+    # The dead worker's runs (the migration's and the prompt's it was on) are closed, not RUNNING forever.
+    client = MlflowClient()
+    killed = client.get_run(left_running.info.run_id)
+    assert killed.info.status == "KILLED" and killed.data.tags["mlflow_recycle.closed_by"].startswith("job ")
+    children = client.search_runs([migrations], f"tags.`mlflow.parentRunId` = '{left_running.info.run_id}'")
+    assert children and all(c.info.status != "RUNNING" for c in children)
+    assert not client.search_runs([migrations], f"{of_crash} AND attributes.status = 'RUNNING'")
 
 
-def test_version_registered_while_the_receiver_is_down_is_reconciled(receiver_factory, model_dir, data_dir):
+def test_version_registered_while_the_receiver_is_down_is_reconciled(receiver_factory, server, model_dir, data_dir):
     sources = base_with_prompts("lm-down", model_dir, data_dir)
     receiver = receiver_factory("lm-down")  # not running, no webhook: the event is lost
+    dry_run = ["reconcile", "--dry-run", "--base-model", "lm-down"]
+    assert receiver.cli(*dry_run).stdout == "nothing pending\n"
     register_base_model(str(model_dir("small-a-early")), "lm-down")
     assert ("lm-down", "2") in pending_migrations(["lm-down"])
+    assert receiver.cli(*dry_run).stdout.startswith("pending: lm-down v2\n")
     receiver.start()  # reconciles at start-up
-    wait_until(lambda: len(prompts_for("lm-down", 2)) == 3, 180, "the reconciled migration")
+    wait_for_migration(receiver, lambda: len(prompts_for("lm-down", 2)) == 3, "the reconciled migration", "lm-down")
     assert_migrated_once("lm-down", sources)
-    assert [j["origin"] for j in receiver.jobs()] == ["reconcile"]
+    assert [j["origin"] for j in receiver.jobs()] == ["reconcile:start"]
     assert pending_migrations(["lm-down"]) == []
+
+
+def test_server_restarted_with_another_key_is_caught_by_check_and_reconcile(
+    receiver_factory, tmp_path, model_dir, data_dir
+):
+    """The operator's story: the webhook server restarts with a new encryption key, deliveries fail
+    silently on its side; `hook check` says so, and the periodic reconcile migrates what it missed."""
+    kept = Fernet.generate_key().decode()
+    tracking = servers.TrackingServer(tmp_path / "rekeyed-server", encryption_key=kept).start()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking.url)
+    try:
+        mlflow.set_experiment("hook-rekey")
+        sources = base_with_prompts("lm-rekey", model_dir, data_dir, n_prompts=1)
+        receiver = receiver_factory("lm-rekey", "hook.reconcile_interval_seconds=2", tracking_uri=tracking.url).start()
+        name = receiver.install_webhook()  # installs and checks
+        ok = receiver.cli("hook", "check", "--name", name)
+        assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stderr
+        tracking.restart(encryption_key=Fernet.generate_key().decode())  # what `$(python -c ...)` in a README does
+        broken = receiver.cli("hook", "check", "--name", name)
+        assert broken.returncode == 1
+        (line,) = [line for line in broken.stderr.splitlines() if line.startswith("Error:")]
+        assert "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY" in line and "500" in line
+        reinstall = receiver.cli("hook", "install", "--url", f"{receiver.url}/webhook", "--name", name)
+        assert reinstall.returncode == 1 and line in reinstall.stderr  # the same one line, not minutes of retries
+        register_base_model(str(model_dir("small-a-early")), "lm-rekey")  # its delivery fails on the server
+        wait_for_migration(
+            receiver, lambda: len(prompts_for("lm-rekey", 2)) == 1, "the migration reconcile found", "lm-rekey"
+        )
+        assert_migrated_once("lm-rekey", sources)
+        (job,) = wait_until(
+            lambda: [j for j in receiver.jobs() if j["to_version"] == "2" and j["status"] == "done"], 600, "the job"
+        )
+        assert job["origin"] == "reconcile:periodic" and job["result"]["created"] == 1
+        wait_until(lambda: "no webhook delivery for it ever arrived" in receiver.logs(), 600, "the warning")
+        tracking.restart(encryption_key=kept)  # the kept key: the stored secret is readable again
+        assert receiver.cli("hook", "check", "--name", name).returncode == 0
+    finally:
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_experiment("hook-tests")  # the module server's: the next tests log there
+        tracking.stop()
 
 
 def test_a_burst_of_concurrent_events_creates_no_duplicates(receiver_factory, model_dir, data_dir):
@@ -270,10 +485,10 @@ def test_a_burst_of_concurrent_events_creates_no_duplicates(receiver_factory, mo
     with ThreadPoolExecutor(max_workers=25) as pool:
         answers = list(pool.map(lambda _: receiver.post(body, signed_headers(body)).status_code, range(50)))
     assert answers.count(202) == 50
-    wait_until(lambda: len(prompts_for("lm-burst", 2)) >= 3, 180, "the migration")
-    wait_until(lambda: all(j["status"] == "done" for j in receiver.jobs()), 120, "every queued job")
+    wait_for_migration(receiver, lambda: len(prompts_for("lm-burst", 2)) >= 3, "the migration", "lm-burst")
+    wait_until(lambda: all(j["status"] == "done" for j in receiver.jobs()), 600, "every queued job")
     assert_migrated_once("lm-burst", sources)
-    assert receiver.health()["deliveries"] == 50
+    assert receiver.queue().counts()["deliveries"] == 50
 
 
 def test_projects_worker_runs_each_migration_as_an_mlflow_project(tmp_path, model_dir, data_dir, monkeypatch):
@@ -283,7 +498,7 @@ def test_projects_worker_runs_each_migration_as_an_mlflow_project(tmp_path, mode
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the project run's child process inherits it
-    monkeypatch.setenv("PATH", f"{local.BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{servers.BIN}{os.pathsep}{os.environ['PATH']}")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("projects-worker")
     sources = base_with_prompts("lm-projects", model_dir, data_dir, n_prompts=2)

@@ -7,10 +7,14 @@ reject replays. A job is claimed under a lease that the worker renews while it r
 worker that dies leaves a job whose lease expires, and the next worker takes it over.
 At most one job per (base model, version) is queued or running at a time, so a burst of
 duplicate events runs the migration once.
+
+Nothing grows without bound: :meth:`MigrationQueue.prune` drops delivery ids too old to be
+replayed and finished jobs past their retention; the receiver calls it on a timer.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL,
     error TEXT,
     result TEXT,
+    delivered_at REAL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -46,6 +51,19 @@ CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, id);
 """
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+FINISHED = (DONE, FAILED)
+
+
+def default_queue_path() -> Path:
+    """``$XDG_DATA_HOME/mlflow-recycle/queue.db`` (``~/.local/share/mlflow-recycle/queue.db`` by default)."""
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(data_home) if Path(data_home).is_absolute() else Path.home() / ".local" / "share"
+    return base / "mlflow-recycle" / "queue.db"
+
+
+def queue_path(setting: str | Path | None) -> Path:
+    """The queue file for ``hook.queue``: the default when unset, always absolute."""
+    return Path(setting).expanduser().resolve() if setting else default_queue_path()
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,7 @@ class Job(JobSpec):
     attempts: int = 0
     error: str | None = None
     result: str | None = None
+    taken_over: bool = False  # claimed from a worker whose lease expired (it crashed or hung)
 
 
 class MigrationQueue:
@@ -79,6 +98,9 @@ class MigrationQueue:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as conn:
             conn.executescript(SCHEMA)
+            columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+            if "delivered_at" not in columns:  # a queue file from before deliveries were tracked per job
+                conn.execute("ALTER TABLE jobs ADD COLUMN delivered_at REAL")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -122,7 +144,10 @@ class MigrationQueue:
                 )
             except sqlite3.IntegrityError:
                 return None
-            return [self._insert(conn, spec, f"webhook:{delivery_id}", now) for spec in specs]
+            ids = [self._insert(conn, spec, f"webhook:{delivery_id}", now) for spec in specs]
+            for job_id in ids:  # also when the delivery joined a job that reconcile had queued
+                conn.execute("UPDATE jobs SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL", (now, job_id))
+            return ids
 
     def enqueue(self, specs: Sequence[JobSpec], origin: str) -> list[int]:
         """Queue jobs found by other means (reconcile, CLI); an identical active job is reused."""
@@ -135,7 +160,7 @@ class MigrationQueue:
         now = time.time()
         with self._transaction() as conn:
             row = conn.execute(
-                "SELECT id FROM jobs WHERE status = ? OR (status = ? AND lease_until < ?) ORDER BY id LIMIT 1",
+                "SELECT id, status FROM jobs WHERE status = ? OR (status = ? AND lease_until < ?) ORDER BY id LIMIT 1",
                 (QUEUED, RUNNING, now),
             ).fetchone()
             if row is None:
@@ -145,7 +170,7 @@ class MigrationQueue:
                 " WHERE id = ?",
                 (RUNNING, owner, now + lease_seconds, now, row["id"]),
             )
-            return self._job(conn, row["id"])
+            return self._job(conn, row["id"], taken_over=row["status"] == RUNNING)
 
     def heartbeat(self, job_id: int, owner: str, lease_seconds: float) -> bool:
         """Extend the lease; False when the job is no longer ours (it expired and was taken over)."""
@@ -178,7 +203,7 @@ class MigrationQueue:
             return status
 
     @staticmethod
-    def _job(conn: sqlite3.Connection, job_id: int) -> Job:
+    def _job(conn: sqlite3.Connection, job_id: int, taken_over: bool = False) -> Job:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job(
             base_model=row["base_model"],
@@ -190,6 +215,7 @@ class MigrationQueue:
             attempts=row["attempts"],
             error=row["error"],
             result=row["result"],
+            taken_over=taken_over,
         )
 
     def jobs(self, status: str | None = None) -> list[Job]:
@@ -213,9 +239,34 @@ class MigrationQueue:
             counts["deliveries"] = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
             return counts
 
-    def forget_deliveries(self, older_than_seconds: float) -> int:
-        """Drop delivery ids too old to be replayed (the timestamp check rejects them anyway)."""
+    def was_delivered(self, base_model: str, to_version: str) -> bool:
+        """Whether a webhook delivery ever asked for this migration (the queue's memory of it)."""
+        with closing(self._connect()) as conn:
+            row = conn.execute(
+                "SELECT 1 FROM jobs WHERE base_model = ? AND to_version = ? AND delivered_at IS NOT NULL LIMIT 1",
+                (base_model, to_version),
+            ).fetchone()
+            return row is not None
+
+    def last_status(self, base_model: str, to_version: str) -> str | None:
+        """The status of the newest job for this migration, if any."""
+        with closing(self._connect()) as conn:
+            row = conn.execute(
+                "SELECT status FROM jobs WHERE base_model = ? AND to_version = ? ORDER BY id DESC LIMIT 1",
+                (base_model, to_version),
+            ).fetchone()
+            return row["status"] if row else None
+
+    def prune(self, deliveries_older_than: float, finished_older_than: float) -> tuple[int, int]:
+        """Drop delivery ids received more than ``deliveries_older_than`` seconds ago (too old to be
+        replayed: the timestamp check rejects them anyway) and done or failed jobs last updated more
+        than ``finished_older_than`` seconds ago. Returns how many of each were dropped."""
+        now = time.time()
         with self._transaction() as conn:
-            return conn.execute(
-                "DELETE FROM deliveries WHERE received_at < ?", (time.time() - older_than_seconds,)
+            deliveries = conn.execute(
+                "DELETE FROM deliveries WHERE received_at < ?", (now - deliveries_older_than,)
             ).rowcount
+            jobs = conn.execute(
+                "DELETE FROM jobs WHERE status IN (?, ?) AND updated_at < ?", (*FINISHED, now - finished_older_than)
+            ).rowcount
+            return deliveries, jobs

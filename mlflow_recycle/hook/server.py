@@ -1,53 +1,122 @@
 """The webhook receiver: verify, filter, persist, answer; the worker migrates behind it.
 
-``POST /webhook`` takes MLflow model-registry webhook deliveries. A delivery with a bad or
-missing signature, a stale timestamp or a replayed delivery id is rejected and queues
-nothing; one for a base model the receiver does not watch (or for a soft-prompt version)
-is acknowledged and ignored; any other is stored in the durable queue together with its
-migration job, and only then answered ``202``. ``GET /health`` reports the queue.
+``POST /webhook`` takes MLflow model-registry webhook deliveries. A body larger than
+``hook.max_body_bytes`` is refused with ``413`` before it is read in full or parsed. A
+delivery with a bad or missing signature, a stale timestamp or a replayed delivery id is
+rejected and queues nothing; so is one whose version is not a version number (``400``).
+MLflow's own test delivery (``mlflow-recycle hook check``) is acknowledged as such. One for
+a base model the receiver does not watch (or for a soft-prompt version) is acknowledged and
+ignored; any other is stored in the durable queue together with its migration job, and only
+then answered ``202``.
+
+``GET /health`` says only whether the receiver works (``200 ok`` or ``503``). ``GET /jobs``
+lists the jobs with a short status; it needs ``Authorization: Bearer <hook.jobs_token>``
+and is off (``404``) while no token is set. Full error texts go to the log only.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from omegaconf import DictConfig
 
 from ..errors import RecycleError
 from ..registry import KIND_PROMPT, TAG_KIND
-from .queue import JobSpec, MigrationQueue
+from .maintenance import ORIGIN_START_RECONCILE, receiver_maintenance, reconcile_into
+from .queue import Job, JobSpec, MigrationQueue
 from .signature import DeliveryRejected, verify
 from .worker import Worker
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_EVENTS = ("model_version.created", "model_version_alias.created")
+TEST_DELIVERY = "test delivery"
+_VERSION = re.compile(r"[0-9]+")
+bearer = HTTPBearer(auto_error=False)  # module level: the endpoints' annotations are resolved in this namespace
+
+
+class BodyTooLarge(DeliveryRejected):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"body larger than {limit} bytes (hook.max_body_bytes)")
+
+
+def is_test_delivery(event: str, data: Mapping[str, Any]) -> bool:
+    """Whether ``data`` is MLflow's example payload, which its test-webhook API sends."""
+    from mlflow.entities.webhook import WebhookEvent
+    from mlflow.webhooks.types import get_example_payload_for_event
+
+    try:
+        return dict(data) == dict(get_example_payload_for_event(WebhookEvent.from_str(event)))
+    except Exception:  # an event MLflow does not know has no example payload
+        return False
 
 
 def jobs_for_event(event: str, data: Mapping[str, Any], watch: set[str], events: set[str]) -> tuple[list[JobSpec], str]:
-    """The migrations an event asks for, and why (``queued`` or the reason it is ignored)."""
+    """The migrations an event asks for, and why (``queued`` or the reason it is ignored).
+
+    Raises :class:`DeliveryRejected` (400) for a model name or version that cannot be one.
+    """
     if event not in events:
         return [], f"event {event} is not handled"
     name, version = data.get("name"), data.get("version")
     if not name or not version:
         return [], "event without model name and version"
+    if not isinstance(name, str) or not _VERSION.fullmatch(str(version)):
+        raise DeliveryRejected(400, f"model version {version!r} of {name!r} is not a version number")
     if (data.get("tags") or {}).get(TAG_KIND) == KIND_PROMPT:
         return [], f"{name} v{version} is a soft prompt, not a base model"
     if watch and name not in watch:
         return [], f"{name} is not a watched base model"
-    return [JobSpec(str(name), str(version))], "queued"
+    return [JobSpec(name, str(int(str(version))))], "queued"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) one over ``limit`` bytes by its Content-Length or as it streams in."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise DeliveryRejected(400, f"malformed Content-Length {declared!r}")
+        if int(declared) > limit:
+            raise BodyTooLarge(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(limit)
+    return bytes(body)
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """What ``/jobs`` shows of a job: its state, its result and the error's type, never the error text."""
+    try:
+        result = json.loads(job.result) if job.result else None
+    except ValueError:
+        result = None
+    return {
+        "id": job.id,
+        "base_model": job.base_model,
+        "to_version": job.to_version,
+        "from_version": job.from_version,
+        "origin": job.origin,
+        "status": job.status,
+        "attempts": job.attempts,
+        "error": job.error.split(":", 1)[0] if job.error else None,
+        "result": result,
+    }
 
 
 def create_app(cfg: DictConfig, queue: MigrationQueue, worker: Worker | None = None) -> FastAPI:
-    """The receiver app; with a ``worker``, it reconciles (if configured) and migrates in the background."""
+    """The receiver app; with a ``worker``, it reconciles (if configured), migrates and prunes in the background."""
     hook = cfg.hook
     if not hook.secret:
         raise RecycleError(
@@ -57,33 +126,46 @@ def create_app(cfg: DictConfig, queue: MigrationQueue, worker: Worker | None = N
     unknown = set(hook.events) - set(SUPPORTED_EVENTS)
     if unknown:
         raise RecycleError(f"hook.events {sorted(unknown)} are not supported; choose from {list(SUPPORTED_EVENTS)}.")
+    if int(hook.max_body_bytes) <= 0:
+        raise RecycleError(f"hook.max_body_bytes must be a positive number of bytes, got {hook.max_body_bytes}.")
     secret, watch, events = str(hook.secret), set(hook.watch), set(hook.events)
+    max_body, jobs_token = int(hook.max_body_bytes), str(hook.jobs_token) if hook.jobs_token else None
+    maintenance = receiver_maintenance(hook, queue, sorted(watch) or None) if worker is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if worker is not None:
             if hook.reconcile_on_start:
-                await run_in_threadpool(reconcile_into, queue, sorted(watch) or None)
+                await run_in_threadpool(reconcile_into, queue, sorted(watch) or None, ORIGIN_START_RECONCILE)
             worker.start()
+            maintenance.start()
         yield
         if worker is not None:
+            maintenance.stop(timeout=5)
             worker.stop(timeout=5)
 
     app = FastAPI(title="mlflow-recycle webhook receiver", lifespan=lifespan)
 
     @app.post("/webhook")
     async def webhook(request: Request) -> JSONResponse:
-        body = await request.body()
+        delivery_id = request.headers.get("X-MLflow-Delivery-Id")
         try:
+            body = await read_body(request, max_body)
             delivery_id = verify(secret, request.headers, body, tolerance_seconds=hook.tolerance_seconds)
-            payload = json.loads(body)
-            event, data = f"{payload['entity']}.{payload['action']}", payload["data"]
+            try:
+                payload = json.loads(body)
+                event, data = f"{payload['entity']}.{payload['action']}", payload["data"]
+                if not isinstance(data, Mapping):
+                    raise TypeError("data is not an object")
+            except (ValueError, KeyError, TypeError):
+                raise DeliveryRejected(400, "body is not an MLflow webhook payload") from None
+            if is_test_delivery(event, data):
+                specs, outcome = [], TEST_DELIVERY
+            else:
+                specs, outcome = jobs_for_event(event, data, watch, events)
         except DeliveryRejected as rejected:
-            log.warning("Rejected delivery %s: %s", request.headers.get("X-MLflow-Delivery-Id"), rejected.reason)
+            log.warning("Rejected delivery %s: %s", delivery_id, rejected.reason)
             return JSONResponse({"error": rejected.reason}, status_code=rejected.status)
-        except (ValueError, KeyError, TypeError):
-            return JSONResponse({"error": "body is not an MLflow webhook payload"}, status_code=400)
-        specs, outcome = jobs_for_event(event, data, watch, events)
         ids = await run_in_threadpool(queue.accept, delivery_id, event, specs, outcome)
         if ids is None:
             log.warning("Rejected replayed delivery %s", delivery_id)
@@ -92,22 +174,29 @@ def create_app(cfg: DictConfig, queue: MigrationQueue, worker: Worker | None = N
         return JSONResponse({"status": outcome, "jobs": ids}, status_code=202 if ids else 200)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", **await run_in_threadpool(queue.counts)}
+    async def health() -> JSONResponse:
+        try:
+            await run_in_threadpool(queue.counts)
+        except Exception:
+            log.exception("Health check: the queue cannot be read")
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        if worker is not None and not worker.alive:
+            log.error("Health check: the worker thread is not running")
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/jobs")
-    async def jobs() -> list[dict[str, Any]]:
-        return [asdict(job) for job in await run_in_threadpool(queue.jobs)]
+    async def jobs(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> JSONResponse:
+        if jobs_token is None:
+            return JSONResponse(
+                {"error": "/jobs is off: set MLFLOW_RECYCLE_JOBS_TOKEN (hook.jobs_token) to enable it"}, status_code=404
+            )
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), jobs_token.encode()):
+            return JSONResponse(
+                {"error": "/jobs needs Authorization: Bearer <hook.jobs_token>"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return JSONResponse([job_summary(job) for job in await run_in_threadpool(queue.jobs)])
 
     return app
-
-
-def reconcile_into(queue: MigrationQueue, base_models: list[str] | None) -> list[int]:
-    """Queue every migration the registry shows as pending (missed while the receiver was down)."""
-    from ..migrate import pending_migrations
-
-    pending = pending_migrations(base_models)
-    ids = queue.enqueue([JobSpec(base, version) for base, version in pending], origin="reconcile")
-    if pending:
-        log.info("Reconcile queued %d missed migrations: %s", len(pending), pending)
-    return ids

@@ -1,0 +1,238 @@
+"""A local MLflow tracking server with webhooks on, and a receiver process, on loopback.
+
+For the integration tests and the latency benchmark (``bench/`` imports it as
+``tests.servers``): both run as real processes (``mlflow server``, ``mlflow-recycle hook
+serve``), exactly as deployed, with the settings MLflow needs to call a receiver on loopback.
+Waits follow progress (:meth:`Receiver.wait_while_working`) rather than a fixed wall clock,
+so they hold on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+
+from mlflow_recycle.hook.queue import MigrationQueue
+
+T = TypeVar("T")
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
+    """Poll ``predicate`` until it returns something truthy; TimeoutError after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    try:
+        response = requests.get(url, headers=headers, timeout=10)
+        return response.json() if response.ok else None
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def _stop(process: subprocess.Popen | None, grace: float = 120) -> None:
+    """SIGTERM, and SIGKILL if it has not exited after ``grace`` seconds (a loaded machine is slow to exit)."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class TrackingServer:
+    """``mlflow server`` on a free port with a SQLite backend in ``root`` and webhooks enabled."""
+
+    def __init__(self, root: Path, encryption_key: str | None = None) -> None:
+        from cryptography.fernet import Fernet
+
+        self.root, self.port = Path(root), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.starts = 0
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": encryption_key or Fernet.generate_key().decode(),
+            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",  # the receiver is plain http on loopback
+            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+            "MLFLOW_WEBHOOK_CACHE_TTL": "0",  # a webhook created a moment ago fires at once
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 600) -> TrackingServer:
+        """Start ``mlflow server``; wait for ``/health`` while the process lives (a generous ceiling)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db"]
+        command += ["--artifacts-destination", str(self.root / "artifacts")]
+        command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.starts += 1
+        log = open(self.root / f"server-{self.starts}.log", "w")  # noqa: SIM115 (the process keeps it)
+        self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}: see {log.name}")
+            return self.healthy()
+
+        wait_until(up, timeout, "the MLflow server")
+        return self
+
+    def restart(self, encryption_key: str | None = None) -> TrackingServer:
+        """Stop and start again on the same port and store; with ``encryption_key``, a new webhook key."""
+        self.stop()
+        if encryption_key:
+            self.env["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] = encryption_key
+        return self.start()
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+class Receiver:
+    """``mlflow-recycle hook serve`` as its own process: start, kill, restart on the same queue."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        root: Path,
+        secret: str,
+        overrides: Sequence[str] = (),
+        jobs_token: str | None = "test-jobs-token",
+        data_home: Path | None = None,
+    ) -> None:
+        """``data_home``: leave ``hook.queue`` at its default, under this ``XDG_DATA_HOME``."""
+        self.tracking_uri, self.root, self.secret, self.jobs_token = tracking_uri, Path(root), secret, jobs_token
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_home = data_home
+        if data_home is None:
+            self.queue_path = self.root / "queue.db"
+            self.overrides = [f"hook.port={self.port}", f"hook.queue={self.queue_path}", *overrides]
+        else:
+            self.queue_path = Path(data_home) / "mlflow-recycle" / "queue.db"
+            self.overrides = [f"hook.port={self.port}", *overrides]
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_RECYCLE_WEBHOOK_SECRET": self.secret}
+        # Not inherited from the test process: its jobs token, queue, data home and active experiment.
+        for name in ("MLFLOW_RECYCLE_JOBS_TOKEN", "MLFLOW_RECYCLE_QUEUE", "XDG_DATA_HOME", "MLFLOW_EXPERIMENT_ID"):
+            env.pop(name, None)
+        if self.data_home is not None:
+            env["XDG_DATA_HOME"] = str(self.data_home)
+        return {**env, "MLFLOW_RECYCLE_JOBS_TOKEN": self.jobs_token} if self.jobs_token else env
+
+    def start(self, timeout: float = 300) -> Receiver:
+        """Start ``hook serve`` and wait for ``/health`` while the process lives (start-up reconcile included)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        command = [str(BIN / "mlflow-recycle"), "hook", "serve", *[f"-o{o}" for o in self.overrides]]
+        self.starts += 1
+        log = open(self.root / f"receiver-{self.starts}.log", "w")  # noqa: SIM115 (the process keeps it)
+        self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if not self.alive:
+                raise RuntimeError(f"the receiver exited with {self.process.returncode}:\n{self.logs()[-3000:]}")
+            return self.health() == {"status": "ok"}
+
+        wait_until(up, timeout, "the receiver")
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def health(self) -> dict | None:
+        return _get_json(f"{self.url}/health")
+
+    def jobs(self) -> list[dict]:
+        """``GET /jobs`` with the bearer token."""
+        return _get_json(f"{self.url}/jobs", {"Authorization": f"Bearer {self.jobs_token}"}) or []
+
+    def queue(self) -> MigrationQueue:
+        """The receiver's queue file, read directly (full job errors, delivery counts)."""
+        return MigrationQueue(self.queue_path)
+
+    def post(self, body: bytes, headers: dict[str, str]) -> requests.Response:
+        return requests.post(f"{self.url}/webhook", data=body, headers=headers, timeout=30)
+
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """``mlflow-recycle ARGS`` against this receiver's tracking server and secret."""
+        command = [str(BIN / "mlflow-recycle"), *args]
+        return subprocess.run(command, env=env or self.env, capture_output=True, text=True, timeout=600)
+
+    def install_webhook(self, name: str | None = None) -> str:
+        """``mlflow-recycle hook install`` pointing at this receiver (it checks it too); returns the webhook name."""
+        name = name or f"recycle-{self.port}"
+        done = self.cli("hook", "install", "--url", f"{self.url}/webhook", "--name", name)
+        if done.returncode != 0:
+            raise RuntimeError(f"hook install failed ({done.returncode}): {done.stdout}{done.stderr[-3000:]}")
+        return name
+
+    def wait_while_working(
+        self, predicate: Callable[[], T], what: str, base_model: str, version: str, ceiling: float = 1800
+    ) -> T:
+        """Poll ``predicate`` while the receiver lives and its job for (base_model, version) is not over.
+
+        Fails at once when the receiver died or the job failed (with the job's full error),
+        and only after a generous ``ceiling`` otherwise: no fixed wall-clock guess of how
+        long a migration takes on a busy machine.
+        """
+
+        def progress() -> T | None:
+            value = predicate()
+            if value:
+                return value
+            if not self.alive:
+                raise RuntimeError(f"the receiver exited while waiting for {what}:\n{self.logs()[-3000:]}")
+            jobs = [j for j in self.queue().jobs() if (j.base_model, j.to_version) == (base_model, version)]
+            if jobs and all(j.status == "failed" for j in jobs):
+                raise RuntimeError(f"the job for {base_model} v{version} failed: {jobs[-1].error}")
+            if jobs and all(j.status == "done" for j in jobs):
+                value = predicate()  # done just now
+                if not value:
+                    raise RuntimeError(f"the job for {base_model} v{version} is done but not {what}")
+            return value
+
+        return wait_until(progress, ceiling, what, interval=0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all, as in a crash or an OOM kill."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+    def logs(self) -> str:
+        return "".join((self.root / f"receiver-{i}.log").read_text() for i in range(1, self.starts + 1))
