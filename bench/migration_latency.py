@@ -98,6 +98,8 @@ def main() -> None:
     modes = {"no evaluation": ["evaluate=false"]}
     if not args.quick:
         modes[f"evaluation on {EVAL_EXAMPLES} examples"] = [
+            "policy=recycle",  # recycling and judging it: the later stages train, and cost what they are budgeted
+            f"eval.limit_val={EVAL_EXAMPLES}",
             f"eval.limit_test={EVAL_EXAMPLES}",
             "eval.random_prompt_draws=3",
         ]

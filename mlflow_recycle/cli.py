@@ -100,10 +100,8 @@ def migrate(
         report = run_migration(base_model, to_version, from_version or None, cfg=cfg)
     except RecycleError as exc:
         raise click.ClickException(str(exc)) from exc
-    for prompt in report.prompts:
-        click.echo(
-            f"{prompt.source} -> {prompt.target}  {prompt.gate}{'' if prompt.created else '  (already migrated)'}"
-        )
+    for line in report.lines():
+        click.echo(line)
     click.echo(f"{report.created} new prompt versions for {base_model} v{to_version} (from v{report.from_version}).")
 
 

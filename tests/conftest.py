@@ -14,6 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # its thread writes os.environ while servers start
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MLFLOW_RECYCLE_SHARED", REPO.parent / "shared"))

@@ -222,7 +222,9 @@ def server(tmp_path_factory):
     tracking.stop()
 
 
-SETTINGS = ["hook.lease_seconds=3", "hook.poll_seconds=0.2", "eval.limit_test=24", "eval.random_prompt_draws=1"]
+#: Recycling alone (the policy's later stages are tested in test_migrate.py and test_policy.py), judged on small sets.
+SETTINGS = ["hook.lease_seconds=3", "hook.poll_seconds=0.2", "policy=recycle", "eval.limit_val=24", "eval.limit_test=24"]
+SETTINGS += ["eval.random_prompt_draws=1"]
 
 
 @pytest.fixture

@@ -85,7 +85,9 @@ def in_process_executor(cfg: DictConfig) -> Executor:
             {
                 "from_version": report.from_version,
                 "created": report.created,
-                "prompts": [{"source": p.source, "target": p.target, "gate": p.gate} for p in report.prompts],
+                "prompts": [
+                    {"source": p.source, "target": p.target, "gate": p.gate, "stage": p.stage} for p in report.prompts
+                ],
             }
         )
 
