@@ -223,8 +223,8 @@ def server(tmp_path_factory):
 
 
 #: Recycling alone (the policy's later stages are tested in test_migrate.py and test_policy.py), judged on small sets.
-SETTINGS = ["hook.lease_seconds=3", "hook.poll_seconds=0.2", "policy=recycle", "eval.limit_val=24", "eval.limit_test=24"]
-SETTINGS += ["eval.random_prompt_draws=1"]
+SETTINGS = ["hook.lease_seconds=3", "hook.poll_seconds=0.2", "policy=recycle"]
+SETTINGS += ["eval.limit_val=24", "eval.limit_test=24", "eval.random_prompt_draws=1"]
 
 
 @pytest.fixture
