@@ -11,6 +11,7 @@ import stat
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -283,6 +284,52 @@ def assert_migrated_once(base_model: str, sources, version: int = 2) -> list:
     assert sorted(by_source) == sorted(model_uri(s.name, s.version) for s in sources)
     assert all(len(v) == 1 for v in by_source.values()), {k: [x.version for x in v] for k, v in by_source.items()}
     return recycled
+
+
+#: The default policy with budgets a test can afford (the figures of test_policy's carry-over test).
+POLICY = ["policy=default", "eval.limit_val=48", "policy.stages.1.steps=60", "policy.stages.1.eval_every=10"]
+POLICY += ["policy.stages.1.texts=960", "policy.stages.1.batch_size=8", "policy.stages.2.steps=60"]
+POLICY += ["policy.stages.2.eval_every=10", "policy.stages.2.limit_train=960", "policy.stages.2.batch_size=8"]
+POLICY += ["policy.stages.2.lr=0.03"]
+TUNED = Path(__file__).parent / "assets" / "sst2-prompt-small-a"
+
+
+def test_the_migration_policy_end_to_end(receiver_factory, webhook, model_dir, data_dir):
+    """A tuned prompt and one whose data is gone, through two new base versions: another seed (the map
+    loses the task, later stages bring it back) and a re-export of it (identity passes at once)."""
+    v1 = register_base_model(str(model_dir("small-a")), "lm-policy")
+    good = SoftPrompt.load(TUNED)
+    good = good.replace(task=good.task.replace(data=str(data_dir("sst2"))))
+    log_prompt(tie(good, v1), "prompt", "lm-policy-good")
+    log_prompt(tie(good.replace(task=good.task.replace(data="/gone/sst2")), v1), "prompt", "lm-policy-nodata")
+    receiver = receiver_factory("lm-policy", *POLICY).start()
+    webhook(receiver)
+    for version, model in ((2, "small-b"), (3, "small-b")):
+        register_base_model(str(model_dir(model)), "lm-policy")
+        done = lambda v=version: len(prompts_for("lm-policy", v)) == 2  # noqa: E731
+        wait_for_migration(receiver, done, f"two prompts on v{version}", "lm-policy", str(version))
+    on_v2 = {v.name: v.tags for v in prompts_for("lm-policy", 2)}
+    on_v3 = {v.name: v.tags for v in prompts_for("lm-policy", 3)}
+    # v2, another seed: linear fails the gate, refinement or re-tuning from it passes, within budget
+    assert on_v2["lm-policy-good"][TAG_GATE] == "passed", on_v2["lm-policy-good"]
+    assert on_v2["lm-policy-good"]["mlflow_recycle.stage"] in ("refine", "retune")
+    assert float(on_v2["lm-policy-good"]["mlflow_recycle.metric.policy/recycle/gate_accuracy"]) <= float(
+        on_v2["lm-policy-good"]["mlflow_recycle.metric.policy/gate_threshold"]
+    )
+    # v3, the same weights again: identity passes at recycle, no training
+    assert (on_v3["lm-policy-good"][TAG_GATE], on_v3["lm-policy-good"]["mlflow_recycle.stage"]) == ("passed", "recycle")
+    assert on_v3["lm-policy-good"]["mlflow_recycle.recycler"].startswith("identity")
+    assert float(on_v3["lm-policy-good"]["mlflow_recycle.metric.policy/steps"]) == 0
+    for tags in (on_v2["lm-policy-nodata"], on_v3["lm-policy-nodata"]):  # recycled, not judged, and why
+        assert tags[TAG_GATE] == "unevaluated" and "'/gone/sst2' is not reachable" in tags["mlflow_recycle.gate_reason"]
+    again = servers.subprocess.run(
+        [str(servers.BIN / "mlflow-recycle"), "migrate", "lm-policy", "3", "--tracking-uri", mlflow.get_tracking_uri(),
+         *[f"-o{o}" for o in [*SETTINGS, *POLICY]]],
+        capture_output=True, text=True, env={**os.environ, "MLFLOW_RECYCLE_WEBHOOK_SECRET": SECRET},
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "0 new prompt versions" in again.stdout
+    assert "(existing): passed at recycle" in again.stdout and len(prompts_for("lm-policy", 3)) == 2
 
 
 def test_registering_a_new_base_version_migrates_every_prompt(receiver_factory, webhook, model_dir, data_dir):
