@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+
+def bench_logging() -> None:
+    """INFO lines from the benchmark and the product; the libraries' chatter only when it matters."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("lightning", "mlflow", "lightning_modules", "mlflow_recycle.evaluation"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def update_section(docs: Path, name: str, body: str) -> None:

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docs_update import update_section  # noqa: E402
+from docs_update import bench_logging, update_section  # noqa: E402
 from recycling_matrix import INITS, PAIRS, Matrix  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
@@ -199,9 +199,7 @@ def main() -> None:
     parser.add_argument("--mlflow", action="store_true", help="log the rows and summary to MLflow")
     parser.add_argument("--quick", action="store_true", help="one tiny prompt: a smoke test")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("lightning", "mlflow", "lightning_modules", "mlflow_recycle.evaluation"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    bench_logging()
     if args.quick:
         args.tasks, args.pairs, args.inits, args.seeds = ["sst2"], ["small-a-early:small-a"], ["vocab"], [0]
     out = Path(args.out)

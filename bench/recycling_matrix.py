@@ -46,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-from docs_update import update_section  # noqa: E402
+from docs_update import bench_logging, update_section  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
@@ -435,9 +435,7 @@ def main() -> None:
     parser.add_argument("--mlflow", action="store_true", help="log the summary to MLflow (MLFLOW_TRACKING_URI)")
     parser.add_argument("--quick", action="store_true", help="one tiny cell: a smoke test")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("lightning", "mlflow", "lightning_modules", "mlflow_recycle.evaluation"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    bench_logging()
     if args.quick:
         args.tasks, args.pairs, args.recyclers = ["sst2"], ["small-a-early:small-a"], ["identity", "linear"]
         args.inits, args.seeds = ["vocab"], [0]

@@ -448,16 +448,7 @@ def run_policy(
 def _retune(stage: RetuneStage, transfer: Transfer, start: SoftPrompt, threshold: float) -> FitOutcome:
     """Supervised tuning on the target from ``start``, stopping once the gate passes."""
     target = transfer.target
-    data = task_data(
-        target,
-        start.task,
-        prompt_length=start.length,
-        batch_size=stage.batch_size,
-        eval_batch_size=transfer.eval_batch_size,
-        limit_train=stage.limit_train,
-        limit_val=transfer.limit_val,
-        seed=transfer.seed,
-    )
+    data = transfer.data(target, start, batch_size=stage.batch_size, limit_train=stage.limit_train)
     module = PromptTuningModule(
         target.model,
         start.embeddings,
