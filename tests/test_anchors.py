@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from tokenizers import Tokenizer
 from tokenizers.models import WordPiece
 from tokenizers.pre_tokenizers import Whitespace
@@ -74,9 +72,11 @@ def test_too_little_overlap_is_refused(load_model):
 
 
 def anchor_settings() -> set[str]:
-    """The ``anchors.*`` settings conf/config.yaml exposes."""
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text())
-    return {f"anchors.{key}" for key in config["anchors"]}
+    """The ``anchors.*`` settings the job and the migration expose."""
+    from mlflow_recycle.config import compose
+
+    job, migration = compose(), compose(config_name="migrate")
+    return {f"anchors.{key}" for key in job.anchors} & {f"anchors.{key}" for key in migration.anchors}
 
 
 def test_offset_too_large_suggests_an_offset_that_works(load_model):

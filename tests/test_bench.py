@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mlflow_recycle.config import REPO_ROOT
 
 BENCH = REPO_ROOT / "bench"
@@ -99,6 +101,7 @@ def test_migration_policy_quick(tmp_path):
     assert "Tuning" not in kept.stderr and "Policy for" not in kept.stderr
 
 
+@pytest.mark.slow  # ~2 min: a tracking server and a receiver per count
 def test_migration_latency_quick(tmp_path):
     assert "| no evaluation | 2 |" in run("migration_latency.py", cwd=tmp_path).stdout
 

@@ -443,6 +443,7 @@ def test_old_deliveries_and_finished_jobs_are_pruned_and_the_queue_is_absolute(r
     assert receiver.alive and "Pruned" in receiver.logs()
 
 
+@pytest.mark.slow  # ~3.5 min: two receiver processes, a kill -9 and a lease takeover
 def test_receiver_killed_mid_migration_completes_it_exactly_once(receiver_factory, webhook, model_dir, data_dir):
     sources = base_with_prompts("lm-crash", model_dir, data_dir)
     # A full SST-2 evaluation per prompt leaves seconds between versions to kill the receiver in.
@@ -487,6 +488,7 @@ def test_version_registered_while_the_receiver_is_down_is_reconciled(receiver_fa
     assert pending_migrations(["lm-down"]) == []
 
 
+@pytest.mark.slow  # ~3.5 min: two tracking-server restarts and a periodic reconcile
 def test_server_restarted_with_another_key_is_caught_by_check_and_reconcile(
     receiver_factory, tmp_path, model_dir, data_dir
 ):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from mlflow_recycle import IncompatibleModelError, RecycleError, SoftPrompt, soft_prompt
 from mlflow_recycle.config import REPO_ROOT, compose
@@ -213,6 +214,8 @@ def test_a_models_recipe_reaches_every_tuning_of_it():
     cfg = compose(["model@source=large", "model@target=small-a"])
     assert with_recipe(cfg, cfg.source).prompt.lr == 0.03 and cfg.prompt.lr == 0.01
     assert with_recipe(cfg, cfg.target) is cfg  # small-a has no recipe of its own
-    bad = compose(["model@source=large", "+model@source.recipe.optimizer={lr: 1}"])
+    bad = compose(["model@source=large"])
+    OmegaConf.set_struct(bad, False)
+    bad.source.recipe.optimizer = {"lr": 1}
     with pytest.raises(RecycleError, match="recipe may set `prompt` and `trainer`"):
         with_recipe(bad, bad.source)
