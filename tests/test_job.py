@@ -219,3 +219,29 @@ def test_a_models_recipe_reaches_every_tuning_of_it():
     bad.source.recipe.optimizer = {"lr": 1}
     with pytest.raises(RecycleError, match="recipe may set `prompt` and `trainer`"):
         with_recipe(bad, bad.source)
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    """A SQLite store for in-process jobs; the global tracking URI is restored afterwards."""
+    previous = mlflow.get_tracking_uri()
+    yield f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(previous)
+
+
+def test_tune_recycle_and_evaluate_entry_points_chain(tracking):
+    from mlflow_recycle.job import run
+
+    base = [*QUICK, f"mlflow.tracking_uri={tracking}"]
+    tuned = run(compose([*base, "job=tune"]))
+    (source,) = prompts_for("imdb-lm", 1)
+    assert "test/source_accuracy" in tuned and "policy/steps" not in tuned  # tuning alone: no policy ran
+    recycled = run(compose([*base, "job=recycle", f"prompt_uri=models:/sst2-prompt/{source.version}"]))
+    (target,) = prompts_for("imdb-lm", 2)
+    assert target.tags[TAG_RECYCLED_FROM] == f"models:/sst2-prompt/{source.version}"
+    assert target.tags["mlflow_recycle.gate"] in ("passed", "failed") and target.tags[TAG_RECYCLER] == "linear"
+    evaluated = run(compose([*base, "job=evaluate", f"prompt_uri=models:/sst2-prompt/{target.version}"]))
+    # the evaluate job measures on validation exactly what the recycle job's gate saw
+    assert evaluated["validation/prompt_accuracy"] == recycled["policy/recycle/gate_accuracy"]
+    gate_passed = recycled["policy/recycle/gate_accuracy"] > recycled["policy/gate_threshold"]
+    assert target.tags["mlflow_recycle.gate"] == ("passed" if gate_passed else "failed")
