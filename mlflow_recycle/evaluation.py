@@ -72,6 +72,15 @@ class Baselines:
     def best(self, split: str) -> float:
         return max(self.zero_shot[split], self.random_prompt[split])
 
+    @classmethod
+    def merge(cls, parts: Sequence[Baselines]) -> Baselines:
+        """One record of baselines measured split by split."""
+        return cls(
+            zero_shot={k: v for p in parts for k, v in p.zero_shot.items()},
+            random_prompt={k: v for p in parts for k, v in p.random_prompt.items()},
+            random_prompt_std={k: v for p in parts for k, v in p.random_prompt_std.items()},
+        )
+
     def beaten_by(self, accuracy: float, split: str) -> bool:
         """Strictly better than both baselines (the paper's success criterion)."""
         return accuracy > self.best(split)

@@ -433,7 +433,8 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     metrics = _policy_record(outcome)
     ctx.publish(outcome.prompt, "recycled_prompt", tags=registry.outcome_tags(outcome, metrics))
     accuracies["recycled"] = evaluator.accuracy(s.target, s.target_data, outcome.prompt.embeddings, "recycled")
-    baselines = evaluator.baselines(s.target, s.target_data, source_prompt.length)
+    # per split, shared with the policy's gate: the gate split's baselines are measured once
+    baselines = Baselines.merge([pair.baselines(s.target, source_prompt, split, s.target_data) for split in ctx.splits])
     if cfg.retune:
         retuned = tune(ctx, s.target, s.target_data, "target", cfg.target)
         accuracies["retuned"] = evaluator.accuracy(s.target, s.target_data, retuned.embeddings, "retuned")
