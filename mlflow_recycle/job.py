@@ -92,13 +92,13 @@ def prepare(cfg: DictConfig) -> Setup:
     for choice in policy.stages[0].recyclers:  # a misspelt recycler or option fails before any loading
         get_recycler(choice.name, **choice.options)
     spec = task_spec(cfg.task)
+    if cfg.job in ("recycle", "evaluate") and not cfg.prompt_uri:
+        raise RecycleError(f"job={cfg.job} needs prompt_uri: the prompt to {cfg.job}.")
+    prompt = registry.load_prompt(cfg.prompt_uri) if cfg.prompt_uri else None  # before the models: a typo costs nothing
     configure_threads(cfg.get("threads"))
     source = load_model(cfg.source, cache=cfg.paths.get("cache"))
     same = (model_dir(cfg.target), cfg.target.get("gguf_file")) == (model_dir(cfg.source), cfg.source.get("gguf_file"))
     target = source if same else load_model(cfg.target, cache=cfg.paths.get("cache"))
-    prompt = registry.load_prompt(cfg.prompt_uri) if cfg.prompt_uri else None
-    if cfg.job in ("recycle", "evaluate") and prompt is None:
-        raise RecycleError(f"job={cfg.job} needs prompt_uri: the prompt to {cfg.job}.")
     if prompt is not None:
         on = target if cfg.job == "evaluate" else source
         prompt.check_fits_model(on.model, on.tokenizer, name=f"{on.name} ({on.uri})")

@@ -260,6 +260,12 @@ def migrate(
     configure(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     configure_threads(cfg.get("threads"))
     start, to_version = time.perf_counter(), str(to_version)
+    known = {str(v.version) for v in registry.base_versions(base_model)}
+    if to_version not in known:
+        raise RecycleError(
+            f"{base_model!r} has no version {to_version} in {mlflow.get_tracking_uri()}"
+            + (f" (its versions: {', '.join(sorted(known, key=int))})." if known else ": no such registered model.")
+        )
     from_version = (
         str(from_version) if from_version is not None else previous_version_with_prompts(base_model, to_version)
     )

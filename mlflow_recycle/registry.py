@@ -245,7 +245,15 @@ def load_prompt(uri: str) -> SoftPrompt:
     local = Path(uri)
     if local.is_dir() and not (local / "MLmodel").is_file():
         return SoftPrompt.load(local)
-    return soft_prompt.load_model(uri)
+    try:
+        return soft_prompt.load_model(uri)
+    except mlflow.exceptions.MlflowException as exc:
+        first = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0]
+        raise RecycleError(
+            f"Cannot load the prompt {uri!r} from {mlflow.get_tracking_uri()}: {first} "
+            "(a registered prompt is models:/<name>/<version> or models:/<name>@<alias>; "
+            "the MLflow UI's Models page lists them)."
+        ) from exc
 
 
 def tie(prompt: SoftPrompt, base: ModelVersion) -> SoftPrompt:

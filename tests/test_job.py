@@ -245,3 +245,12 @@ def test_tune_recycle_and_evaluate_entry_points_chain(tracking):
     assert evaluated["validation/prompt_accuracy"] == recycled["policy/recycle/gate_accuracy"]
     gate_passed = recycled["policy/recycle/gate_accuracy"] > recycled["policy/gate_threshold"]
     assert target.tags["mlflow_recycle.gate"] == ("passed" if gate_passed else "failed")
+
+
+def test_a_prompt_uri_that_does_not_exist_is_one_line_before_any_model_loads(tmp_path):
+    result = run_cli(tmp_path, *QUICK, "job=evaluate", "prompt_uri=models:/sst2-prompt/99")
+    assert result.returncode == 2
+    output = result.stdout + result.stderr  # Hydra's log handler writes to stdout
+    error = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(error) == 1 and "Cannot load the prompt 'models:/sst2-prompt/99'" in error[0]
+    assert "Traceback" not in output and "Loaded small-a" not in output

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mlflow_recycle import SoftPrompt
+from mlflow_recycle import RecycleError, SoftPrompt
 from mlflow_recycle.config import compose
 from mlflow_recycle.migrate import (
     TAG_GATE,
@@ -128,3 +128,10 @@ def test_a_prompt_that_cannot_migrate_fails_the_migration_after_the_others(store
     with pytest.raises(MigrationError, match="1 of 3 prompts were not migrated: wrong-dim v1: .*embedding dim"):
         migrate("lm", 2, cfg=config(store))
     assert set(by_name()) == {"good-prompt", "nodata"}  # the others were migrated all the same
+
+
+def test_migrating_a_model_or_version_that_does_not_exist_says_so(store, registered):
+    with pytest.raises(RecycleError, match="'nosuch' has no version 2 .*: no such registered model"):
+        migrate("nosuch", 2, cfg=config(store))
+    with pytest.raises(RecycleError, match=r"'lm' has no version 7 .* \(its versions: 1, 2\)"):
+        migrate("lm", 7, cfg=config(store))
