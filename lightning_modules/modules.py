@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 OPTIMIZERS = ("adafactor", "adamw")
+_NOT_HYPERPARAMETERS = (
+    "model",
+    "prompt",
+    "initial_prompt",
+    "anchor",
+    "teacher",
+    "teacher_prompt",
+    "student",
+    "student_init",
+)
 
 
 class RankClassificationModule(L.LightningModule):
@@ -53,6 +63,9 @@ class RankClassificationModule(L.LightningModule):
         trainable: bool = False,
     ) -> None:
         super().__init__()
+        # Lightning's convention: the constructor's settings (of the subclass too) in self.hparams and
+        # checkpoints; models and tensors stay out (checkpoints hold only the prompt, see below).
+        self.save_hyperparameters(ignore=list(_NOT_HYPERPARAMETERS))
         self.lm = PromptedLM(model.requires_grad_(False).eval())
         if prompt is not None and prompt.shape[-1] != self.lm.dim:
             raise RecycleError(

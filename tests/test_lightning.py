@@ -59,6 +59,9 @@ def test_only_the_prompt_changes_during_training(load_model, data_dir, tmp_path)
     fit.save_checkpoint(tmp_path / "prompt.ckpt")
     checkpoint = torch.load(tmp_path / "prompt.ckpt", weights_only=False)
     assert list(checkpoint["state_dict"]) == ["prompt"]
+    # the settings, as save_hyperparameters records them; no model or tensor among them
+    assert checkpoint["hyper_parameters"]["lr"] == 0.05 and checkpoint["hyper_parameters"]["optimizer"] == "adamw"
+    assert not any(isinstance(v, (torch.Tensor, torch.nn.Module)) for v in checkpoint["hyper_parameters"].values())
 
 
 def test_adafactor_tunes_the_prompt(load_model, data_dir):
