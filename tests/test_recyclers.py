@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -217,7 +215,7 @@ def test_corrupt_saved_recycler_gives_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------- real models
-def test_fitted_on_real_pair_transforms_a_prompt_quickly(load_model, capsys):
+def test_fitted_on_real_pair_maps_vocabulary_rows_onto_the_targets_own(load_model):
     source_model, source_tok = load_model("small-a")
     target_model, target_tok = load_model("small-b")
     recycler = fit_recycler("linear", source_model, source_tok, target_model, target_tok)
@@ -225,11 +223,7 @@ def test_fitted_on_real_pair_transforms_a_prompt_quickly(load_model, capsys):
         source_model.get_input_embeddings().weight[1000:1020].detach(),
         tokenizer_fingerprint=recycler.source_fingerprint,
     )
-    start = time.perf_counter()
-    recycled = recycler.transform(prompt)
-    elapsed = time.perf_counter() - start
-    with capsys.disabled():
-        print(f"\n[small-a -> small-b] linear transform of a 20x256 prompt: {elapsed * 1e3:.2f} ms")
+    recycled = recycler.transform(prompt)  # its speed is measured in bench/, never asserted here
     assert recycled.embeddings.shape == (20, 256)
     # The anchors are vocabulary rows, so mapping vocabulary rows must land near the
     # target's own rows for the same tokens, far nearer than a random target row.
