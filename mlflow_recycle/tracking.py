@@ -70,6 +70,10 @@ class _JobRunLogger(MLFlowLogger):
     def finalize(self, status: str = "success") -> None:
         pass
 
+    def log_hyperparams(self, params: Any) -> None:
+        """Nothing: the job logs its whole composed config as the run's params, and a run that
+        tunes twice (source, then target) would otherwise log ``name`` twice with two values."""
+
 
 def lightning_logger(run_id: str | None) -> MLFlowLogger | bool:
     """A Lightning logger for training curves in run ``run_id`` (False off rank 0)."""
