@@ -41,9 +41,7 @@ from recycling_matrix import INITS, PAIRS, Matrix  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.job import data_module, task_spec  # noqa: E402
-from mlflow_recycle.policy import Policy, Transfer, run_policy  # noqa: E402
-from mlflow_recycle.recycle import fit_recycler  # noqa: E402
-from mlflow_recycle.recyclers import get_recycler  # noqa: E402
+from mlflow_recycle.policy import Policy, Transfer, fitter, run_policy  # noqa: E402
 
 log = logging.getLogger("bench.policy")
 
@@ -82,21 +80,13 @@ def rows(matrix: Matrix, args: argparse.Namespace, done: set[tuple]):
             if not todo:
                 continue
             src, tgt = matrix.model(source), matrix.model(target)
-            fitted = {}
-
-            def fit(choice, src=src, tgt=tgt, fitted=fitted):
-                if choice.label not in fitted:
-                    recycler = get_recycler(choice.name, **choice.options)
-                    fitted[choice.label] = fit_recycler(recycler, src.model, src.tokenizer, tgt.model, tgt.tokenizer)
-                return fitted[choice.label]
-
             job_cfg = matrix.config(task, model=target)
             n_test = len(data_module(tgt, task_spec(job_cfg.task), job_cfg).dataset("test"))
             transfer = Transfer(
                 src,
                 tgt,
                 instantiate(job_cfg.trainer, _partial_=True),
-                fit,
+                fitter(src, tgt),
                 limit_val=cfg.eval.limit_val,
                 random_draws=job_cfg.eval.random_prompt_draws,
                 seed=0,

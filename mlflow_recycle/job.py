@@ -13,7 +13,6 @@ verbalizers, data, prompt fit, sequence lengths), so a typo never costs a traini
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -31,10 +30,9 @@ from .charts import accuracy_chart
 from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, task_data, verdict_metrics
 from .models import LoadedModel, configure_threads, load_model, model_dir
-from .policy import Policy, PolicyOutcome, RecyclerChoice, Transfer, run_policy
+from .policy import Policy, PolicyOutcome, Transfer, fitter, run_policy
 from .prompt import SoftPrompt
 from .prompt_init import initial_prompt, regularization_anchor
-from .recycle import fit_recycler
 from .recyclers import Recycler, get_recycler
 from .task import TaskSpec
 from .tracking import configure, flatten, is_rank_zero, job_run, lightning_logger
@@ -249,26 +247,15 @@ def tune(
 
 
 def transfer(ctx: Context, source: LoadedModel, target: LoadedModel) -> Transfer:
-    """The model pair with a recycler fit per policy choice, each fitted once and timed."""
-    anchors, fitted = ctx.cfg.anchors, {}
+    """The model pair with a recycler fit per policy choice, each fitted once, timed, its anchors counted."""
 
-    def fit(choice: RecyclerChoice) -> Recycler:
-        if choice.label not in fitted:
-            start = time.perf_counter()
-            fitted[choice.label] = fit_recycler(
-                get_recycler(choice.name, **choice.options),
-                source.model,
-                source.tokenizer,
-                target.model,
-                target.tokenizer,
-                anchor_offset=anchors.offset,
-                anchor_size=anchors.size,
-            )
-            ctx.seconds["recycler_fit_seconds"] = (
-                ctx.seconds.get("recycler_fit_seconds", 0.0) + time.perf_counter() - start
-            )
-        return fitted[choice.label]
+    def record(recycler: Recycler, seconds: float) -> None:
+        ctx.seconds["recycler_fit_seconds"] = ctx.seconds.get("recycler_fit_seconds", 0.0) + seconds
+        stats = getattr(recycler, "anchor_stats", None) or {}
+        ctx.seconds.update({f"anchors_{key}": float(value) for key, value in stats.items()})
 
+    anchors = ctx.cfg.anchors
+    fit = fitter(source, target, anchor_offset=anchors.offset, anchor_size=anchors.size, on_fit=record)
     task = ctx.cfg.task
     return Transfer(
         source,

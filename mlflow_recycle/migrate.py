@@ -166,8 +166,8 @@ class _Migration:
 
     def fitted_recycler(self, choice: RecyclerChoice) -> Recycler:
         """The map for this pair: reused from an earlier migration's run when one logged it."""
-        if choice.label in self._fitted:
-            return self._fitted[choice.label]
+        if choice.map_key in self._fitted:
+            return self._fitted[choice.map_key]
         anchors = OmegaConf.to_container(self.cfg.anchors, resolve=True)
         key = _digest(
             {"base": self.base_model, "from": self.from_version, "to": self.to_version}
@@ -200,7 +200,7 @@ class _Migration:
                 with tempfile.TemporaryDirectory() as tmp:
                     mlflow.log_artifacts(str(recycler.save(tmp)), "recycler")
                 mlflow.set_tag(TAG_RECYCLER_KEY, key)  # after the artifact: a tagged run always has it
-        self._fitted[choice.label] = recycler
+        self._fitted[choice.map_key] = recycler
         return recycler
 
     def report_test(self, outcome: PolicyOutcome) -> dict[str, float]:

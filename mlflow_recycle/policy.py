@@ -20,6 +20,7 @@ Everything here is orchestration over the pure core and Lightning: no MLflow.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -34,12 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules import FitOutcome, PromptTuningModule, TrainerFactory, fit_prompt, read_examples
 
-from .anchors import embedding_table
+from .anchors import DEFAULT_OFFSET, DEFAULT_SIZE, embedding_table
 from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, Gate, task_data
 from .models import LoadedModel
 from .prompt import SoftPrompt
-from .recyclers import Recycler
+from .recycle import fit_recycler
+from .recyclers import Recycler, get_recycler
 from .refine import DistillSettings, distill, refined
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,11 @@ class RecyclerChoice:
     def label(self) -> str:
         """``linear``, ``linear+distill(100)``: what the method is, for runs and tags."""
         return self.name + (f"+{self.refine.method}({self.refine.steps})" if self.refine else "")
+
+    @property
+    def map_key(self) -> str:
+        """What determines the fitted map (name and options; not the refinement): one fit per key."""
+        return json.dumps({"name": self.name, "options": dict(self.options)}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -295,6 +302,33 @@ class Transfer:
         return True, f"mean embedding cosine {cosine:.3f}"
 
 
+def fitter(
+    source: LoadedModel,
+    target: LoadedModel,
+    *,
+    anchor_offset: int = DEFAULT_OFFSET,
+    anchor_size: int = DEFAULT_SIZE,
+    on_fit: Callable[[Recycler, float], None] | None = None,
+) -> Callable[[RecyclerChoice], Recycler]:
+    """A :attr:`Transfer.fit` that fits each distinct recycler (name and options) once on this pair,
+    calling ``on_fit(recycler, seconds)`` after each fit."""
+    fitted: dict[str, Recycler] = {}
+
+    def fit(choice: RecyclerChoice) -> Recycler:
+        if choice.map_key not in fitted:
+            start = time.perf_counter()
+            recycler = get_recycler(choice.name, **choice.options)
+            fitted[choice.map_key] = fit_recycler(
+                recycler, source.model, source.tokenizer, target.model, target.tokenizer,
+                anchor_offset=anchor_offset, anchor_size=anchor_size,
+            )  # fmt: skip
+            if on_fit is not None:
+                on_fit(fitted[choice.map_key], time.perf_counter() - start)
+        return fitted[choice.map_key]
+
+    return fit
+
+
 def labelled_data_problem(prompt: SoftPrompt, split: str) -> str | None:
     """Why ``split`` of the prompt's task cannot be read with labels (None when it can)."""
     task = prompt.task
@@ -488,6 +522,7 @@ __all__ = [
     "RetuneStage",
     "StageRecord",
     "Transfer",
+    "fitter",
     "labelled_data_problem",
     "retune_reference",
     "run_policy",

@@ -234,3 +234,14 @@ def test_a_task_without_validation_split_holds_out_train(data_dir, tmp_path):
     assert len(validation) == 20 and len(train) == 180
     assert not {t for t, _ in validation} & {t for t, _ in train}  # never the same rows
     assert validation == read_examples(str(data), "validation")  # the same slice every time
+
+
+def test_each_distinct_map_is_fitted_once_per_pair(sides):
+    from mlflow_recycle.policy import RecyclerChoice, fitter
+
+    fits = []
+    fit = fitter(sides("small-a"), sides("small-b"), on_fit=lambda recycler, seconds: fits.append(recycler.config))
+    plain, ridged = RecyclerChoice("linear"), RecyclerChoice("linear", {"ridge": 1.0})
+    refined = RecyclerChoice("linear", refine=policy(RECYCLE, REFINE).stages[1].settings)  # the same map, then refined
+    assert fit(plain) is fit(refined) and fit(ridged) is not fit(plain)
+    assert len(fits) == 2 and fits[0] != fits[1]
