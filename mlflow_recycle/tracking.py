@@ -26,11 +26,27 @@ def is_rank_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
+#: The experiment id :func:`configure` last chose. ``mlflow.set_experiment`` exports it as
+#: ``MLFLOW_EXPERIMENT_ID``, so that variable holding this value is our own choice, not the caller's.
+_chosen_experiment_id: str | None = None
+
+
 def configure(tracking_uri: str, experiment: str) -> None:
-    """Point MLflow at the tracking store (every rank: all may read prompts) and, on rank 0, the experiment."""
+    """Point MLflow at the tracking store (every rank: all may read prompts) and, on rank 0, the experiment.
+
+    ``MLFLOW_RUN_ID`` (set by ``mlflow run``) or an ``MLFLOW_EXPERIMENT_ID`` the caller set wins
+    over ``mlflow.experiment``; an id this process exported itself does not (a second job in the
+    same process, e.g. against another tracking store, chooses its experiment again).
+    """
+    global _chosen_experiment_id
     mlflow.set_tracking_uri(tracking_uri)
-    if is_rank_zero() and not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        mlflow.set_experiment(experiment)
+    if not is_rank_zero() or os.environ.get("MLFLOW_RUN_ID"):
+        return
+    inherited = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if inherited and inherited != _chosen_experiment_id:
+        mlflow.set_experiment(experiment_id=inherited)  # checks it exists in this store
+        return
+    _chosen_experiment_id = mlflow.set_experiment(experiment).experiment_id
 
 
 @contextmanager

@@ -230,6 +230,30 @@ def tracking(tmp_path):
     mlflow.set_tracking_uri(previous)
 
 
+def test_each_job_in_one_process_chooses_its_experiment_in_its_own_store(tmp_path, monkeypatch):
+    """``mlflow.set_experiment`` exports MLFLOW_EXPERIMENT_ID; a later job against another
+    store must not take that id for the caller's choice (CI failed on exactly this)."""
+    from mlflow_recycle.tracking import configure
+
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    try:
+        for store, experiment in (("one", "first"), ("two", "second")):
+            for name in (f"{experiment}-filler", experiment):  # ids differ between the two stores
+                configure(f"sqlite:///{tmp_path}/{store}.db", name)
+            with mlflow.start_run() as run:
+                pass
+            assert mlflow.get_experiment(run.info.experiment_id).name == experiment
+        # an id the caller exported (as `mlflow run --experiment-id` does) still wins
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
+        configure(f"sqlite:///{tmp_path}/two.db", "ignored")
+        with mlflow.start_run() as run:
+            pass
+        assert run.info.experiment_id == "0" and mlflow.get_experiment_by_name("ignored") is None
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def test_tune_recycle_and_evaluate_entry_points_chain(tracking):
     from mlflow_recycle.job import run
 
