@@ -35,6 +35,7 @@ from recycling_matrix import Matrix  # noqa: E402
 
 from lightning_modules import PromptTuningModule  # noqa: E402
 from mlflow_recycle.anchors import embedding_table  # noqa: E402
+from mlflow_recycle.config import instantiate_partial  # noqa: E402
 from mlflow_recycle.job import data_module, task_spec  # noqa: E402
 from mlflow_recycle.prompt_init import initial_prompt  # noqa: E402
 from mlflow_recycle.recycle import fit_recycler  # noqa: E402
@@ -58,9 +59,8 @@ def curve(
     cfg = matrix.config(task, "class_labels", seed)
     side = matrix.model(target)
     data = data_module(side, task_spec(cfg.task), cfg)
-    module = PromptTuningModule(
-        side.model, init, optimizer=cfg.prompt.optimizer, lr=cfg.prompt.lr, weight_decay=cfg.prompt.weight_decay
-    )
+    optimizer = instantiate_partial(cfg.prompt.optimizer, "prompt.optimizer")
+    module = PromptTuningModule(side.model, init, optimizer=optimizer)
     tracker = Curve()
     L.seed_everything(seed, verbose=False)
     trainer = L.Trainer(

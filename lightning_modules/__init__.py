@@ -3,21 +3,30 @@
 from .callbacks import BestPrompt, ProgressLog, stop_above
 from .data import TextClassificationDataModule, read_examples
 from .distillation import PromptDistillationModule, UnlabelledPairDataModule
-from .modules import PromptTuningModule, RankClassificationModule, TrainablePromptModule, build_optimizer
+from .modules import (
+    OptimizerFactory,
+    PromptTuningModule,
+    RankClassificationModule,
+    SchedulerFactory,
+    TrainablePromptModule,
+    adamw,
+)
 from .training import FitOutcome, TrainerFactory, fit_prompt
 
 __all__ = [
     "BestPrompt",
     "FitOutcome",
+    "OptimizerFactory",
     "ProgressLog",
     "PromptDistillationModule",
     "PromptTuningModule",
     "RankClassificationModule",
+    "SchedulerFactory",
     "TextClassificationDataModule",
     "TrainablePromptModule",
     "TrainerFactory",
     "UnlabelledPairDataModule",
-    "build_optimizer",
+    "adamw",
     "fit_prompt",
     "read_examples",
     "stop_above",

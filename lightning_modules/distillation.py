@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mlflow_recycle.prompted_lm import PromptedLM, TaskEncoder
 
-from .modules import TrainablePromptModule
+from .modules import OptimizerFactory, SchedulerFactory, TrainablePromptModule
 
 
 class PromptDistillationModule(TrainablePromptModule):
@@ -31,7 +31,7 @@ class PromptDistillationModule(TrainablePromptModule):
         teacher: the source model; ``teacher_prompt`` its trained prompt.
         student: the target model; ``student_init`` where its prompt starts (the recycled one).
         temperature: softens both distributions (1: plain class probabilities).
-        optimizer, lr, weight_decay: as for prompt tuning.
+        optimizer, scheduler: as for prompt tuning (default AdamW, lr 0.01, constant).
         length_normalize: score classes by mean token log-likelihood (as the task says).
         name: metric prefix (``{name}/validation_accuracy``).
     """
@@ -44,9 +44,8 @@ class PromptDistillationModule(TrainablePromptModule):
         student_init: torch.Tensor,
         *,
         temperature: float = 1.0,
-        optimizer: str = "adamw",
-        lr: float = 0.01,
-        weight_decay: float = 1e-5,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
         length_normalize: bool = False,
         name: str = "distill",
     ) -> None:
@@ -54,8 +53,7 @@ class PromptDistillationModule(TrainablePromptModule):
             student,
             student_init,
             optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
+            scheduler=scheduler,
             length_normalize=length_normalize,
             name=name,
         )

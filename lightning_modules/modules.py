@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -25,7 +27,17 @@ log = logging.getLogger(__name__)
 # The frozen model is in eval mode on purpose (no dropout); Lightning warns about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
-OPTIMIZERS = ("adafactor", "adamw")
+#: What ``conf/prompt`` instantiates (``_partial_: true``): the optimizer, given the parameters to
+#: train, and the learning-rate scheduler, given the optimizer (lightning-hydra-template's shape).
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def adamw(lr: float = 0.01, weight_decay: float = 1e-5) -> OptimizerFactory:
+    """AdamW at ``lr``: the default optimizer of a prompt (``conf/prompt/default.yaml``)."""
+    return partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+
+
 _NOT_HYPERPARAMETERS = (
     "model",
     "prompt",
@@ -140,20 +152,6 @@ class RankClassificationModule(L.LightningModule):
         self._finish("test")
 
 
-def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The optimizer of a prompt: ``"adamw"``, or ``"adafactor"`` with a constant lr and no
-    parameter scaling (the paper's setting, lr 0.3)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(
-            params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False, warmup_init=False
-        )
-    raise RecycleError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
-
-
 class TrainablePromptModule(RankClassificationModule):
     """A rank classifier whose prompt is the one trainable parameter: the base of prompt tuning
     and distillation. Validation (when the trainer runs it) scores the current prompt, logged
@@ -165,21 +163,30 @@ class TrainablePromptModule(RankClassificationModule):
         model: nn.Module,
         initial_prompt: torch.Tensor,
         *,
-        optimizer: str = "adamw",
-        lr: float = 0.01,
-        weight_decay: float = 1e-5,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
         length_normalize: bool = False,
         name: str = "tune",
     ) -> None:
-        if optimizer not in OPTIMIZERS:
-            raise RecycleError(f"Unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+        for what, value in (("optimizer", optimizer), ("scheduler", scheduler)):
+            if value is not None and not callable(value):
+                raise RecycleError(
+                    f"prompt.{what} must build a torch {what} (a config with _target_ and _partial_: true), "
+                    f"got {value!r}."
+                )
         super().__init__(model, initial_prompt, length_normalize=length_normalize, name=name, trainable=True)
-        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.optimizer_factory = optimizer or adamw()
+        self.scheduler_factory = scheduler
         # Checkpoints hold only the prompt (see on_save_checkpoint), so loading is partial.
         self.strict_loading = False
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.optimizer_name, [self.prompt], self.lr, self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([self.prompt])
+        if self.scheduler_factory is None:
+            return optimizer
+        # stepped every optimizer step: schedules here are counted in steps, as trainer.max_steps is
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k == "prompt"}
@@ -202,9 +209,10 @@ class PromptTuningModule(TrainablePromptModule):
         model: a Hugging Face causal or encoder-decoder LM; it is frozen.
         initial_prompt: ``[length, dim]`` starting point (see ``mlflow_recycle.prompt_init``),
             or a prompt to continue from (a recycled one, when re-tuning on a new base).
-        optimizer: ``"adafactor"`` (constant lr, no parameter scaling: the paper's setting,
-            lr 0.3) or ``"adamw"``.
-        lr, weight_decay: optimizer settings.
+        optimizer: builds the optimizer from the parameters (default AdamW, lr 0.01), e.g.
+            ``partial(torch.optim.AdamW, lr=0.1)``; ``conf/prompt`` instantiates it.
+        scheduler: builds a learning-rate scheduler from the optimizer, stepped every step
+            (e.g. ``partial(OneCycleLR, max_lr=0.1, total_steps=400)``), or None: constant lr.
         anchor, gamma: add ``gamma · mean‖pᵢ − anchorᵢ‖²`` to the loss, keeping the prompt
             near the anchor rows (see ``mlflow_recycle.prompt_init.regularization_anchor``).
     """
@@ -214,9 +222,8 @@ class PromptTuningModule(TrainablePromptModule):
         model: nn.Module,
         initial_prompt: torch.Tensor,
         *,
-        optimizer: str = "adafactor",
-        lr: float = 0.3,
-        weight_decay: float = 1e-5,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
         length_normalize: bool = False,
         name: str = "tune",
         anchor: torch.Tensor | None = None,
@@ -226,8 +233,7 @@ class PromptTuningModule(TrainablePromptModule):
             model,
             initial_prompt,
             optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
+            scheduler=scheduler,
             length_normalize=length_normalize,
             name=name,
         )

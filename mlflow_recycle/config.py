@@ -26,3 +26,23 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def instantiate_partial(config: DictConfig | dict | None, setting: str):
+    """``hydra.utils.instantiate`` for a ``_target_`` + ``_partial_: true`` setting (an optimizer,
+    a scheduler); None stays None. A target that does not import or accept the arguments is
+    one error naming ``setting``."""
+    if not config:  # None, or the empty `constant` scheduler
+        return None
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from .errors import RecycleError
+
+    values = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    if not isinstance(values, dict) or "_target_" not in values:
+        raise RecycleError(f"{setting} needs a _target_ (e.g. torch.optim.AdamW) and _partial_: true, got {values!r}.")
+    try:
+        return instantiate({**values, "_partial_": True})
+    except InstantiationException as exc:
+        raise RecycleError(f"Cannot build {setting} ({values['_target_']}): {exc}") from exc

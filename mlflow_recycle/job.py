@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 import lightning as L
 import mlflow
@@ -27,6 +29,7 @@ from lightning_modules import PromptTuningModule, TextClassificationDataModule, 
 from . import registry
 from .anchors import embedding_table
 from .charts import accuracy_chart
+from .config import instantiate_partial
 from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, task_data, verdict_metrics
 from .models import LoadedModel, configure_threads, load_model, model_dir
@@ -86,7 +89,7 @@ class Setup:
 def prepare(cfg: DictConfig) -> Setup:
     if cfg.job not in JOBS:
         raise RecycleError(f"Unknown job {cfg.job!r}; choose one of {', '.join(JOBS)}.")
-    policy = Policy.from_config(cfg.policy)
+    policy = migration_policy(cfg)
     for choice in policy.stages[0].recyclers:  # a misspelt recycler or option fails before any loading
         get_recycler(choice.name, **choice.options)
     spec = task_spec(cfg.task)
@@ -124,6 +127,11 @@ class Context:
     bases: dict[str, ModelVersion] = field(default_factory=dict)
     #: URIs of the prompts the job logged or registered, by name.
     published: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def logger(self) -> Any:
+        """Lightning's logger for the training curves (``conf/logger``; built once, in the job's run)."""
+        return lightning_logger(self.cfg.get("logger"))
 
     @property
     def trainer(self) -> TrainerFactory:
@@ -163,6 +171,11 @@ class Context:
             uri = result.model_uri
         self.published[name] = uri
         return uri
+
+
+def migration_policy(cfg: DictConfig) -> Policy:
+    """``cfg.policy``, its retune stage tuning with the target model's recipe."""
+    return Policy.from_config(with_recipe(cfg, cfg.target).policy)
 
 
 def with_recipe(cfg: DictConfig, model: DictConfig | None) -> DictConfig:
@@ -206,9 +219,8 @@ def tune(
     module = PromptTuningModule(
         side.model,
         init,
-        optimizer=cfg.prompt.optimizer,
-        lr=cfg.prompt.lr,
-        weight_decay=cfg.prompt.weight_decay,
+        optimizer=instantiate_partial(cfg.prompt.optimizer, "prompt.optimizer"),
+        scheduler=instantiate_partial(cfg.prompt.get("scheduler"), "prompt.scheduler"),
         length_normalize=data.encoder.task.length_normalize,
         name=name,
         anchor=anchor,
@@ -223,7 +235,7 @@ def tune(
         steps=steps,
         eval_every=cfg.trainer.val_check_interval if validates else None,
         datamodule=data,
-        logger=lightning_logger(ctx.run_id),
+        logger=ctx.logger,
     )
     ctx.seconds[f"{name}_tune_seconds"] = outcome.seconds
     if outcome.best_step is not None:
@@ -286,6 +298,12 @@ def log_config(cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     mlflow.log_dict(resolved, "config.yaml")
     params = {k: v for k, v in flatten(resolved).items() if not k.startswith(("paths.", "mlflow."))}
+    # Under Hydra, its config-group picks too (choices.prompt/scheduler: one_cycle), as a sweep sets them.
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        params.update({f"choices.{k.replace('@', ':')}": v for k, v in choices.items() if not k.startswith("hydra/")})
     mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
 
 

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_modules import FitOutcome, PromptTuningModule, TrainerFactory, fit_prompt, read_examples
 
 from .anchors import DEFAULT_OFFSET, DEFAULT_SIZE, embedding_table
+from .config import instantiate_partial
 from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, Gate, task_data
 from .models import LoadedModel
@@ -94,13 +95,18 @@ class RefineStage:
     name: str = "refine"
 
 
+def _default_optimizer() -> dict[str, Any]:
+    return {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.01, "weight_decay": 1e-5}
+
+
 @dataclass(frozen=True)
 class RetuneStage:
+    """Supervised tuning from the best prompt so far; ``optimizer`` is a ``_target_`` config
+    (``conf/policy/default.yaml`` points it at ``prompt.optimizer``: the target's recipe)."""
+
     steps: int = 300
     eval_every: int = 50
-    optimizer: str = "adamw"
-    lr: float = 0.01
-    weight_decay: float = 1e-5
+    optimizer: Mapping[str, Any] = field(default_factory=_default_optimizer)
     batch_size: int = 32
     limit_train: int | None = None
     name: str = "retune"
@@ -486,9 +492,7 @@ def _retune(stage: RetuneStage, transfer: Transfer, start: SoftPrompt, threshold
     module = PromptTuningModule(
         target.model,
         start.embeddings,
-        optimizer=stage.optimizer,
-        lr=stage.lr,
-        weight_decay=stage.weight_decay,
+        optimizer=instantiate_partial(stage.optimizer, "policy.stages[retune].optimizer"),
         length_normalize=start.task.length_normalize,
         name="retune",
     )

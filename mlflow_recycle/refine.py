@@ -25,6 +25,7 @@ from lightning_modules import (
     TextClassificationDataModule,
     TrainerFactory,
     UnlabelledPairDataModule,
+    adamw,
     fit_prompt,
     read_examples,
 )
@@ -118,7 +119,7 @@ def distill(
         target.model,
         start,
         temperature=settings.temperature,
-        lr=settings.lr,
+        optimizer=adamw(settings.lr),
         length_normalize=task.length_normalize,
     )
     log.info(

@@ -80,8 +80,19 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class _JobRunLogger(MLFlowLogger):
-    """Lightning's MLflow logger writing into the job's run, which the job (not Lightning) ends."""
+class JobRunLogger(MLFlowLogger):
+    """Lightning's MLflow logger writing into the job's run, which the job (not Lightning) ends.
+
+    ``conf/logger/mlflow.yaml`` builds it inside the job's run: ``run_id`` defaults to the
+    active run, ``tracking_uri`` to the job's store.
+    """
+
+    def __init__(self, run_id: str | None = None, tracking_uri: str | None = None, **kwargs: Any) -> None:
+        active = mlflow.active_run()
+        run_id = run_id or (active.info.run_id if active else None)
+        if run_id is None:
+            raise RuntimeError("JobRunLogger writes into the job's MLflow run: start one first (or pass run_id).")
+        super().__init__(tracking_uri=tracking_uri or mlflow.get_tracking_uri(), run_id=run_id, **kwargs)
 
     def finalize(self, status: str = "success") -> None:
         pass
@@ -91,8 +102,11 @@ class _JobRunLogger(MLFlowLogger):
         tunes twice (source, then target) would otherwise log ``name`` twice with two values."""
 
 
-def lightning_logger(run_id: str | None) -> MLFlowLogger | bool:
-    """A Lightning logger for training curves in run ``run_id`` (False off rank 0)."""
-    if run_id is None:
+def lightning_logger(config: Any) -> Any:
+    """The Lightning logger for training curves (``conf/logger``) on rank 0; False off rank 0 or
+    when ``logger`` is null."""
+    if not is_rank_zero() or not config:
         return False
-    return _JobRunLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
+    from hydra.utils import instantiate
+
+    return instantiate(config)

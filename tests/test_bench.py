@@ -48,6 +48,7 @@ def test_recycling_matrix_quick(tmp_path):
         "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds",
     }  # fmt: skip
     assert (tmp_path / "recycling_matrix.png").stat().st_size > 0 and "| identity |" in first.stdout
+    assert "### SST2_PLAIN" in first.stdout and "Success with a margin (recycled ≥ best baseline + 2%)" in first.stdout
     assert first.stderr.count("Tuning sst2") == 2  # on the source and on the target (re-tuned)
     # a rerun keeps the rows it has; --recompute recycles again, taking prompts and evaluations from the cache
     kept = run("recycling_matrix.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
@@ -87,6 +88,27 @@ def test_evaluation_cache_survives_a_line_cut_by_a_killed_run(tmp_path):
     assert Cache(tmp_path).evals == {"a": 0.5, "c": 0.25}  # the new record is not glued to the cut line
 
 
+def test_recipe_search_quick(tmp_path):
+    """A Hydra grid of two points on small-a, summarised from its MLflow runs; a rerun sweeps nothing."""
+    first = run("recipe_search.py", "--out", str(tmp_path), cwd=tmp_path)
+    table = [line for line in first.stdout.splitlines() if line.startswith("| optimizer.lr=0.1")]
+    assert [line.split(" | ")[0] for line in table] == [
+        "| optimizer.lr=0.1, scheduler=constant",
+        "| optimizer.lr=0.1, scheduler=one_cycle",
+    ]
+    assert "Chosen on validation" in first.stdout and "sweeping 2 points" in first.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/cache/recipe_search.db")
+    experiment = client.get_experiment_by_name("recipe-search-quick").experiment_id
+    children = client.search_runs([experiment], filter_string="params.job = 'tune'")
+    assert sorted(r.data.params["choices.prompt/scheduler"] for r in children) == ["constant", "one_cycle"]
+    assert all(set(r.data.metrics) >= {"validation/source_accuracy"} for r in children)
+    assert not any("test/source_accuracy" in r.data.metrics for r in children)  # the search never reads test
+    again = run("recipe_search.py", "--out", str(tmp_path), cwd=tmp_path)
+    assert "every point of the grid has a finished run" in again.stderr
+
+
 def test_migration_policy_quick(tmp_path):
     args = ("--out", str(tmp_path), "--cache", str(tmp_path / "cache"))
     first = run("migration_policy.py", *args, cwd=tmp_path)
@@ -117,5 +139,5 @@ def test_recycling_matrix_model_recipe_applies_to_its_model_only(tmp_path):
     from recycling_matrix import Matrix
 
     matrix = Matrix(Namespace(cache=str(tmp_path), quick=False))
-    assert matrix.config("sst2", model="large").prompt.lr == 0.03  # the lr the probe on large chose
+    assert matrix.config("sst2", model="large").prompt.optimizer.lr == 0.03  # the lr the probe on large chose
     assert matrix.config("sst2", model="small-a").prompt == matrix.config("sst2").prompt  # the others keep theirs

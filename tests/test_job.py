@@ -210,10 +210,13 @@ def test_main_job_runs_the_migration_policy_and_records_each_stage(tmp_path):
 
 
 def test_a_models_recipe_reaches_every_tuning_of_it():
-    from mlflow_recycle.job import with_recipe
+    from mlflow_recycle.job import migration_policy, with_recipe
 
     cfg = compose(["model@source=large", "model@target=small-a"])
-    assert with_recipe(cfg, cfg.source).prompt.lr == 0.03 and cfg.prompt.lr == 0.01
+    assert with_recipe(cfg, cfg.source).prompt.optimizer.lr == 0.03 and cfg.prompt.optimizer.lr == 0.01
+    # and the migration's retune stage, which tunes with the target's recipe
+    flipped = compose(["model@source=small-a", "model@target=large", "policy=default"])
+    assert migration_policy(flipped).stages[-1].optimizer["lr"] == 0.03
     assert with_recipe(cfg, cfg.target) is cfg  # small-a has no recipe of its own
     bad = compose(["model@source=large"])
     OmegaConf.set_struct(bad, False)
@@ -252,6 +255,20 @@ def test_each_job_in_one_process_chooses_its_experiment_in_its_own_store(tmp_pat
         assert run.info.experiment_id == "0" and mlflow.get_experiment_by_name("ignored") is None
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_the_logger_group_chooses_where_training_curves_go(tracking, tmp_path, monkeypatch):
+    from mlflow_recycle.job import run
+
+    monkeypatch.chdir(tmp_path)  # logger=csv writes under ./logs
+    base = [*QUICK, f"mlflow.tracking_uri={tracking}", "job=tune", "registry.register=false"]
+    for logger in ("mlflow", "csv"):
+        run(compose([*base, f"logger={logger}", f"mlflow.run_name=curves-in-{logger}"]))
+    (curves,) = (tmp_path / "logs" / "curves").glob("version_*/metrics.csv")
+    assert "source/train_loss" in curves.read_text().splitlines()[0]
+    for logger, in_run in (("mlflow", True), ("csv", False)):
+        (job,) = mlflow.search_runs(filter_string=f"attributes.run_name = 'curves-in-{logger}'", output_format="list")
+        assert ("source/train_loss" in job.data.metrics) == in_run
 
 
 def test_tune_recycle_and_evaluate_entry_points_chain(tracking):

@@ -18,9 +18,11 @@ from lightning_modules import (
     RankClassificationModule,
     TextClassificationDataModule,
     UnlabelledPairDataModule,
+    adamw,
     read_examples,
 )
 from mlflow_recycle import RecycleError, TaskSpec
+from mlflow_recycle.config import compose, instantiate_partial
 from mlflow_recycle.prompt_init import initial_prompt
 from mlflow_recycle.prompted_lm import PromptedLM, TaskEncoder
 
@@ -49,7 +51,7 @@ def test_only_the_prompt_changes_during_training(load_model, data_dir, tmp_path)
     encoder = TaskEncoder(tokenizer, sst2(data_dir))
     data = TextClassificationDataModule(encoder, batch_size=4, limit_train=16, limit_val=8)
     init = initial_prompt("vocab", model.get_input_embeddings().weight, 5)
-    module = PromptTuningModule(model, init, optimizer="adamw", lr=0.05)
+    module = PromptTuningModule(model, init, optimizer=adamw(lr=0.05))
     fit = trainer(max_steps=3, limit_val_batches=0)
     fit.fit(module, datamodule=data)
     assert not torch.equal(module.tuned_prompt(), init)
@@ -60,20 +62,50 @@ def test_only_the_prompt_changes_during_training(load_model, data_dir, tmp_path)
     checkpoint = torch.load(tmp_path / "prompt.ckpt", weights_only=False)
     assert list(checkpoint["state_dict"]) == ["prompt"]
     # the settings, as save_hyperparameters records them; no model or tensor among them
-    assert checkpoint["hyper_parameters"]["lr"] == 0.05 and checkpoint["hyper_parameters"]["optimizer"] == "adamw"
+    assert checkpoint["hyper_parameters"]["optimizer"].keywords["lr"] == 0.05
     assert not any(isinstance(v, (torch.Tensor, torch.nn.Module)) for v in checkpoint["hyper_parameters"].values())
 
 
-def test_adafactor_tunes_the_prompt(load_model, data_dir):
+def test_the_papers_adafactor_and_a_one_cycle_schedule_come_from_the_config(load_model, data_dir):
     model, tokenizer = load_model("small-a")
     encoder = TaskEncoder(tokenizer, sst2(data_dir))
-    data = TextClassificationDataModule(encoder, batch_size=4, limit_train=8)
+    data = TextClassificationDataModule(encoder, batch_size=4, limit_train=16)
     init = initial_prompt("random", model.get_input_embeddings().weight, 4)
-    module = PromptTuningModule(model, init, optimizer="adafactor", lr=0.01)
+    paper = compose(["prompt=paper"]).prompt
+    module = PromptTuningModule(model, init, optimizer=instantiate_partial(paper.optimizer, "prompt.optimizer"))
     trainer(max_steps=2, limit_val_batches=0).fit(module, datamodule=data)
     assert not torch.equal(module.tuned_prompt(), init)
-    with pytest.raises(RecycleError, match="Unknown optimizer 'sgd'"):
+    assert type(module.optimizers().optimizer).__name__ == "Adafactor"
+
+    overrides = ["prompt/scheduler=one_cycle", "trainer.max_steps=8", "prompt.scheduler.pct_start=0.5"]
+    cfg = compose([*overrides, "prompt.optimizer.lr=0.05"])
+    module = PromptTuningModule(
+        model,
+        init,
+        optimizer=instantiate_partial(cfg.prompt.optimizer, "prompt.optimizer"),
+        scheduler=instantiate_partial(cfg.prompt.scheduler, "prompt.scheduler"),
+    )
+    lrs = []
+
+    class Lr(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer(max_steps=8, limit_val_batches=0, callbacks=[Lr()]).fit(module, datamodule=data)
+    # warm-up from lr/25 to lr over half the steps, then decay: stepped every optimizer step
+    assert lrs[0] == pytest.approx(0.05 / 25) and lrs.index(max(lrs)) == 3 and max(lrs) == pytest.approx(0.05)
+    assert lrs == sorted(lrs[:4]) + sorted(lrs[4:], reverse=True) and lrs[-1] < 0.05 / 2
+
+
+def test_an_optimizer_that_cannot_be_built_is_one_error_naming_the_setting(load_model):
+    model, _ = load_model("small-a")
+    init = initial_prompt("random", model.get_input_embeddings().weight, 4)
+    with pytest.raises(RecycleError, match="prompt.optimizer must build a torch optimizer"):
         PromptTuningModule(model, init, optimizer="sgd")
+    with pytest.raises(RecycleError, match=r"Cannot build prompt.optimizer \(torch.optim.NoSuch\)"):
+        instantiate_partial({"_target_": "torch.optim.NoSuch", "lr": 0.1}, "prompt.optimizer")
+    with pytest.raises(RecycleError, match="prompt.optimizer needs a _target_"):
+        instantiate_partial({"lr": 0.1}, "prompt.optimizer")
 
 
 def reference_scores(model, encoder, contexts, prompt, length_normalize):
@@ -254,7 +286,7 @@ def test_regularizer_pulls_the_prompt_toward_its_anchor(load_model, data_dir):
     init = initial_prompt("random", table, 5, seed=0)
     norms = {}
     for gamma in (0.0, 5.0):
-        module = PromptTuningModule(model, init, optimizer="adamw", lr=0.05, anchor=torch.zeros_like(init), gamma=gamma)
+        module = PromptTuningModule(model, init, optimizer=adamw(lr=0.05), anchor=torch.zeros_like(init), gamma=gamma)
         trainer(max_steps=4, limit_val_batches=0).fit(module, datamodule=data)
         norms[gamma] = float(module.tuned_prompt().norm(dim=1).mean())
     assert norms[5.0] < norms[0.0]
@@ -283,6 +315,6 @@ def test_encoder_decoder_models_take_the_prompt_on_the_encoder(load_model, data_
                 expected = sum(float(torch.log_softmax(logits[j], -1)[t]) for j, t in enumerate(verbalizer))
                 assert abs(float(scores[b, c]) - expected) < 1e-4
     data = TextClassificationDataModule(encoder, batch_size=4, limit_train=8)
-    module = PromptTuningModule(model, prompt, optimizer="adamw", lr=0.05)
+    module = PromptTuningModule(model, prompt, optimizer=adamw(lr=0.05))
     trainer(max_steps=2, limit_val_batches=0).fit(module, datamodule=data)
     assert not torch.equal(module.tuned_prompt(), prompt)

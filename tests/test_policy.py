@@ -17,6 +17,7 @@ from lightning_modules import (
     ProgressLog,
     PromptTuningModule,
     TextClassificationDataModule,
+    adamw,
     fit_prompt,
     read_examples,
 )
@@ -105,7 +106,7 @@ def tuning_module(load_model, data_dir, lr=0.05):
     encoder = TaskEncoder(tokenizer, prompt.task.replace(data=str(data_dir("sst2"))))
     data = TextClassificationDataModule(encoder, batch_size=8, limit_train=96, limit_val=32)
     init = initial_prompt("vocab", model.get_input_embeddings().weight, 8, seed=0)
-    return PromptTuningModule(model, init, optimizer="adamw", lr=lr, name="t"), data
+    return PromptTuningModule(model, init, optimizer=adamw(lr), name="t"), data
 
 
 def test_fit_stops_at_the_first_validation_above_the_gate(load_model, data_dir):
@@ -213,7 +214,8 @@ def test_without_task_data_the_prompt_is_recycled_unevaluated(sides, good_prompt
 def test_refinement_and_re_tuning_carry_a_failing_recycled_prompt_over_the_gate(sides, good_prompt):
     """small-a -> small-b (another seed): the linear map loses the task; the policy brings it back."""
     refine = {**REFINE, "steps": 60, "eval_every": 10, "texts": 960}
-    retune = {**RETUNE, "steps": 60, "eval_every": 10, "limit_train": 960, "lr": 0.03}
+    faster = {"_target_": "torch.optim.AdamW", "lr": 0.03}
+    retune = {**RETUNE, "steps": 60, "eval_every": 10, "limit_train": 960, "optimizer": faster}
     outcome = run_policy(policy(RECYCLE, refine, retune), transfer(sides, "small-a", "small-b"), good_prompt)
     statuses = [(r.stage, r.status) for r in outcome.records]
     assert statuses[0] == ("recycle", FAILED), statuses
