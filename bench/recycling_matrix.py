@@ -205,7 +205,8 @@ class Matrix:
             ctx = Context(cfg)
             prompt = tune(ctx, side, data_module(side, task_spec(cfg.task), cfg), "bench")
             prompt.save(path)
-            (path / "tuned.json").write_text(json.dumps({"tune_seconds": ctx.seconds["bench_tune_seconds"]}))
+            record = {"tune_seconds": ctx.seconds["bench_tune_seconds"], **ctx.best_validation}
+            (path / "tuned.json").write_text(json.dumps(record))  # "bench": the kept prompt's validation accuracy
         return SoftPrompt.load(path), json.loads((path / "tuned.json").read_text())["tune_seconds"]
 
     def accuracy(self, task: str, model: str, prompt: torch.Tensor | None, seed: int = 0) -> float:

@@ -123,6 +123,8 @@ class Context:
     cfg: DictConfig
     run_id: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Validation accuracy of each tuning's kept prompt, by tuning name (when it validated).
+    best_validation: dict[str, float] = field(default_factory=dict)
     #: Registered base-model versions by model name (rank 0, when registry.register is on).
     bases: dict[str, ModelVersion] = field(default_factory=dict)
     #: URIs of the prompts the job logged or registered, by name.
@@ -239,6 +241,7 @@ def tune(
     )
     ctx.seconds[f"{name}_tune_seconds"] = outcome.seconds
     if outcome.best_step is not None:
+        ctx.best_validation[name] = outcome.score
         log.info(
             "Best validation accuracy %.4f at step %d of %d: keeping that prompt",
             outcome.score,
