@@ -26,6 +26,8 @@ from mlflow_recycle.prompted_lm import PromptedLM
 log = logging.getLogger(__name__)
 # The frozen model is in eval mode on purpose (no dropout); Lightning warns about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+# Lightning's own use of a deprecated torch API (its utilities/_pytree.py): not the user's to act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", module=r"lightning\.")
 
 #: What ``conf/prompt`` instantiates (``_partial_: true``): the optimizer, given the parameters to
 #: train, and the learning-rate scheduler, given the optimizer (lightning-hydra-template's shape).
