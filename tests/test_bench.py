@@ -133,11 +133,13 @@ def test_warm_start_quick(tmp_path):
     assert "| small-a-early → small-a | 0 |" in out
 
 
-def test_recycling_matrix_model_recipe_applies_to_its_model_only(tmp_path):
+def test_recycling_matrix_model_recipe_applies_to_its_model_only(tmp_path, monkeypatch):
     from argparse import Namespace
 
-    from recycling_matrix import Matrix
+    import recycling_matrix
 
-    matrix = Matrix(Namespace(cache=str(tmp_path), quick=False))
-    assert matrix.config("sst2", model="large").prompt.optimizer.lr == 0.03  # the lr the probe on large chose
-    assert matrix.config("sst2", model="small-a").prompt == matrix.config("sst2").prompt  # the others keep theirs
+    # a `recipe:` block on large, as conf/model/large.yaml may carry one
+    monkeypatch.setattr(recycling_matrix, "COMMON", [*recycling_matrix.COMMON, "++source.recipe.prompt.length=7"])
+    matrix = recycling_matrix.Matrix(Namespace(cache=str(tmp_path), quick=False))
+    assert matrix.config("sst2", model="small-a").prompt.length == 7  # tuning on a model: its recipe
+    assert matrix.config("sst2").prompt.length == 20  # evaluations (no model to tune on) keep the default

@@ -212,15 +212,16 @@ def test_main_job_runs_the_migration_policy_and_records_each_stage(tmp_path):
 def test_a_models_recipe_reaches_every_tuning_of_it():
     from mlflow_recycle.job import migration_policy, with_recipe
 
-    cfg = compose(["model@source=large", "model@target=small-a"])
-    assert with_recipe(cfg, cfg.source).prompt.optimizer.lr == 0.03 and cfg.prompt.optimizer.lr == 0.01
-    # and the migration's retune stage, which tunes with the target's recipe
-    flipped = compose(["model@source=small-a", "model@target=large", "policy=default"])
-    assert migration_policy(flipped).stages[-1].optimizer["lr"] == 0.03
+    # as a `recipe:` block in conf/model/large.yaml would set it
+    cfg = compose(["model@source=large", "model@target=small-a", "++source.recipe.prompt.optimizer.lr=0.05"])
+    default = cfg.prompt.optimizer.lr
+    assert with_recipe(cfg, cfg.source).prompt.optimizer.lr == 0.05 and default != 0.05
     assert with_recipe(cfg, cfg.target) is cfg  # small-a has no recipe of its own
-    bad = compose(["model@source=large"])
-    OmegaConf.set_struct(bad, False)
-    bad.source.recipe.optimizer = {"lr": 1}
+    # and the migration's retune stage, which tunes with the target's recipe
+    flipped = compose(["model@target=large", "policy=default", "++target.recipe.prompt.optimizer.lr=0.05"])
+    assert migration_policy(flipped).stages[-1].optimizer["lr"] == 0.05
+    assert migration_policy(compose(["policy=default"])).stages[-1].optimizer["lr"] == default
+    bad = compose(["model@source=large", "++source.recipe.optimizer.lr=1"])
     with pytest.raises(RecycleError, match="recipe may set `prompt` and `trainer`"):
         with_recipe(bad, bad.source)
 
