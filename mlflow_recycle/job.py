@@ -132,8 +132,9 @@ class Context:
 
     @cached_property
     def logger(self) -> Any:
-        """Lightning's logger for the training curves (``conf/logger``; built once, in the job's run)."""
-        return lightning_logger(self.cfg.get("logger"))
+        """Lightning's logger for the training curves (``conf/logger``; built once, in the job's run).
+        None outside a job's run (a benchmark tuning through :func:`tune`): no curves."""
+        return lightning_logger(self.cfg.get("logger")) if self.run_id is not None else False
 
     @property
     def trainer(self) -> TrainerFactory:

@@ -343,14 +343,16 @@ def load_base_model(uri: str) -> tuple[Any, Any]:
 
 # ---------------------------------------------------------------------- process settings
 def configure_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op thread count; ``None`` uses every core available to this process.
+    """Set torch's intra-op thread count; ``None``: ``OMP_NUM_THREADS`` when set, else every
+    core available to this process.
 
     The default counts the cores this process may run on (``os.sched_getaffinity``), not
     the machine's: in a container or under ``taskset`` torch's own default oversubscribes.
     """
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if threads is None:
-        threads = available
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(omp) if omp.isdigit() and int(omp) > 0 else available
     elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise RecycleError(
             f"threads={threads!r}: set it to a positive number of threads, or leave it unset (null) "

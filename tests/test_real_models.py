@@ -163,10 +163,13 @@ def test_bos_setting_decides_the_first_token_of_every_context(model_dir, data_di
         first_ids(bos="<|im_start|>")
 
 
-def test_configure_threads_defaults_to_the_cores_this_process_may_use():
+def test_configure_threads_defaults_to_omp_num_threads_else_the_cores_this_process_may_use(monkeypatch):
     before = torch.get_num_threads()
     try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert configure_threads(None) == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's own setting wins over the default
+        assert configure_threads(None) == 1 == torch.get_num_threads()
         assert configure_threads(1) == 1 == torch.get_num_threads()
         for bad in (0, -2, "4"):
             with pytest.raises(RecycleError, match=r"threads=.*positive number.*unset \(null\)"):
