@@ -54,3 +54,11 @@ def load_model(model_dir):
 @pytest.fixture(scope="session")
 def data_dir():
     return lambda task: _require(DATA / task)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_experiment(monkeypatch):
+    """``mlflow.set_experiment`` exports MLFLOW_EXPERIMENT_ID for child processes; a test that
+    called it would otherwise hand its experiment id to the next test's in-process job, which
+    takes an id it did not export itself for the caller's choice (``tracking.configure``)."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

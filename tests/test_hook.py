@@ -290,7 +290,7 @@ def assert_migrated_once(base_model: str, sources, version: int = 2) -> list:
 POLICY = ["policy=default", "eval.limit_val=48", "policy.stages.1.steps=60", "policy.stages.1.eval_every=10"]
 POLICY += ["policy.stages.1.texts=960", "policy.stages.1.batch_size=8", "policy.stages.2.steps=60"]
 POLICY += ["policy.stages.2.eval_every=10", "policy.stages.2.limit_train=960", "policy.stages.2.batch_size=8"]
-POLICY += ["policy.stages.2.lr=0.03"]
+POLICY += ["prompt.optimizer.lr=0.03"]  # the retune stage tunes with prompt.optimizer
 TUNED = Path(__file__).parent / "assets" / "sst2-prompt-small-a"
 
 

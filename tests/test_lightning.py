@@ -259,7 +259,7 @@ def test_distillation_moves_the_student_toward_the_teacher(load_model, data_dir)
         initial_prompt("vocab", table, 6, seed=1) * 3,
         student,
         initial_prompt("vocab", table, 6, seed=2),
-        lr=0.05,
+        optimizer=adamw(lr=0.05),
     )
     batch = next(iter(data.train_dataloader()))
     with torch.no_grad():
