@@ -31,6 +31,7 @@ def run(script: str, *args: str, cwd, timeout: int = 600, quick: bool = True, ok
     return result
 
 
+@pytest.mark.slow  # ~30 s: a timing benchmark, measured by bench/throughput.py
 def test_throughput_quick(tmp_path):
     out = run("throughput.py", cwd=tmp_path).stdout
     result = json.loads(out[out.index("{") : out.rindex("}") + 1])
@@ -128,6 +129,7 @@ def test_migration_latency_quick(tmp_path):
     assert "| no evaluation | 2 |" in run("migration_latency.py", cwd=tmp_path).stdout
 
 
+@pytest.mark.slow  # ~20 s: a research benchmark
 def test_warm_start_quick(tmp_path):
     out = run("warm_start.py", "--cache", str(tmp_path / "cache"), cwd=tmp_path).stdout
     assert "| small-a-early → small-a | 0 |" in out

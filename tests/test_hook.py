@@ -294,6 +294,7 @@ POLICY += ["prompt.optimizer.lr=0.03"]  # the retune stage tunes with prompt.opt
 TUNED = Path(__file__).parent / "assets" / "sst2-prompt-small-a"
 
 
+@pytest.mark.slow  # ~1 min: every stage through a real receiver; the stages are covered in-process by test_migrate
 def test_the_migration_policy_end_to_end(receiver_factory, webhook, model_dir, data_dir):
     """A tuned prompt and one whose data is gone, through two new base versions: another seed (the map
     loses the task, later stages bring it back) and a re-export of it (identity passes at once)."""
@@ -417,6 +418,7 @@ def test_the_door_refuses_big_bodies_bad_versions_and_strangers(receiver_factory
     }
 
 
+@pytest.mark.slow  # ~20 s: pruning waits out its tolerance
 def test_old_deliveries_and_finished_jobs_are_pruned_and_the_queue_is_absolute(receiver_factory, tmp_path):
     data_home = tmp_path / "xdg-data"
     receiver = receiver_factory(
@@ -473,6 +475,7 @@ def test_receiver_killed_mid_migration_completes_it_exactly_once(receiver_factor
     assert not client.search_runs([migrations], f"{of_crash} AND attributes.status = 'RUNNING'")
 
 
+@pytest.mark.slow  # ~1 min: a receiver restart; reconcile is also covered by the dry-run and start-up tests
 def test_version_registered_while_the_receiver_is_down_is_reconciled(receiver_factory, server, model_dir, data_dir):
     sources = base_with_prompts("lm-down", model_dir, data_dir)
     receiver = receiver_factory("lm-down")  # not running, no webhook: the event is lost
@@ -530,6 +533,7 @@ def test_server_restarted_with_another_key_is_caught_by_check_and_reconcile(
         tracking.stop()
 
 
+@pytest.mark.slow  # ~40 s: concurrency of the queue, stable since issue 18
 def test_a_burst_of_concurrent_events_creates_no_duplicates(receiver_factory, model_dir, data_dir):
     sources = base_with_prompts("lm-burst", model_dir, data_dir)
     receiver = receiver_factory("lm-burst").start()
@@ -544,6 +548,7 @@ def test_a_burst_of_concurrent_events_creates_no_duplicates(receiver_factory, mo
     assert receiver.queue().counts()["deliveries"] == 50
 
 
+@pytest.mark.slow  # ~20 s: an MLflow Project per migration
 def test_projects_worker_runs_each_migration_as_an_mlflow_project(tmp_path, model_dir, data_dir, monkeypatch):
     """hook.worker=projects: the job becomes an MLflow Projects run of the `migrate` entry point."""
     from mlflow_recycle.config import compose

@@ -12,7 +12,6 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from mlflow_recycle import IncompatibleModelError, RecycleError, SoftPrompt, soft_prompt
 from mlflow_recycle.config import REPO_ROOT, compose
@@ -181,6 +180,7 @@ def test_a_prompt_that_does_not_fit_the_source_is_refused(tmp_path, load_model):
         prepare(compose([*QUICK, f"prompt_uri={tmp_path / 'c'}"]))
 
 
+@pytest.mark.slow  # ~30 s: distillation is covered by test_lightning and test_policy
 def test_distill_recycler_refines_on_the_target_and_records_it(tmp_path):
     result = run_cli(tmp_path, *QUICK, "recycler=distill", "recycler.refine.steps=2", "recycler.refine.texts=32")
     assert result.returncode == 0, result.stderr[-3000:]
