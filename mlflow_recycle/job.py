@@ -133,7 +133,7 @@ class Context:
     @cached_property
     def logger(self) -> Any:
         """Lightning's logger for the training curves (``conf/logger``; built once, in the job's run).
-        None outside a job's run (a benchmark tuning through :func:`tune`): no curves."""
+        False (no logger) outside a job's run, e.g. a benchmark tuning through :func:`tune`."""
         return lightning_logger(self.cfg.get("logger")) if self.run_id is not None else False
 
     @property
