@@ -342,7 +342,8 @@ def cell(stats: dict) -> str:
 def report(rows: list[dict], out_dir: Path) -> str:
     """Markdown tables and a heatmap PNG of the rows; returns the markdown."""
     lines = []
-    for task in sorted({r["task"] for r in rows}):
+    present = {r["task"] for r in rows}
+    for task in [t for t in TASK_SETTINGS if t in present] + sorted(present - set(TASK_SETTINGS)):  # paper's first
         task_rows = [r for r in rows if r["task"] == task]
         pairs = list(dict.fromkeys(f"{r['source']} → {r['target']}" for r in task_rows))
         recyclers = list(dict.fromkeys(r["recycler"] for r in task_rows))
