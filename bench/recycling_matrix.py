@@ -81,12 +81,8 @@ INITS = ["random", "vocab", "class_labels"]
 #: The tasks, paper's protocol first (``conf/task``), and what the matrix runs each with beyond
 #: the tuning recipe, which is the configs' (``conf/prompt``, ``conf/trainer``, a model's
 #: ``recipe:``), as for the job and migrations (documented in docs/benchmarks.md).
-TASK_SETTINGS = {
-    "sst2_plain": ["task.max_length=128", "task.limit_test=null"],
-    "imdb_plain": ["task.max_length=128", "task.limit_test=500"],
-    "sst2": ["task.max_length=128", "task.limit_test=null"],
-    "imdb": ["task.max_length=128", "task.limit_test=500"],
-}
+_SST2, _IMDB = ["task.max_length=128", "task.limit_test=null"], ["task.max_length=128", "task.limit_test=500"]
+TASK_SETTINGS = {"sst2_plain": _SST2, "imdb_plain": _IMDB, "sst2": _SST2, "imdb": _IMDB}
 #: Points above the best baseline for "success with a margin" (one standard error of a test
 #: accuracy near 75% is 1.5 points on SST-2's 872 sentences, 1.9 on IMDB's 500 reviews).
 MARGIN = 0.02

@@ -95,18 +95,15 @@ class RefineStage:
     name: str = "refine"
 
 
-def _default_optimizer() -> dict[str, Any]:
-    return {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.01, "weight_decay": 1e-5}
-
-
 @dataclass(frozen=True)
 class RetuneStage:
     """Supervised tuning from the best prompt so far; ``optimizer`` is a ``_target_`` config
-    (``conf/policy/default.yaml`` points it at ``prompt.optimizer``: the target's recipe)."""
+    (``conf/policy/default.yaml`` points it at ``prompt.optimizer``: the target's recipe), or
+    None: the tuning module's default (``lightning_modules.adamw()``)."""
 
     steps: int = 300
     eval_every: int = 50
-    optimizer: Mapping[str, Any] = field(default_factory=_default_optimizer)
+    optimizer: Mapping[str, Any] | None = None
     batch_size: int = 32
     limit_train: int | None = None
     name: str = "retune"

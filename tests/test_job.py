@@ -240,7 +240,6 @@ def test_each_job_in_one_process_chooses_its_experiment_in_its_own_store(tmp_pat
     from mlflow_recycle.tracking import configure
 
     previous = mlflow.get_tracking_uri()
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     try:
         for store, experiment in (("one", "first"), ("two", "second")):
             for name in (f"{experiment}-filler", experiment):  # ids differ between the two stores
