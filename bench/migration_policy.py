@@ -5,7 +5,8 @@ For each task, source -> target pair, prompt init and seed: the prompt tuned on 
 (``conf/policy/<policy>.yaml``, the migration's default unless ``--policy``) onto the
 target. The gate decides on the target's validation split; test accuracy is measured for
 the report only, next to a prompt re-tuned on the target from scratch with the same
-recipe, whose measured tuning time is the cost the policy is compared with.
+recipe; the policy's wall time is compared with re-tuning's, timed in the same process
+(:func:`scratch_seconds`).
 
     python bench/migration_policy.py                              # every pair of the matrix (hours on a CPU)
     python bench/migration_policy.py --pairs small-a:small-b --seeds 0 1 2
@@ -40,7 +41,8 @@ from docs_update import bench_logging, update_section  # noqa: E402
 from recycling_matrix import INITS, PAIRS, Matrix  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
-from mlflow_recycle.job import data_module, task_spec  # noqa: E402
+from mlflow_recycle.evaluation import Evaluator  # noqa: E402
+from mlflow_recycle.job import Context, data_module, task_spec, tune  # noqa: E402
 from mlflow_recycle.policy import Policy, Transfer, fitter, run_policy  # noqa: E402
 
 log = logging.getLogger("bench.policy")
@@ -69,6 +71,31 @@ def policy_config(args: argparse.Namespace):
     return compose(overrides, config_name="migrate")
 
 
+#: Steps of the short tuning that times a step of re-tuning from scratch in this process.
+CALIBRATION_STEPS = 20
+
+
+def scratch_seconds(matrix: Matrix, task: str, target: str, data) -> float:
+    """What re-tuning a prompt from scratch on ``target`` costs in this process and on this machine
+    (threads, load): the recipe's ``max_steps`` at the seconds per step of a short tuning timed
+    here, plus its validations at the seconds of one validation timed here. The cached tunings'
+    own wall times were measured in other processes, under other loads."""
+    cfg = matrix.config(task, model=target)
+    steps, every = cfg.trainer.max_steps, cfg.trainer.val_check_interval
+    side = matrix.model(target)
+    data.setup("fit")
+    start = time.perf_counter()
+    Evaluator(instantiate(cfg.trainer, _partial_=True), ("validation",), 0).accuracy(side, data, None, "timing")
+    validation = time.perf_counter() - start
+    short = cfg.copy()
+    short.trainer.max_steps, short.trainer.limit_val_batches = CALIBRATION_STEPS, 0
+    ctx = Context(short)
+    tune(ctx, side, data, "timing")
+    per_step = ctx.seconds["timing_tune_seconds"] / CALIBRATION_STEPS
+    log.info("re-tuning on %s here: %.2f s/step, %.1f s per validation", target, per_step, validation)
+    return steps * per_step + (steps // every) * validation
+
+
 def rows(matrix: Matrix, args: argparse.Namespace, done: set[tuple]):
     cfg = policy_config(args)
     policy = Policy.from_config(cfg.policy)
@@ -81,7 +108,9 @@ def rows(matrix: Matrix, args: argparse.Namespace, done: set[tuple]):
                 continue
             src, tgt = matrix.model(source), matrix.model(target)
             job_cfg = matrix.config(task, model=target)
-            n_test = len(data_module(tgt, task_spec(job_cfg.task), job_cfg).dataset("test"))
+            target_data = data_module(tgt, task_spec(job_cfg.task), job_cfg)
+            n_test = len(target_data.dataset("test"))
+            retune_seconds = None if args.quick else scratch_seconds(matrix, task, target, target_data)
             transfer = Transfer(
                 src,
                 tgt,
@@ -93,8 +122,9 @@ def rows(matrix: Matrix, args: argparse.Namespace, done: set[tuple]):
             )
             for init, seed in todo:
                 prompt, _ = matrix.tuned(task, source, init, seed)
-                retuned, retune_seconds = matrix.tuned(task, target, init, seed)
-                prompt = prompt.replace(task=prompt.task.replace(data=str(job_cfg.task.data)))
+                retuned, cached_seconds = matrix.tuned(task, target, init, seed)
+                retune_seconds = retune_seconds or cached_seconds
+                prompt = prompt.replace(task=task_spec(job_cfg.task))  # this checkout's data and validation rule
                 transfer.seed = seed
                 outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
                 zero_shot, random_prompt = matrix.baselines(task, target, prompt.length)

@@ -111,8 +111,14 @@ def plain(node) -> dict:
     (so that adding an option with a neutral default does not invalidate the cache)."""
     values = OmegaConf.to_container(node, resolve=True)
     neutral = {"regularizer": "none", "gamma": 0.0}
-    values = {k: v for k, v in values.items() if k != "instruction" and neutral.get(k, object()) != v}
-    return values
+    return {k: v for k, v in values.items() if k not in UNKEYED and neutral.get(k, object()) != v}
+
+
+#: Settings left out of cache keys. ``instruction`` is read only by the wayward regulariser (keyed
+#: through ``prompt.regularizer``). ``validation_min_words`` never changes a test accuracy; for a
+#: tuned prompt it changes which of its validations' prompts is kept: the cached SST-2 prompts of
+#: 2026-11-27 were kept on all validation phrases (delete ``bench/cache/prompts/sst2*`` to redo them).
+UNKEYED = ("instruction", "validation_min_words")
 
 
 def parse_value(raw: str) -> object:

@@ -166,6 +166,19 @@ class TextClassificationDataModule(L.LightningDataModule):
                 f"{self.encoder.task.data} ({self.splits[stage]}) has label {bad[0]} but the task has {n_classes} "
                 f"verbalizers {list(self.encoder.task.verbalizers)}: give one verbalizer per class."
             )
+        min_words = self.encoder.task.validation_min_words if stage == "validation" else 0
+        if min_words:
+            kept = [example for example in examples if len(example[0].split()) >= min_words]
+            if not kept:
+                raise RecycleError(
+                    f"{self.encoder.task.data} ({self.splits[stage]}): no example has {min_words} words or more; "
+                    "lower the task's validation_min_words (0 keeps every example)."
+                )
+            log.info(
+                "%s/%s: deciding on the %d of %d examples with at least %d words (task.validation_min_words)",
+                self.encoder.task.name, self.splits[stage], len(kept), len(examples), min_words,
+            )  # fmt: skip
+            examples = kept
         limit = self.limits[stage]
         if limit is not None and limit < len(examples):
             examples = random.Random(self.seed).sample(examples, limit)

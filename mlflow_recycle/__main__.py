@@ -47,6 +47,8 @@ def main(cfg: DictConfig) -> float:
     except RecycleError as exc:
         log.error("%s", exc)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)  # what was interrupted and kept is logged where it happened (tracking.job_run)
     return metrics.get("success", 0.0)
 
 

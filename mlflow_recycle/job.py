@@ -43,6 +43,8 @@ from .tracking import configure, flatten, is_rank_zero, job_run, lightning_logge
 log = logging.getLogger(__name__)
 
 JOBS = ("main", "tune", "recycle", "evaluate")
+#: The job's verdict on its report split, on the run and on the recycled prompt's version.
+TAG_VERDICT = "mlflow_recycle.verdict"
 
 
 def task_spec(cfg: DictConfig) -> TaskSpec:
@@ -54,6 +56,7 @@ def task_spec(cfg: DictConfig) -> TaskSpec:
         max_length=cfg.max_length,
         truncation_side=cfg.truncation_side,
         length_normalize=cfg.length_normalize,
+        validation_min_words=cfg.get("validation_min_words", 0),
     )
 
 
@@ -129,6 +132,8 @@ class Context:
     bases: dict[str, ModelVersion] = field(default_factory=dict)
     #: URIs of the prompts the job logged or registered, by name.
     published: dict[str, str] = field(default_factory=dict)
+    #: Prompts to register when the job ends well: ``(name, prompt, logged URI, tags)``.
+    to_register: list[tuple[str, SoftPrompt, str, dict[str, str]]] = field(default_factory=list)
 
     @cached_property
     def logger(self) -> Any:
@@ -162,18 +167,30 @@ class Context:
     def publish(
         self, prompt: SoftPrompt, name: str, register: bool = True, tags: dict[str, str] | None = None
     ) -> str | None:
-        """Log ``prompt`` as model ``name`` of the run (rank 0); register it when asked. Returns its URI."""
+        """Log ``prompt`` as model ``name`` of the run (rank 0) and, when asked and ``registry.register``
+        is on, keep it for :meth:`register_published`. Returns its logged URI."""
         if not is_rank_zero():
             return None
-        registered = self.cfg.registry.prompt_name if register and self.cfg.registry.register else None
-        result = registry.log_prompt(prompt, name, registered, tags=tags)
-        if registered:
-            log.info("Registered %s as %s version %s", name, result.name, result.version)
-            uri = registry.model_uri(result.name, result.version)
-        else:
-            uri = result.model_uri
+        uri = registry.log_prompt(prompt, name, tags=tags).model_uri
         self.published[name] = uri
+        if register and self.cfg.registry.register:
+            self.to_register.append((name, prompt, uri, dict(tags or {})))
         return uri
+
+    def register_published(self) -> None:
+        """Register what the job published, when it has ended well: an interrupted or failed job
+        registers nothing. Each prompt is registered once (a version holding the same prompt is
+        reused: the source prompt of every job of a multirun is one version), and a recycled
+        prompt's lineage names its source's registered version, as a migration's does."""
+        registered: dict[str, str] = {}
+        for name, prompt, logged, tags in self.to_register:
+            lineage = registered.get(prompt.recycled_from or "")
+            if lineage:
+                tags = {**tags, registry.TAG_RECYCLED_FROM: lineage}
+            version = registry.register_prompt(logged, self.cfg.registry.prompt_name, prompt, tags=tags)
+            log.info("Registered %s as %s version %s", name, version.name, version.version)
+            registered[logged] = self.published[name] = registry.model_uri(version.name, version.version)
+        self.to_register.clear()
 
 
 def migration_policy(cfg: DictConfig) -> Policy:
@@ -327,7 +344,7 @@ def verdict(
     final = ctx.splits[-1]
     metrics["success"] = metrics[f"{final}/success"]
     if is_rank_zero():
-        mlflow.set_tag("mlflow_recycle.verdict", "success" if metrics["success"] else "failure")
+        mlflow.set_tag(TAG_VERDICT, "success" if metrics["success"] else "failure")
         shown = {**accuracies, "zero_shot": baselines.zero_shot, "random_prompt": baselines.random_prompt}
         names = {label: label.replace("_", " ") for label in shown}
         names["source"] = f"source prompt\non {source_name}"
@@ -355,6 +372,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics.update(ctx.seconds)
         if is_rank_zero():
             mlflow.log_metrics(metrics)
+            ctx.register_published()
             log.info("%s", summary(cfg, setup, metrics, ctx.published))
     return metrics
 
@@ -440,7 +458,6 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     accuracies = {"source": evaluator.accuracy(s.source, s.source_data, source_prompt.embeddings, "source")}
     outcome = migrate_prompt(ctx, pair, s.policy, source_prompt, source_uri)
     metrics = _policy_record(outcome)
-    ctx.publish(outcome.prompt, "recycled_prompt", tags=registry.outcome_tags(outcome, metrics))
     accuracies["recycled"] = evaluator.accuracy(s.target, s.target_data, outcome.prompt.embeddings, "recycled")
     # per split, shared with the policy's gate: the gate split's baselines are measured once
     baselines = Baselines.merge([pair.baselines(s.target, source_prompt, split, s.target_data) for split in ctx.splits])
@@ -449,4 +466,8 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
         accuracies["retuned"] = evaluator.accuracy(s.target, s.target_data, retuned.embeddings, "retuned")
         ctx.publish(retuned, "retuned_prompt", register=False)
     title = f"{s.spec.name}: {s.source.name} → {s.target.name} ({s.policy.label})"
-    return {**metrics, **verdict(ctx, accuracies, baselines, "recycled", title, source_name=s.source.name)}
+    metrics.update(verdict(ctx, accuracies, baselines, "recycled", title, source_name=s.source.name))
+    # the version carries its gate (decided on validation) and the job's verdict, as a migration tags it
+    tags = {**registry.outcome_tags(outcome, metrics), TAG_VERDICT: "success" if metrics["success"] else "failure"}
+    ctx.publish(outcome.prompt, "recycled_prompt", tags=tags)
+    return metrics

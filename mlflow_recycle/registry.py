@@ -9,6 +9,7 @@ what to recycle when version 2 appears.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -43,6 +44,7 @@ TAG_STAGE = "mlflow_recycle.stage"
 TAG_GATE_REASON = "mlflow_recycle.gate_reason"
 METRIC_TAG_PREFIX = "mlflow_recycle.metric."
 TAG_RECYCLER_CONFIG = "mlflow_recycle.recycler_config"
+TAG_PROMPT_DIGEST = "mlflow_recycle.prompt_digest"
 KIND_BASE, KIND_PROMPT = "base_model", "soft_prompt"
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
@@ -169,26 +171,21 @@ def check_prompt_fits_base(prompt: SoftPrompt, base: ModelVersion) -> None:
 
 
 # ---------------------------------------------------------------------- prompts
-def log_prompt(
-    prompt: SoftPrompt,
-    name: str = "prompt",
-    registered_model_name: str | None = None,
-    *,
-    tags: Mapping[str, str] | None = None,
-    **kwargs: Any,
-) -> ModelVersion | mlflow.models.model.ModelInfo:
-    """Log ``prompt`` with the flavor and, with ``registered_model_name``, register it tied to its base.
+def prompt_digest(prompt: SoftPrompt) -> str:
+    """What makes two prompts the same registered prompt: the tensor, the base it is tied to, the task."""
+    task = json.dumps(prompt.task.to_dict() if prompt.task else None, sort_keys=True)
+    tie = f"{prompt.base_model}|{prompt.base_model_version}|{task}".encode()
+    return hashlib.sha256(prompt.embeddings.detach().float().cpu().numpy().tobytes() + tie).hexdigest()[:32]
 
-    The version is created with its tie, lineage and ``tags`` in one call, so a crash can
-    never leave an untagged (unfindable, later duplicated) version. The logged model and
-    the run (under ``mlflow_recycle.<name>.*``) carry the same tags. Returns the model
-    version when registered, else the ``ModelInfo``.
-    """
+
+def prompt_tags(prompt: SoftPrompt, tags: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A prompt version's tags: its tie to a base version, its lineage and digest, then ``tags``."""
     tie = {
         TAG_KIND: KIND_PROMPT,
         TAG_BASE_MODEL: prompt.base_model or "",
         TAG_BASE_VERSION: prompt.base_model_version or "",
         TAG_FINGERPRINT: prompt.tokenizer_fingerprint or "",
+        TAG_PROMPT_DIGEST: prompt_digest(prompt),
     }
     if prompt.recycler:
         tie.update(
@@ -198,15 +195,58 @@ def log_prompt(
                 TAG_RECYCLER_CONFIG: json.dumps(prompt.recycler_config, sort_keys=True),
             }
         )
-    tie.update(tags or {})
+    return {**tie, **(tags or {})}
+
+
+def log_prompt(
+    prompt: SoftPrompt,
+    name: str = "prompt",
+    registered_model_name: str | None = None,
+    *,
+    tags: Mapping[str, str] | None = None,
+    **kwargs: Any,
+) -> ModelVersion | mlflow.models.model.ModelInfo:
+    """Log ``prompt`` with the flavor and, with ``registered_model_name``, register it tied to its base
+    (:func:`register_prompt`). The logged model and the run (under ``mlflow_recycle.<name>.*``)
+    carry the version's tags. Returns the model version when registered, else the ``ModelInfo``.
+    """
+    tie = prompt_tags(prompt, tags)
+    await_registration_for = kwargs.pop("await_registration_for", DEFAULT_AWAIT_MAX_SLEEP_SECONDS)
     with _run(f"log {name}"):
-        await_registration_for = kwargs.pop("await_registration_for", DEFAULT_AWAIT_MAX_SLEEP_SECONDS)
         info = soft_prompt.log_model(prompt, name=name, tags=tie, **kwargs)
         mlflow.set_tags({f"mlflow_recycle.{name}.{key.split('.', 1)[1]}": value for key, value in tie.items()})
     if registered_model_name is None:
         return info
+    return register_prompt(
+        info.model_uri, registered_model_name, prompt, tags=tags, await_registration_for=await_registration_for
+    )
+
+
+def register_prompt(
+    logged_uri: str,
+    registered_model_name: str,
+    prompt: SoftPrompt,
+    *,
+    tags: Mapping[str, str] | None = None,
+    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+) -> ModelVersion:
+    """Register the logged ``prompt`` as a version of ``registered_model_name``, once.
+
+    The version is created with its tie, lineage and ``tags`` in one call, so a crash can
+    never leave an untagged (unfindable, later duplicated) version. A version that already
+    holds the same prompt (same tensor, base version and task: e.g. the source prompt of
+    each job of a multirun, or a job run again) is returned instead of a new one.
+    """
+    tie = prompt_tags(prompt, tags)
+    found = MlflowClient().search_model_versions(
+        f"name = '{_escape(registered_model_name)}' AND tags.`{TAG_PROMPT_DIGEST}` = '{tie[TAG_PROMPT_DIGEST]}'"
+    )
+    if found:
+        version = min(found, key=lambda v: int(v.version))
+        log.info("%s already holds this prompt as version %s: not registered again", version.name, version.version)
+        return version
     return mlflow.register_model(
-        info.model_uri, registered_model_name, await_registration_for=await_registration_for, tags=tie
+        logged_uri, registered_model_name, await_registration_for=await_registration_for, tags=tie
     )
 
 
@@ -270,10 +310,12 @@ __all__ = [
     "ensure_base_model",
     "load_prompt",
     "log_prompt",
+    "prompt_digest",
     "model_uri",
     "parse_model_uri",
     "prompts_for",
     "register_base_model",
+    "register_prompt",
     "tie",
     "weights_digest",
 ]

@@ -32,6 +32,9 @@ class TaskSpec:
         truncation_side: ``"right"`` keeps the start of a long text, ``"left"`` its end.
         length_normalize: score a class by the mean instead of the sum of its verbalizer's
             token log-likelihoods (for verbalizers of different lengths).
+        validation_min_words: decide on validation examples of at least this many words
+            (0: all), so that validation is drawn like test where a task's splits differ in
+            kind: SST-2's validation is phrases from GLUE train, its test full sentences.
     """
 
     name: str
@@ -42,6 +45,7 @@ class TaskSpec:
     max_length: int = 256
     truncation_side: str = "right"
     length_normalize: bool = False
+    validation_min_words: int = 0
 
     def __post_init__(self) -> None:
         if "{text}" not in self.template:
@@ -73,6 +77,11 @@ class TaskSpec:
         if self.truncation_side not in ("right", "left"):
             raise RecycleError(
                 f"Task {self.name!r}: truncation_side must be 'right' or 'left', got {self.truncation_side!r}."
+            )
+        if self.validation_min_words < 0:
+            raise RecycleError(
+                f"Task {self.name!r}: validation_min_words must be 0 (every example) or more, "
+                f"got {self.validation_min_words}."
             )
         object.__setattr__(self, "verbalizers", verbalizers)
         object.__setattr__(self, "labels", labels)

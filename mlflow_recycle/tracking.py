@@ -65,7 +65,16 @@ def job_run(run_name: str | None = None, tags: Mapping[str, str] | None = None) 
         kwargs.update(parent_run_id=parent, nested=True)
     with mlflow.start_run(**kwargs) as run:
         log.info("MLflow run %s (experiment %s)", run.info.run_id, run.info.experiment_id)
-        yield run.info.run_id
+        try:
+            yield run.info.run_id
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            log.error(
+                "Interrupted: MLflow run %s is marked KILLED; what it logged so far stays in it, and nothing "
+                "was registered (a job registers its prompts only when it ends).",
+                run.info.run_id,
+            )
+            raise
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,21 @@ from hydra.utils import instantiate
 from mlflow_recycle import IncompatibleModelError, RecycleError, SoftPrompt, soft_prompt
 from mlflow_recycle.config import REPO_ROOT, compose
 from mlflow_recycle.evaluation import Evaluator
-from mlflow_recycle.job import data_module, prepare, task_spec
+from mlflow_recycle.job import TAG_VERDICT, data_module, prepare, task_spec
 from mlflow_recycle.models import load_model
-from mlflow_recycle.registry import TAG_DIGEST, TAG_RECYCLED_FROM, TAG_RECYCLER, base_versions, prompts_for
+from mlflow_recycle.registry import (
+    KIND_PROMPT,
+    TAG_DIGEST,
+    TAG_KIND,
+    TAG_RECYCLED_FROM,
+    TAG_RECYCLER,
+    base_versions,
+    prompts_for,
+)
 
-QUICK = ["experiment=quick"]
+# experiment=quick registers nothing (smoke runs keep a registry clean); these tests check what
+# registration does, so they turn it on.
+QUICK = ["experiment=quick", "registry.register=true"]
 
 
 def clean_env(tmp_path: Path) -> dict[str, str]:
@@ -106,9 +117,44 @@ def test_multirun_gives_one_parent_and_a_nested_run_per_job(tmp_path):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert {c.data.params["recycler.name"] for c in children} == {"linear", "identity"}
     assert parents[0].info.status == "FINISHED"
-    # the second job found both base models by their weights instead of registering them again
+    assert len({c.info.run_name for c in children}) == 2  # each child has its own name
+    # the second job found both base models by their weights instead of registering them again,
+    # and the source prompt both jobs tuned (the same prompt) is one version; each recycled one has its own
     assert len(base_versions("imdb-lm")) == 2
-    assert [len(prompts_for("imdb-lm", v)) for v in (1, 2)] == [2, 2]
+    assert [len(prompts_for("imdb-lm", v)) for v in (1, 2)] == [1, 2]
+    (source,) = prompts_for("imdb-lm", 1)
+    assert {v.tags[TAG_RECYCLED_FROM] for v in prompts_for("imdb-lm", 2)} == {f"models:/{source.name}/{source.version}"}
+    assert {v.tags[TAG_VERDICT] for v in prompts_for("imdb-lm", 2)} <= {"success", "failure"}
+
+
+def test_a_smoke_run_registers_nothing_and_an_interrupted_run_registers_nothing(tmp_path):
+    """experiment=quick logs its prompts to the run only; Ctrl-C during tuning ends the run KILLED,
+    says so in one line, exits 130 and leaves no prompt version (a job registers when it ends)."""
+    result = run_cli(tmp_path, "experiment=quick")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    logged = mlflow.MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert {m.name for m in logged} == {"source_prompt", "recycled_prompt"}
+    assert mlflow.MlflowClient().search_model_versions(f"tags.`{TAG_KIND}` = '{KIND_PROMPT}'") == []
+
+    other = tmp_path / "interrupted"
+    other.mkdir()
+    command = [sys.executable, "-m", "mlflow_recycle", *QUICK, "trainer.max_steps=100000", *hydra_dirs(other)]
+    env = {**clean_env(other), "PYTHONUNBUFFERED": "1"}
+    job = subprocess.Popen(command, cwd=other, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in job.stdout:  # waits on the job's progress, not on a clock
+        lines.append(line)
+        if "Tuning a" in line:
+            job.send_signal(signal.SIGINT)
+            break
+    output = "".join(lines) + job.communicate(timeout=300)[0]
+    assert job.returncode == 130, output[-3000:]
+    assert sum("Interrupted: MLflow run" in line for line in output.splitlines()) == 1
+    assert "Traceback" not in output
+    (interrupted,) = runs(other)
+    assert interrupted.info.status == "KILLED"
+    assert mlflow.MlflowClient().search_model_versions(f"tags.`{TAG_KIND}` = '{KIND_PROMPT}'") == []
 
 
 def test_ddp_on_two_cpu_processes_gives_one_run(tmp_path):

@@ -215,6 +215,29 @@ def test_data_formats_limits_and_errors(tmp_path, load_model):
         TextClassificationDataModule(encoder).examples("train")
 
 
+def test_decisions_take_validation_examples_drawn_like_test(tmp_path, load_model):
+    """validation_min_words keeps the validation examples long enough to resemble test (SST-2:
+    phrases vs sentences); train and test are untouched, and a rule nothing meets is refused."""
+    rows = [{"text": " ".join(["word"] * (1 + i % 6)), "label": i % 2} for i in range(60)]
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    _, tokenizer = load_model("small-a")
+
+    def data(min_words, **limits):
+        spec = TaskSpec("t", "{text} =", (" a", " b"), data=str(tmp_path), validation_min_words=min_words)
+        return TextClassificationDataModule(TaskEncoder(tokenizer, spec), **limits)
+
+    kept = data(4).examples("validation")
+    assert len(kept) == 30 and min(len(text.split()) for text, _ in kept) == 4
+    assert len(data(4).examples("train")) == len(data(4).examples("test")) == 60
+    assert len(data(0).examples("validation")) == 60
+    assert len(data(4, limit_val=10).examples("validation")) == 10  # the limit samples among the kept
+    with pytest.raises(RecycleError, match="no example has 7 words or more; lower the task's validation_min_words"):
+        data(7).examples("validation")
+    with pytest.raises(RecycleError, match="validation_min_words must be 0"):
+        TaskSpec("t", "{text} =", (" a", " b"), validation_min_words=-1)
+
+
 def test_fsdp_strategy_wraps_each_transformer_block(load_model):
     from lightning.pytorch.strategies import FSDPStrategy
 
