@@ -187,7 +187,7 @@ class Context:
             lineage = registered.get(prompt.recycled_from or "")
             if lineage:
                 tags = {**tags, registry.TAG_RECYCLED_FROM: lineage}
-            version = registry.register_prompt(logged, self.cfg.registry.prompt_name, prompt, tags=tags)
+            version = registry.register_prompt(logged, self.cfg.registry.prompt_name, prompt, tags=tags, once=True)
             log.info("Registered %s as %s version %s", name, version.name, version.version)
             registered[logged] = self.published[name] = registry.model_uri(version.name, version.version)
         self.to_register.clear()
@@ -317,6 +317,16 @@ def log_config(cfg: DictConfig) -> None:
     if not is_rank_zero():
         return
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    # the experiment the run is in: `mlflow run` chooses it (--experiment-name), not mlflow.experiment
+    run = mlflow.active_run()
+    experiment = mlflow.get_experiment(run.info.experiment_id).name if run else resolved["mlflow"]["experiment"]
+    if experiment != resolved["mlflow"]["experiment"]:
+        log.warning(
+            "This run is in experiment %r, chosen by whoever started it (mlflow run: --experiment-name), "
+            "not mlflow.experiment=%r; `mlflow run . --experiment-name %s` keeps every run together.",
+            experiment, resolved["mlflow"]["experiment"], resolved["mlflow"]["experiment"],
+        )  # fmt: skip
+        resolved["mlflow"]["experiment"] = experiment
     mlflow.log_dict(resolved, "config.yaml")
     params = {k: v for k, v in flatten(resolved).items() if not k.startswith(("paths.", "mlflow."))}
     # Under Hydra, its config-group picks too (choices.prompt/scheduler: one_cycle), as a sweep sets them.

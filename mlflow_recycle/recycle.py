@@ -40,8 +40,8 @@ def fit_recycler(
     anchors = find_anchors(source_tokenizer, target_tokenizer, offset=anchor_offset, size=anchor_size)
     source, target = anchors.embeddings(embedding_table(source_model), embedding_table(target_model))
     log.info(
-        "Fitting %s recycler on %d of %d anchors found (%s tokenizer), dim %d -> %d",
-        recycler.name,
+        "%s recycler on %d of %d anchors found (%s tokenizer), dim %d -> %d",
+        f"Fitting the {recycler.name}" if recycler.learns else f"The {recycler.name} (nothing to fit)",
         len(anchors),
         anchors.found,
         "same" if anchors.same_tokenizer else "cross",

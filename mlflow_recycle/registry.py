@@ -228,17 +228,19 @@ def register_prompt(
     prompt: SoftPrompt,
     *,
     tags: Mapping[str, str] | None = None,
+    once: bool = False,
     await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
 ) -> ModelVersion:
-    """Register the logged ``prompt`` as a version of ``registered_model_name``, once.
+    """Register the logged ``prompt`` as a version of ``registered_model_name``.
 
     The version is created with its tie, lineage and ``tags`` in one call, so a crash can
-    never leave an untagged (unfindable, later duplicated) version. A version that already
-    holds the same prompt (same tensor, base version and task: e.g. the source prompt of
-    each job of a multirun, or a job run again) is returned instead of a new one.
+    never leave an untagged (unfindable, later duplicated) version. With ``once``, a version
+    that already holds the same prompt (same tensor, base version and task: e.g. the source
+    prompt of each job of a multirun, or a job run again) is returned instead of a new one.
+    (A migration registers its result whatever earlier versions hold: its own key decides.)
     """
     tie = prompt_tags(prompt, tags)
-    found = MlflowClient().search_model_versions(
+    found = once and MlflowClient().search_model_versions(
         f"name = '{_escape(registered_model_name)}' AND tags.`{TAG_PROMPT_DIGEST}` = '{tie[TAG_PROMPT_DIGEST]}'"
     )
     if found:

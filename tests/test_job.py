@@ -85,6 +85,11 @@ def test_mlflow_run_entry_point_end_to_end(tmp_path):
     assert {"source_tune_seconds", "target_tune_seconds", "recycle_seconds", "source/train_loss"} <= set(metrics)
     client = mlflow.MlflowClient()
     assert {"config.yaml", "recycling_results.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # `mlflow run` chose the experiment (Default, without --experiment-name): the logged config says
+    # so, and the job told the user how to keep runs together
+    config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/config.yaml")
+    assert config["mlflow"]["experiment"] == mlflow.get_experiment(run.info.experiment_id).name == "Default"
+    assert "--experiment-name mlflow-recycle" in result.stdout + result.stderr
     # Both base models registered (small-a-early first: version 1), both prompts tied to them.
     bases = {int(v.version): v.tags[TAG_DIGEST] for v in base_versions("imdb-lm")}
     assert sorted(bases) == [1, 2]

@@ -62,6 +62,8 @@ class Recycler(ABC):
     name: ClassVar[str]
     #: Whether fitting needs at least as many anchors as source dimensions.
     needs_full_rank: ClassVar[bool] = True
+    #: Whether fitting learns a map from the anchors (``identity`` only checks the dims).
+    learns: ClassVar[bool] = True
 
     def __init__(self, *, match_norm: bool = False) -> None:
         self.match_norm = bool(match_norm)

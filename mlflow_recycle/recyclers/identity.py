@@ -18,6 +18,7 @@ class IdentityRecycler(Recycler):
 
     name = "identity"
     needs_full_rank = False
+    learns = False
 
     def _fit(self, source: torch.Tensor, target: torch.Tensor) -> None:
         if source.shape[1] != target.shape[1]:

@@ -8,12 +8,15 @@ weights on the same machine and thread count.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from .base import Recycler
+
+log = logging.getLogger(__name__)
 
 
 class MLPRecycler(Recycler):
@@ -65,7 +68,7 @@ class MLPRecycler(Recycler):
         generator = torch.Generator().manual_seed(self.seed)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.lr)
         self.losses = []
-        for _ in range(self.epochs):
+        for epoch in range(self.epochs):
             order = torch.randperm(x.shape[0], generator=generator)
             total = 0.0
             for start in range(0, x.shape[0], self.batch_size):
@@ -76,6 +79,8 @@ class MLPRecycler(Recycler):
                 optimizer.step()
                 total += loss.item() * len(batch)
             self.losses.append(total / x.shape[0])
+            if epoch % 5 == 4 or epoch == self.epochs - 1:  # a line in log files too, where no bar shows
+                log.info("mlp recycler: epoch %d/%d, anchor MSE %.4g", epoch + 1, self.epochs, self.losses[-1])
         self.net = net.eval().requires_grad_(False)
 
     def _transform(self, prompt: torch.Tensor) -> torch.Tensor:
