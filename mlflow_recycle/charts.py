@@ -1,4 +1,4 @@
-"""The recycling results chart: accuracies side by side, baselines dashed."""
+"""The recycling results chart: accuracies side by side, the deciding baseline as a line."""
 
 from __future__ import annotations
 
@@ -10,26 +10,72 @@ matplotlib.use("Agg")  # headless: charts are written to files and logged to MLf
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+COLORS = {"subject": "#4c72b0", "other": "#dd8452", "reference": "#8172b3", "baseline": "#9aa5b1"}
+NAMES = {"subject": "judged", "other": "on another model", "reference": "upper bound", "baseline": "baseline"}
+
 
 def accuracy_chart(
     accuracies: Mapping[str, float],
     *,
     errors: Mapping[str, float] | None = None,
+    error_meaning: str = "",
     baseline: float | None = None,
     title: str = "",
+    subtitle: str = "",
+    subjects: tuple[str, ...] = ("recycled",),
+    other_model: tuple[str, ...] = ("source",),
+    references: tuple[str, ...] = ("retuned",),
 ) -> Figure:
-    """A bar per entry of ``accuracies`` (label -> accuracy), with the best baseline as a line."""
+    """A bar per entry of ``accuracies`` (label -> accuracy) with the best baseline as a dashed line.
+
+    Bars whose label contains one of ``subjects`` are the ones judged (blue); ``other_model``
+    bars were measured on another model (orange, hatched), ``references`` are upper bounds
+    (purple: a prompt re-tuned on the target), the rest are baselines (grey).
+    The axis starts near the lowest bar, so the few points that decide a verdict are visible,
+    and the gap of each subject to the baseline is written on its bar. ``errors`` draws
+    error bars, explained by ``error_meaning`` under the title; the legend sits outside the bars.
+    """
     labels, values = list(accuracies), list(accuracies.values())
-    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2, 4), layout="constrained")
-    colors = ["#4c72b0" if "recycled" in label else "#9aa5b1" for label in labels]
+    fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2.5, 4.4), layout="constrained")
+
+    def kind(label: str) -> str:
+        for name, marks in (("subject", subjects), ("other", other_model), ("reference", references)):
+            if any(mark in label for mark in marks):
+                return name
+        return "baseline"
+
+    kinds = [kind(label) for label in labels]
+    colors = COLORS
     spread = [(errors or {}).get(k, float("nan")) for k in labels]  # NaN: no error bar
-    bars = ax.bar(labels, values, color=colors, yerr=spread, capsize=4)
-    ax.bar_label(bars, labels=[f"{v:.1%}" for v in values], padding=3)
+    bars = ax.bar(
+        labels,
+        values,
+        color=[colors[k] for k in kinds],
+        hatch=["//" if k == "other" else "" for k in kinds],
+        edgecolor="white",
+        yerr=spread,
+        capsize=4,
+    )
+    texts = []
+    for value, kind in zip(values, kinds, strict=True):
+        gap = f"\n{100 * (value - baseline):+.1f} pts" if baseline is not None and kind == "subject" else ""
+        texts.append(f"{value:.1%}{gap}")
+    ax.bar_label(bars, labels=texts, padding=3, fontsize=9)
+    shown = [k for k in COLORS if k in kinds]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in shown]
+    legend = [NAMES[k] for k in shown]
     if baseline is not None:
-        ax.axhline(baseline, color="#c44e52", linestyle="--", linewidth=1, label=f"best baseline {baseline:.1%}")
-        ax.legend(loc="lower right")
-    ax.set_ylim(0, 1.05)
+        line = ax.axhline(baseline, color="#c44e52", linestyle="--", linewidth=1)
+        handles.append(line)
+        legend.append(f"best baseline {baseline:.1%}")
+    finite = [v for v in values if v == v]
+    low = max(0.0, (min(finite) if finite else 0.0) - 0.1)
+    ax.set_ylim(int(low * 10) / 10, min(1.0, max(finite, default=1.0) + 0.12))
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
+    ax.set_title("\n".join(filter(None, [title, subtitle])), fontsize=10)
     ax.tick_params(axis="x", labelrotation=15)
+    if error_meaning:
+        ax.annotate(error_meaning, (0, 0), xycoords="figure fraction", xytext=(4, 4), textcoords="offset points",
+                    fontsize=8, color="#555555")  # fmt: skip
+    fig.legend(handles, legend, loc="outside right upper", fontsize=8, frameon=False)
     return fig

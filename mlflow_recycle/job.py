@@ -344,9 +344,11 @@ def verdict(
     baselines: Baselines,
     subject: str,
     title: str,
+    examples: int,
     source_name: str | None = None,
 ) -> dict[str, float]:
-    """Per-split metrics, the success flag (on the last split: the report) and the chart.
+    """Per-split metrics, the success flag (on the last split: the report, of ``examples``
+    examples) and the chart.
 
     ``accuracies[label][split]`` are measured on the target, except ``source``.
     """
@@ -358,11 +360,15 @@ def verdict(
         shown = {**accuracies, "zero_shot": baselines.zero_shot, "random_prompt": baselines.random_prompt}
         names = {label: label.replace("_", " ") for label in shown}
         names["source"] = f"source prompt\non {source_name}"
+        draws = ctx.cfg.eval.random_prompt_draws
         chart = accuracy_chart(
             {names[label]: per_split[final] for label, per_split in shown.items()},
             errors={"random prompt": baselines.random_prompt_std[final]},
+            error_meaning=f"random prompt: mean and standard deviation over {draws} draws" if draws > 1 else "",
             baseline=baselines.best(final),
-            title=title,
+            title=f"{title}: {'success' if metrics['success'] else 'failure'}",
+            subtitle=f"{final} split, {examples} examples; success = {subject} > best baseline",
+            subjects=(subject,),
         )
         mlflow.log_figure(chart, "recycling_results.png")
     log.info("Verdict (%s): %s", final, "success" if metrics["success"] else "failure")
@@ -450,7 +456,8 @@ def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
 def run_evaluate(ctx: Context, s: Setup) -> dict[str, float]:
     accuracies = {"prompt": ctx.evaluator.accuracy(s.target, s.target_data, s.prompt.embeddings, "prompt")}
     baselines = ctx.evaluator.baselines(s.target, s.target_data, s.prompt.length)
-    return verdict(ctx, accuracies, baselines, "prompt", f"{s.spec.name} on {s.target.name}")
+    examples = len(s.target_data.dataset(ctx.splits[-1]))
+    return verdict(ctx, accuracies, baselines, "prompt", f"{s.spec.name} on {s.target.name}", examples)
 
 
 def run_main(ctx: Context, s: Setup) -> dict[str, float]:
@@ -476,7 +483,8 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
         accuracies["retuned"] = evaluator.accuracy(s.target, s.target_data, retuned.embeddings, "retuned")
         ctx.publish(retuned, "retuned_prompt", register=False)
     title = f"{s.spec.name}: {s.source.name} → {s.target.name} ({s.policy.label})"
-    metrics.update(verdict(ctx, accuracies, baselines, "recycled", title, source_name=s.source.name))
+    examples = len(s.target_data.dataset(ctx.splits[-1]))
+    metrics.update(verdict(ctx, accuracies, baselines, "recycled", title, examples, source_name=s.source.name))
     # the version carries its gate (decided on validation) and the job's verdict, as a migration tags it
     tags = {**registry.outcome_tags(outcome, metrics), TAG_VERDICT: "success" if metrics["success"] else "failure"}
     ctx.publish(outcome.prompt, "recycled_prompt", tags=tags)

@@ -123,6 +123,15 @@ def test_multirun_gives_one_parent_and_a_nested_run_per_job(tmp_path):
     assert {c.data.params["recycler.name"] for c in children} == {"linear", "identity"}
     assert parents[0].info.status == "FINISHED"
     assert len({c.info.run_name for c in children}) == 2  # each child has its own name
+    # the parent compares its children: a row per child with its swept settings, accuracies and verdict
+    summary = mlflow.artifacts.load_dict(f"runs:/{parents[0].info.run_id}/multirun_summary.json")
+    rows = dict(zip(summary["columns"], zip(*summary["data"], strict=True), strict=True))
+    assert sorted(rows["recycler.name"]) == ["identity", "linear"] and len(rows["run"]) == 2
+    by_name = {c.info.run_name: c for c in children}
+    for name, accuracy in zip(rows["run"], rows["test/recycled_accuracy"], strict=True):
+        assert accuracy == by_name[name].data.metrics["test/recycled_accuracy"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parents[0].info.run_id)}
+    assert {"multirun_summary.md", "multirun_comparison.png"} <= artifacts
     # the second job found both base models by their weights instead of registering them again,
     # and the source prompt both jobs tuned (the same prompt) is one version; each recycled one has its own
     assert len(base_versions("imdb-lm")) == 2
