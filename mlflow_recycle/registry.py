@@ -77,6 +77,18 @@ def _run(run_name: str):
             yield run
 
 
+@contextmanager
+def _quiet(logger: str):
+    """Only errors from ``logger`` while the block runs."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
@@ -126,13 +138,18 @@ def register_base_model(
             )
         else:
             # transformers 5 needs loaded components (not a path); explicit requirements skip a slow inference.
-            info = mlflow.transformers.log_model(
-                transformers_model={"model": model, "tokenizer": tokenizer},
-                name=f"base-{name}",
-                task="text-generation",
-                save_pretrained=copy_weights,
-                pip_requirements=[soft_prompt._pinned_requirement(p) for p in ("transformers", "torch", "safetensors")],
-            )
+            # Its warnings about a model card and licence on the hub mean nothing for a local or
+            # offline model, and a user cannot act on them: quiet for this call only.
+            with _quiet("mlflow.transformers"):
+                info = mlflow.transformers.log_model(
+                    transformers_model={"model": model, "tokenizer": tokenizer},
+                    name=f"base-{name}",
+                    task="text-generation",
+                    save_pretrained=copy_weights,
+                    pip_requirements=[
+                        soft_prompt._pinned_requirement(p) for p in ("transformers", "torch", "safetensors")
+                    ],
+                )
     # Registered with its tags in one call: a version is never seen without its digest.
     version = mlflow.register_model(info.model_uri, name, await_registration_for=await_registration_for, tags=tags)
     log.info(
