@@ -12,7 +12,7 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,24 @@ class ProgressLog(L.Callback):
         values = ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
         log.info("%s: step %d of %d%s", getattr(pl_module, "name", "training"), trainer.global_step,
                  trainer.max_steps, f" ({values})" if values else "")  # fmt: skip
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar counted in steps: a prompt trains for ``max_steps``, not
+    epochs, so the bar's total is the steps left (not the epoch's batches) and its description
+    drops the stock ``Epoch 0/-2`` (``max_epochs`` is -1)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        total = super().total_train_batches
+        if self.trainer.max_steps > 0:
+            return min(total, self.trainer.max_steps - self.trainer.global_step)
+        return total
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_steps > 0:
+            return f"Training: steps {self.trainer.global_step + 1}-{self.trainer.max_steps}"
+        return super()._get_train_description(current_epoch)
 
 
 class BestPrompt(L.Callback):

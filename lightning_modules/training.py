@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from .callbacks import BestPrompt, ProgressLog, stop_above
+from .callbacks import BestPrompt, ProgressLog, StepProgressBar, stop_above
 from .modules import TrainablePromptModule
 
 #: Builds a Lightning trainer; keyword arguments override its configured ones. At the entry
@@ -69,6 +69,8 @@ def fit_prompt(
     callbacks: list[L.Callback] = list(trainer_kwargs.pop("callbacks", None) or [])
     if not sys.stderr.isatty():  # a log file or CI: a progress bar writes nothing readable there
         callbacks.append(ProgressLog())
+    elif getattr(trainer, "keywords", {}).get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
     best = BestPrompt(monitor)
     if eval_every:
         callbacks.append(best)

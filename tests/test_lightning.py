@@ -341,3 +341,25 @@ def test_encoder_decoder_models_take_the_prompt_on_the_encoder(load_model, data_
     module = PromptTuningModule(model, prompt, optimizer=adamw(lr=0.05))
     trainer(max_steps=2, limit_val_batches=0).fit(module, datamodule=data)
     assert not torch.equal(module.tuned_prompt(), prompt)
+
+
+def test_the_progress_bar_counts_the_step_budget(load_model, data_dir):
+    """A prompt trains for max_steps: the bar's total is the steps, not the epoch's batches, and
+    it does not read `Epoch 0/-2` (max_epochs is -1)."""
+    from lightning_modules.callbacks import StepProgressBar
+
+    model, tokenizer = load_model("small-a")
+    data = TextClassificationDataModule(TaskEncoder(tokenizer, sst2(data_dir)), batch_size=2, limit_train=40)
+    seen = {}
+
+    class Look(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen.setdefault("total", bar.total_train_batches)
+            seen.setdefault("description", bar._get_train_description(trainer.current_epoch))
+
+    bar = StepProgressBar()
+    module = PromptTuningModule(model, initial_prompt("vocab", model.get_input_embeddings().weight, 3))
+    L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False, callbacks=[bar, Look()]).fit(
+        module, datamodule=data
+    )
+    assert seen == {"total": 3, "description": "Training: steps 1-3"}  # 20 batches per epoch, 3 steps
