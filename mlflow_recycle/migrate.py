@@ -115,7 +115,7 @@ def previous_version_with_prompts(base_model: str, to_version: str) -> str | Non
     """The newest version of ``base_model`` before ``to_version`` that has prompts tied to it."""
     earlier = [v for v in registry.base_versions(base_model) if int(v.version) < int(to_version)]
     for version in sorted(earlier, key=lambda v: int(v.version), reverse=True):
-        if registry.prompts_for(base_model, version.version):
+        if registry.prompts_for(base_model, version.version, completed=True):
             return str(version.version)
     return None
 
@@ -276,7 +276,7 @@ def migrate(
     client = MlflowClient()
     keyed = [
         (s, migration_key(s, base_model, from_version, to_version, cfg))
-        for s in registry.prompts_for(base_model, from_version)
+        for s in registry.prompts_for(base_model, from_version, completed=True)
     ]
     todo = []
     for source, key in keyed:
@@ -356,7 +356,7 @@ def pending_migrations(base_models: Iterable[str] | None = None) -> list[tuple[s
             if previous is None:
                 continue
             migrated = {v.tags.get(registry.TAG_RECYCLED_FROM) for v in registry.prompts_for(base, version.version)}
-            sources = registry.prompts_for(base, previous)
+            sources = registry.prompts_for(base, previous, completed=True)
             if any(registry.model_uri(s.name, s.version) not in migrated for s in sources):
                 pending.append((base, str(version.version)))
     return pending

@@ -279,12 +279,35 @@ def outcome_tags(outcome: Any, metrics: Mapping[str, float] | None = None) -> di
     return tags
 
 
-def prompts_for(base_model: str, version: str | int) -> list[ModelVersion]:
-    """Every registered soft-prompt version tied to ``base_model`` version ``version``."""
+def prompts_for(base_model: str, version: str | int, *, completed: bool = False) -> list[ModelVersion]:
+    """Every registered soft-prompt version tied to ``base_model`` version ``version``.
+
+    ``completed``: only versions that are READY and whose run did not end FAILED or KILLED (a
+    prompt registered by a run that then broke is not something to migrate; this package's
+    jobs register only at their end, but other code may not).
+    """
     found = MlflowClient().search_model_versions(
         f"tags.`{TAG_BASE_MODEL}` = '{_escape(base_model)}' AND tags.`{TAG_BASE_VERSION}` = '{_escape(str(version))}'"
     )
-    return sorted((v for v in found if v.tags.get(TAG_KIND) == KIND_PROMPT), key=lambda v: (v.name, int(v.version)))
+    prompts = sorted((v for v in found if v.tags.get(TAG_KIND) == KIND_PROMPT), key=lambda v: (v.name, int(v.version)))
+    if completed:
+        prompts = [v for v in prompts if _completed(v)]
+    return prompts
+
+
+def _completed(version: ModelVersion) -> bool:
+    if version.status != "READY":
+        return False
+    if not version.run_id:
+        return True
+    try:
+        status = MlflowClient().get_run(version.run_id).info.status
+    except mlflow.exceptions.MlflowException:  # the run was deleted: the version stands on its own
+        return True
+    if status in ("FAILED", "KILLED"):
+        log.info("Ignoring %s version %s: its run %s ended %s", version.name, version.version, version.run_id, status)
+        return False
+    return True
 
 
 def base_of(prompt_uri: str) -> tuple[str, str]:

@@ -135,3 +135,20 @@ def test_migrating_a_model_or_version_that_does_not_exist_says_so(store, registe
         migrate("nosuch", 2, cfg=config(store))
     with pytest.raises(RecycleError, match=r"'lm' has no version 7 .* \(its versions: 1, 2\)"):
         migrate("lm", 7, cfg=config(store))
+
+
+def test_a_prompt_whose_run_broke_is_not_migrated_nor_pending(store, registered):
+    """A version registered by a run that then ended KILLED (or FAILED) never completed: reconcile
+    does not report its base version as pending, and a migration leaves it out."""
+    from mlflow_recycle.migrate import pending_migrations
+
+    good = SoftPrompt.load(PROMPT)
+    v1 = MlflowClient().get_model_version("lm", "1")
+    with mlflow.start_run() as run:
+        log_prompt(tie(good.replace(embeddings=good.embeddings * 2), v1), "prompt", "broken-prompt")
+    MlflowClient().set_terminated(run.info.run_id, "KILLED")
+    assert [v.name for v in prompts_for("lm", 1)].count("broken-prompt") == 1
+    assert "broken-prompt" not in [v.name for v in prompts_for("lm", 1, completed=True)]
+    report = migrate("lm", 2, cfg=config(store))
+    assert report.created == 2 and "broken-prompt" not in by_name()
+    assert pending_migrations(["lm"]) == []
