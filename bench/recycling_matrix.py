@@ -110,7 +110,8 @@ def plain(node) -> dict:
     """A config node as a dict for cache keys, without settings that leave prompts unchanged
     (so that adding an option with a neutral default does not invalidate the cache)."""
     values = OmegaConf.to_container(node, resolve=True)
-    neutral = {"regularizer": "none", "gamma": 0.0}
+    neutral = {"regularizer": "none", "gamma": 0.0, "text_field": "text", "label_field": "label", "labels": [],
+               "header": True}  # fmt: skip
     return {k: v for k, v in values.items() if k not in UNKEYED and neutral.get(k, object()) != v}
 
 

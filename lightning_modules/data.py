@@ -1,17 +1,20 @@
 """Text-classification data for prompt tuning and rank classification.
 
-Reads local JSONL / JSON / CSV / TSV files (``{data}/{split}.jsonl`` and friends, or one
-file), or a Hugging Face ``datasets`` name when that package is installed. Examples are
-tokenised once in ``setup`` with the model's :class:`TaskEncoder`; batches are built by the
-encoder so that training, evaluation and pyfunc prediction see identical inputs.
+Task data is read through Hugging Face ``datasets``: a directory of ``{split}.jsonl|json|
+csv|tsv|parquet`` files, one such file (split deterministically into train, validation and
+test), a directory written by ``save_to_disk``, or a hub dataset name. The task says which
+column holds the text (or a template over several columns) and which the label (class
+indices, or the class names the task lists). Examples are tokenised once in ``setup`` with
+the model's :class:`TaskEncoder`; batches are built by the encoder so that training,
+evaluation and pyfunc prediction see identical inputs.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import random
+import string
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,85 +24,191 @@ from torch.utils.data import DataLoader, Dataset
 
 from mlflow_recycle.errors import RecycleError
 from mlflow_recycle.prompted_lm import TaskEncoder
+from mlflow_recycle.task import TaskSpec
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
-
-
-def _read_file(path: Path) -> list[dict[str, Any]]:
-    if path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
-
-
-#: Share of ``train`` held out as ``validation`` when a task directory has no validation split.
+#: File suffixes read as split files, and the ``datasets`` builder for each.
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+SUFFIXES = tuple(BUILDERS)
+SPLITS = ("train", "validation", "test")
+#: Share of ``train`` held out as ``validation`` when the data has no validation split.
 HELD_OUT_FRACTION = 0.1
+#: How one data file with no splits is divided (seeded, so always the same rows).
+FILE_SPLIT = {"train": 0.8, "validation": 0.1, "test": 0.1}
+
+
+@contextmanager
+def _quiet_datasets():
+    """No ``datasets`` progress bars while we read (one per split would fill a log)."""
+    import datasets as bars
+
+    was_enabled = not bars.are_progress_bars_disabled()
+    bars.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            bars.enable_progress_bars()
 
 
 def _split_file(path: Path, split: str) -> Path | None:
     return next((path / f"{split}{s}" for s in SUFFIXES if (path / f"{split}{s}").is_file()), None)
 
 
-def _held_out(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
-    """``validation``: a fixed, seeded slice of ``train``; ``train``: the rest (so they never overlap)."""
-    order = list(range(len(rows)))
+def _load_file(path: Path, header: bool):
+    import datasets
+
+    options: dict[str, Any] = {}
+    if path.suffix in (".csv", ".tsv"):
+        options["delimiter"] = "\t" if path.suffix == ".tsv" else ","
+        if path.suffix == ".tsv":
+            options["quoting"] = 3  # csv.QUOTE_NONE: a quote in a sentence is text, not syntax
+        if not header:  # columns are named by position: "0", "1", ...
+            with path.open() as f:
+                width = len(f.readline().rstrip("\n").split(options["delimiter"]))
+            options.update(header=None, column_names=[str(i) for i in range(width)])
+    with _quiet_datasets():
+        return datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train", **options)
+
+
+def _seeded_order(n: int) -> list[int]:
+    order = list(range(n))
     random.Random(0).shuffle(order)
-    held = set(order[: max(1, int(len(rows) * HELD_OUT_FRACTION))])
-    return [row for i, row in enumerate(rows) if (i in held) == (split == "validation")]
+    return order
 
 
-def read_examples(data: str, split: str, text_field: str = "text", label_field: str = "label") -> list[tuple[str, int]]:
-    """``(text, label)`` pairs of one split.
+def _held_out(rows, split: str):
+    """``validation``: a fixed, seeded slice of ``train``; ``train``: the rest (so they never overlap)."""
+    order = _seeded_order(len(rows))
+    cut = max(1, int(len(rows) * HELD_OUT_FRACTION))
+    return rows.select(sorted(order[:cut] if split == "validation" else order[cut:]))
 
-    ``data`` is a directory holding ``{split}.jsonl|json|csv|tsv``, a single such file, or
-    (with ``datasets`` installed) a Hugging Face dataset name such as ``"glue/sst2"``. A
-    directory without a validation split holds out a fixed 10% of ``train`` as
-    ``validation`` (and ``train`` is the rest), so decisions never look at test.
-    """
-    path = Path(data)
+
+def _file_split(rows, split: str, where: str):
+    """One of train / validation / test of a single file: seeded shares (``FILE_SPLIT``), never overlapping."""
+    if split not in FILE_SPLIT:
+        raise RecycleError(f"{where} is one file, divided into {', '.join(FILE_SPLIT)}: there is no {split!r}.")
+    order, n = _seeded_order(len(rows)), len(rows)
+    bounds, start = {}, 0
+    for name, share in FILE_SPLIT.items():
+        stop = n if name == SPLITS[-1] else start + int(round(n * share))
+        bounds[name] = (start, stop)
+        start = stop
+    begin, stop = bounds[split]
+    log.info(
+        "%s has no splits: %s is its seeded %d%% (%d of %d rows; train/validation/test %s)",
+        where, split, round(100 * FILE_SPLIT[split]), stop - begin, n,
+        "/".join(f"{share:.0%}" for share in FILE_SPLIT.values()),
+    )  # fmt: skip
+    return rows.select(sorted(order[begin:stop]))
+
+
+def _saved(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def read_rows(data: str, split: str, *, header: bool = True):
+    """The rows of ``split`` (a ``datasets.Dataset``) and a description of where they came from."""
+    import datasets
+
+    path = Path(data).expanduser()
+    if path.is_dir() and _saved(path):
+        with _quiet_datasets():
+            saved = datasets.load_from_disk(str(path))
+        if isinstance(saved, datasets.Dataset):
+            return _file_split(saved, split, str(path)), str(path)
+        if split in saved:
+            return saved[split], f"{path} [{split}]"
+        if split == "validation" and "train" in saved:
+            return _held_out(saved["train"], split), f"{path} [train, held out]"
+        raise RecycleError(f"No {split!r} split in the saved dataset {path}: it has {', '.join(saved)}.")
     if path.is_dir():
         file, train = _split_file(path, split), _split_file(path, "train")
         if split in ("train", "validation") and _split_file(path, "validation") is None and train is not None:
-            rows = _held_out(_read_file(train), split)
             if split == "validation":
-                log.info("%s has no validation split: holding out %d train rows", path, len(rows))
-        elif file is None:
+                log.info("%s has no validation split: holding out %.0f%% of train", path, 100 * HELD_OUT_FRACTION)
+            return _held_out(_load_file(train, header), split), str(train)
+        if file is None:
             raise RecycleError(
-                f"No {split!r} split in {path}: expected one of {', '.join(split + s for s in SUFFIXES)}."
+                f"No {split!r} split in {path}: expected one of {', '.join(split + s for s in SUFFIXES)}, "
+                "or a directory written by datasets' save_to_disk."
             )
-        else:
-            rows = _read_file(file)
-    elif path.is_file():
-        rows = _read_file(path)
-    else:
-        rows = _read_hub(data, split)
+        return _load_file(file, header), str(file)
+    if path.is_file():
+        if path.suffix not in BUILDERS:
+            raise RecycleError(f"Cannot read {path}: task data files are {', '.join(SUFFIXES)}.")
+        return _file_split(_load_file(path, header), split, str(path)), str(path)
+    name, _, config = data.partition(":")  # "glue:sst2" or "stanfordnlp/sst2"
+    with _quiet_datasets():
+        try:
+            splits = datasets.get_dataset_split_names(name, config or None)
+            if split == "validation" and "validation" not in splits:
+                return _held_out(datasets.load_dataset(name, config or None, split="train"), split), name
+            return datasets.load_dataset(name, config or None, split=split), name
+        except (FileNotFoundError, ConnectionError, ValueError) as exc:
+            raise RecycleError(
+                f"Task data {data!r} is not a local file or directory, and the hub dataset could not be read "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): set task.data to a "
+                "path, or a hub name (name or name:config) while online."
+            ) from exc
+
+
+def _fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def read_examples(task: TaskSpec, split: str) -> list[tuple[str, int]]:
+    """``(text, label)`` pairs of one split of ``task.data``, read with the task's fields.
+
+    ``task.text_field`` is a column, or a template over columns (``"{premise} {hypothesis}"``);
+    ``task.label_field`` holds class indices (``0..n-1``, as numbers or digits) or the class
+    names ``task.labels`` lists (in verbalizer order). Bad data is one error naming the row
+    and the setting to change.
+    """
+    rows, where = read_rows(task.data, split, header=task.header)
+    columns = list(rows.column_names)
+    template = task.text_field if "{" in task.text_field else None
+    needed = _fields(template) if template else [task.text_field]
+    missing = [c for c in (*needed, task.label_field) if c not in columns]
+    if missing:
+        raise RecycleError(
+            f"{where} has columns {columns}; the task reads {missing[0]!r}: set task.text_field (a column, or "
+            "a template over columns such as '{premise} {hypothesis}') and task.label_field"
+            + ("" if task.header else " (a file without header names its columns 0, 1, ...)")
+            + "."
+        )
+    names = {name: i for i, name in enumerate(task.labels)}
+    folded = {name.casefold(): i for name, i in names.items()}
+    n = len(task.labels)
+    texts = [template.format(**row) for row in rows.select_columns(needed)] if template else rows[task.text_field]
     examples = []
-    for i, row in enumerate(rows):
-        if text_field not in row or label_field not in row:
+    for i, (text, raw) in enumerate(zip(texts, rows[task.label_field], strict=True)):
+        label = _label(raw, names, folded, n)
+        if label is None:
             raise RecycleError(
-                f"{data} ({split}) row {i} has fields {sorted(row)}; expected {text_field!r} and {label_field!r}: "
-                "rename those fields in the data files, or pass text_field= / label_field= to read_examples "
-                "or TextClassificationDataModule."
+                f"{where} row {i}: label {raw!r} is neither a class index (0..{n - 1}) nor one of the task's "
+                f"labels {list(task.labels)}: set task.labels to the class names the data uses, in verbalizer "
+                "order (or task.label_field to the column that holds the labels)."
             )
-        examples.append((str(row[text_field]), int(row[label_field])))
+        if text is None:
+            raise RecycleError(f"{where} row {i}: no text in {task.text_field!r}; drop the row or fill it in.")
+        examples.append((str(text), label))
     return examples
 
 
-def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise RecycleError(
-            f"Data {name!r} is neither a local file nor a directory, and the `datasets` package is not installed "
-            "to read it from the Hugging Face hub: give a local path or `pip install datasets`."
-        ) from None
-    config = name.split("/")
-    return list(datasets.load_dataset(*config[:2] if len(config) > 1 else config, split=split))
+def _label(raw: Any, names: dict[str, int], folded: dict[str, int], n: int) -> int | None:
+    if isinstance(raw, bool):
+        return int(raw)
+    if isinstance(raw, int) or (isinstance(raw, float) and raw.is_integer()):
+        return int(raw) if 0 <= raw < n else None
+    if isinstance(raw, str):
+        value = raw.strip()
+        if value in names or value.casefold() in folded:
+            return names.get(value, folded.get(value.casefold()))
+        if value.lstrip("-").isdigit():
+            return int(value) if 0 <= int(value) < n else None
+    return None
 
 
 class TokenizedExamples(Dataset):
@@ -119,7 +228,8 @@ class TextClassificationDataModule(L.LightningDataModule):
     """Splits of one task tokenised for one model.
 
     Args:
-        encoder: the model's :class:`TaskEncoder`; its task's ``data`` says where the files are.
+        encoder: the model's :class:`TaskEncoder`; its task says where the data is and how to
+            read it (:func:`read_examples`).
         batch_size / eval_batch_size: examples per training / evaluation batch.
         limit_train / limit_val / limit_test: use a seeded random subset of this many
             examples (for quick runs and for IMDB's 25,000 test reviews).
@@ -138,8 +248,6 @@ class TextClassificationDataModule(L.LightningDataModule):
         limit_train: int | None = None,
         limit_val: int | None = None,
         limit_test: int | None = None,
-        text_field: str = "text",
-        label_field: str = "label",
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -152,20 +260,12 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.splits = {"train": train_split, "validation": val_split, "test": test_split}
         self.limits = {"train": limit_train, "validation": limit_val, "test": limit_test}
-        self.text_field, self.label_field = text_field, label_field
         self.seed, self.num_workers = seed, num_workers
         self.datasets: dict[str, TokenizedExamples] = {}
 
     def examples(self, stage: str) -> list[tuple[str, int]]:
         """The (possibly subsampled) raw examples of ``stage`` (train / validation / test)."""
-        examples = read_examples(self.encoder.task.data, self.splits[stage], self.text_field, self.label_field)
-        n_classes = self.encoder.num_classes
-        bad = [label for _, label in examples if not 0 <= label < n_classes]
-        if bad:
-            raise RecycleError(
-                f"{self.encoder.task.data} ({self.splits[stage]}) has label {bad[0]} but the task has {n_classes} "
-                f"verbalizers {list(self.encoder.task.verbalizers)}: give one verbalizer per class."
-            )
+        examples = read_examples(self.encoder.task, self.splits[stage])
         min_words = self.encoder.task.validation_min_words if stage == "validation" else 0
         if min_words:
             kept = [example for example in examples if len(example[0].split()) >= min_words]

@@ -56,6 +56,10 @@ def task_spec(cfg: DictConfig) -> TaskSpec:
         max_length=cfg.max_length,
         truncation_side=cfg.truncation_side,
         length_normalize=cfg.length_normalize,
+        text_field=str(cfg.get("text_field", "text")),
+        label_field=str(cfg.get("label_field", "label")),
+        header=cfg.get("header", True),
+        labels=tuple(cfg.get("labels") or ()),
         validation_min_words=cfg.get("validation_min_words", 0),
     )
 

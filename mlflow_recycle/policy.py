@@ -341,7 +341,7 @@ def labelled_data_problem(prompt: SoftPrompt, split: str) -> str | None:
     if looks_local and not Path(task.data).expanduser().exists():
         return f"its task data {task.data!r} is not reachable"
     try:
-        read_examples(task.data, split)
+        read_examples(task, split)
     except (RecycleError, OSError, ValueError) as exc:
         return f"its task data {task.data!r} has no usable {split!r} split ({exc})"
     return None

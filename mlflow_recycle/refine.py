@@ -77,7 +77,7 @@ def unlabelled_texts(prompt: SoftPrompt, split: str, limit: int, seed: int) -> l
             "Refinement needs unlabelled inputs of the prompt's task, but the prompt records no task data: "
             "log prompts with their TaskSpec (data=...) or use a recycler without refine."
         )
-    texts = [text for text, _ in read_examples(task.data, split)]
+    texts = [text for text, _ in read_examples(task, split)]
     return random.Random(seed).sample(texts, limit) if limit < len(texts) else texts
 
 

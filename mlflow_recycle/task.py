@@ -32,6 +32,10 @@ class TaskSpec:
         truncation_side: ``"right"`` keeps the start of a long text, ``"left"`` its end.
         length_normalize: score a class by the mean instead of the sum of its verbalizer's
             token log-likelihoods (for verbalizers of different lengths).
+        text_field: the column holding the text, or a template over columns
+            (``"{premise} {hypothesis}"``).
+        label_field: the column holding the label: a class index or one of ``labels``.
+        header: CSV/TSV files have a header row; without one, columns are named ``0``, ``1``, ...
         validation_min_words: decide on validation examples of at least this many words
             (0: all), so that validation is drawn like test where a task's splits differ in
             kind: SST-2's validation is phrases from GLUE train, its test full sentences.
@@ -45,6 +49,9 @@ class TaskSpec:
     max_length: int = 256
     truncation_side: str = "right"
     length_normalize: bool = False
+    text_field: str = "text"
+    label_field: str = "label"
+    header: bool = True
     validation_min_words: int = 0
 
     def __post_init__(self) -> None:

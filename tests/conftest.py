@@ -7,6 +7,7 @@ same few models many times. ``MLFLOW_RECYCLE_SHARED`` overrides where ../shared 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # its thread writes os.environ while servers start
+# `datasets` caches what it reads; tests write only to temporary directories (and so do their subprocesses).
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="mlflow-recycle-datasets-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MLFLOW_RECYCLE_SHARED", REPO.parent / "shared"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import lightning as L
@@ -191,27 +190,25 @@ def test_data_formats_limits_and_errors(tmp_path, load_model):
     (tmp_path / "validation.tsv").write_text(
         "sentence\tlabel\n" + "\n".join(f"{r['text']}\t{r['label']}" for r in rows)
     )
-    assert read_examples(str(tmp_path), "train")[3] == ("review 3", 1)
-    assert read_examples(str(tmp_path), "test")[4] == ("review 4", 0)
-    assert read_examples(str(tmp_path), "validation", text_field="sentence")[5] == ("review 5", 1)
-    with pytest.raises(RecycleError, match=r"has fields \['label', 'sentence'\]; expected 'text'") as error:
-        read_examples(str(tmp_path), "validation")
-    # The hint names arguments that exist (no config exposes the field names)
-    assert "pass text_field= / label_field= to read_examples or TextClassificationDataModule" in str(error.value)
-    for takes_fields in (read_examples, TextClassificationDataModule):
-        assert {"text_field", "label_field"} <= set(inspect.signature(takes_fields).parameters)
+    task = TaskSpec("t", "{text} =", (" a", " b"), data=str(tmp_path), max_length=32)
+    assert read_examples(task, "train")[3] == ("review 3", 1)
+    assert read_examples(task, "test")[4] == ("review 4", 0)
+    assert read_examples(task.replace(text_field="sentence"), "validation")[5] == ("review 5", 1)
+    with pytest.raises(RecycleError, match=r"has columns \['sentence', 'label'\]; the task reads 'text'") as error:
+        read_examples(task, "validation")
+    assert "set task.text_field" in str(error.value) and "task.label_field" in str(error.value)  # settings that exist
     with pytest.raises(RecycleError, match="No 'dev' split"):
-        read_examples(str(tmp_path), "dev")
+        read_examples(task, "dev")
 
     _, tokenizer = load_model("small-a")
-    encoder = TaskEncoder(tokenizer, TaskSpec("t", "{text} =", (" a", " b"), data=str(tmp_path), max_length=32))
+    encoder = TaskEncoder(tokenizer, task)
     subset = TextClassificationDataModule(encoder, limit_train=10, seed=3).examples("train")
     assert len(subset) == 10 and subset == TextClassificationDataModule(encoder, limit_train=10, seed=3).examples(
         "train"
     )
     assert subset != TextClassificationDataModule(encoder, limit_train=10, seed=4).examples("train")
     (tmp_path / "train.jsonl").write_text(json.dumps({"text": "x", "label": 2}))
-    with pytest.raises(RecycleError, match="has label 2 but the task has 2 verbalizers"):
+    with pytest.raises(RecycleError, match=r"row 0: label 2 is neither a class index \(0..1\) nor one of"):
         TextClassificationDataModule(encoder).examples("train")
 
 
@@ -254,7 +251,7 @@ def test_fsdp_strategy_wraps_each_transformer_block(load_model):
 def distillation_data(load_model, data_dir, teacher="small-a", student="small-b", n=48):
     (t_model, t_tok), (s_model, s_tok) = load_model(teacher), load_model(student)
     task = sst2(data_dir)
-    texts = [text for text, _ in read_examples(str(data_dir("sst2")), "train")[:n]]
+    texts = [text for text, _ in read_examples(task, "train")[:n]]
     return (
         t_model,
         s_model,

@@ -21,7 +21,7 @@ from lightning_modules import (
     fit_prompt,
     read_examples,
 )
-from mlflow_recycle import RecycleError, SoftPrompt
+from mlflow_recycle import RecycleError, SoftPrompt, TaskSpec
 from mlflow_recycle.evaluation import Baselines, Gate
 from mlflow_recycle.models import LoadedModel
 from mlflow_recycle.policy import FAILED, PASSED, SKIPPED, UNEVALUATED, Policy, Transfer, run_policy
@@ -232,10 +232,11 @@ def test_a_task_without_validation_split_holds_out_train(data_dir, tmp_path):
     rows = [json.dumps({"text": f"review {i}", "label": i % 2}) for i in range(200)]
     (data / "train.jsonl").write_text("\n".join(rows) + "\n")
     (data / "test.jsonl").write_text("\n".join(rows[:10]) + "\n")
-    validation, train = read_examples(str(data), "validation"), read_examples(str(data), "train")
+    task = TaskSpec("t", "{text}", (" a", " b"), data=str(data))
+    validation, train = read_examples(task, "validation"), read_examples(task, "train")
     assert len(validation) == 20 and len(train) == 180
     assert not {t for t, _ in validation} & {t for t, _ in train}  # never the same rows
-    assert validation == read_examples(str(data), "validation")  # the same slice every time
+    assert validation == read_examples(task, "validation")  # the same slice every time
 
 
 def test_each_distinct_map_is_fitted_once_per_pair(sides):
