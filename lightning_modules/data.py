@@ -78,11 +78,19 @@ def _seeded_order(n: int) -> list[int]:
     return order
 
 
+#: Column added to a subset of a file's rows: each row's position in the file, for error messages.
+ROW = "__row__"
+
+
+def _subset(rows, indices: list[int]):
+    return rows.add_column(ROW, list(range(len(rows)))).select(sorted(indices))
+
+
 def _held_out(rows, split: str):
     """``validation``: a fixed, seeded slice of ``train``; ``train``: the rest (so they never overlap)."""
     order = _seeded_order(len(rows))
     cut = max(1, int(len(rows) * HELD_OUT_FRACTION))
-    return rows.select(sorted(order[:cut] if split == "validation" else order[cut:]))
+    return _subset(rows, order[:cut] if split == "validation" else order[cut:])
 
 
 def _file_split(rows, split: str, where: str):
@@ -101,7 +109,12 @@ def _file_split(rows, split: str, where: str):
         where, split, round(100 * FILE_SPLIT[split]), stop - begin, n,
         "/".join(f"{share:.0%}" for share in FILE_SPLIT.values()),
     )  # fmt: skip
-    return rows.select(sorted(order[begin:stop]))
+    return _subset(rows, order[begin:stop])
+
+
+def _holds_out(split: str, splits) -> bool:
+    """Whether ``split`` comes from ``train`` with a validation slice held out (no validation split)."""
+    return split in ("train", "validation") and "validation" not in splits and "train" in splits
 
 
 def _saved(path: Path) -> bool:
@@ -118,10 +131,10 @@ def read_rows(data: str, split: str, *, header: bool = True):
             saved = datasets.load_from_disk(str(path))
         if isinstance(saved, datasets.Dataset):
             return _file_split(saved, split, str(path)), str(path)
+        if _holds_out(split, saved):
+            return _held_out(saved["train"], split), f"{path} [train]"
         if split in saved:
             return saved[split], f"{path} [{split}]"
-        if split == "validation" and "train" in saved:
-            return _held_out(saved["train"], split), f"{path} [train, held out]"
         raise RecycleError(f"No {split!r} split in the saved dataset {path}: it has {', '.join(saved)}.")
     if path.is_dir():
         file, train = _split_file(path, split), _split_file(path, "train")
@@ -143,7 +156,7 @@ def read_rows(data: str, split: str, *, header: bool = True):
     with _quiet_datasets():
         try:
             splits = datasets.get_dataset_split_names(name, config or None)
-            if split == "validation" and "validation" not in splits:
+            if _holds_out(split, splits):
                 return _held_out(datasets.load_dataset(name, config or None, split="train"), split), name
             return datasets.load_dataset(name, config or None, split=split), name
         except (FileNotFoundError, ConnectionError, ValueError) as exc:
@@ -182,14 +195,15 @@ def read_examples(task: TaskSpec, split: str) -> list[tuple[str, int]]:
     folded = {name.casefold(): i for name, i in names.items()}
     n = len(task.labels)
     texts = [template.format(**row) for row in rows.select_columns(needed)] if template else rows[task.text_field]
+    positions = rows[ROW] if ROW in columns else range(len(rows))
     examples = []
-    for i, (text, raw) in enumerate(zip(texts, rows[task.label_field], strict=True)):
+    for i, text, raw in zip(positions, texts, rows[task.label_field], strict=True):
         label = _label(raw, names, folded, n)
         if label is None:
             raise RecycleError(
-                f"{where} row {i}: label {raw!r} is neither a class index (0..{n - 1}) nor one of the task's "
-                f"labels {list(task.labels)}: set task.labels to the class names the data uses, in verbalizer "
-                "order (or task.label_field to the column that holds the labels)."
+                f"{where} row {i} (data rows counted from 0): label {raw!r} is neither a class index "
+                f"(0..{n - 1}) nor one of the task's labels {list(task.labels)}: set task.labels to the class "
+                "names the data uses, in verbalizer order (or task.label_field to the column that holds the labels)."
             )
         if text is None:
             raise RecycleError(f"{where} row {i}: no text in {task.text_field!r}; drop the row or fill it in.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -78,4 +78,22 @@ def accuracy_chart(
         ax.annotate(error_meaning, (0, 0), xycoords="figure fraction", xytext=(4, 4), textcoords="offset points",
                     fontsize=8, color="#555555")  # fmt: skip
     fig.legend(handles, legend, loc="outside right upper", fontsize=8, frameon=False)
+    return fig
+
+
+def confusion_chart(confusion: Sequence[Sequence[int]], classes: Sequence[str], *, title: str = "") -> Figure:
+    """Counts of true class (rows) × predicted class (columns), each cell annotated: a prompt that
+    collapses onto one class shows as one full column."""
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.1 * n + 2.2, 1.0 * n + 1.6), layout="constrained")
+    ax.imshow(confusion, cmap="Blues")
+    peak = max((max(row) for row in confusion), default=0)
+    for i, row in enumerate(confusion):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    ax.set_xticks(range(n), classes, rotation=30, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
     return fig

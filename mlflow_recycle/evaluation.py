@@ -139,6 +139,56 @@ def verdict_metrics(
     return metrics
 
 
+@dataclass(frozen=True)
+class ClassReport:
+    """One prompt on one split, class by class: what accuracy alone hides on a multi-class task
+    (a prompt that predicts one class for every text shows as one recall near 1, the others 0)."""
+
+    accuracy: float
+    classes: tuple[str, ...]
+    confusion: tuple[tuple[int, ...], ...]  # [true class][predicted class] counts
+
+    @classmethod
+    def of(cls, labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str]) -> ClassReport:
+        n = len(classes)
+        counts = torch.zeros(n, n, dtype=torch.long)
+        counts.index_put_(
+            (labels.long(), predictions.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True
+        )
+        accuracy = float((labels == predictions).float().mean()) if len(labels) else float("nan")
+        return cls(accuracy, tuple(classes), tuple(tuple(int(c) for c in row) for row in counts.tolist()))
+
+    def recall(self) -> dict[str, float]:
+        return {
+            c: row[i] / sum(row) if sum(row) else float("nan")
+            for i, (c, row) in enumerate(zip(self.classes, self.confusion, strict=False))
+        }
+
+    def predicted_share(self) -> dict[str, float]:
+        total = sum(map(sum, self.confusion)) or 1
+        return {c: sum(row[i] for row in self.confusion) / total for i, c in enumerate(self.classes)}
+
+    def macro_f1(self) -> float:
+        scores = []
+        for i in range(len(self.classes)):
+            true_positive = self.confusion[i][i]
+            predicted, actual = sum(row[i] for row in self.confusion), sum(self.confusion[i])
+            scores.append(2 * true_positive / (predicted + actual) if predicted + actual else 0.0)
+        return statistics.fmean(scores)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """``{prefix}/recall/<class>``, ``{prefix}/predicted_share/<class>`` and ``{prefix}/macro_f1``."""
+        out = {f"{prefix}/macro_f1": self.macro_f1()}
+        out.update({f"{prefix}/recall/{_safe(c)}": v for c, v in self.recall().items()})
+        out.update({f"{prefix}/predicted_share/{_safe(c)}": v for c, v in self.predicted_share().items()})
+        return out
+
+
+def _safe(name: str) -> str:
+    """A class name as an MLflow metric key part (``Sci/Tech`` -> ``Sci_Tech``)."""
+    return "".join(ch if ch.isalnum() or ch in "_-. " else "_" for ch in name).strip() or "class"
+
+
 @dataclass
 class Evaluator:
     """Rank-classification evaluations, each on a fresh Lightning trainer built from ``trainer`` config.
@@ -164,18 +214,29 @@ class Evaluator:
         self, side: LoadedModel, data: TextClassificationDataModule, prompt: torch.Tensor | None, name: str
     ) -> dict[str, float]:
         """Accuracy of ``prompt`` (None: zero-shot) on each split."""
+        return {split: report.accuracy for split, report in self.report(side, data, prompt, name).items()}
+
+    def report(
+        self, side: LoadedModel, data: TextClassificationDataModule, prompt: torch.Tensor | None, name: str
+    ) -> dict[str, ClassReport]:
+        """``prompt`` (None: zero-shot) on each split, class by class."""
         module = RankClassificationModule(
             side.model, prompt, length_normalize=data.encoder.task.length_normalize, name=name
         )
-        accuracies = {}
+        reports = {}
         for split in self.splits:
             # every example of the split, whatever the trainer config limits for training-time validation
             trainer: L.Trainer = self.trainer(logger=False, limit_val_batches=1.0, limit_test_batches=1.0)
             run = trainer.test if split == "test" else trainer.validate
             run(module, datamodule=data, verbose=False)
-            accuracies[split] = module.results[split]["accuracy"]
-            log.info("%s on %s/%s: %.4f", name, side.name, split, accuracies[split])
-        return accuracies
+            result = module.results[split]
+            classes = data.encoder.task.labels
+            if "labels" in result:
+                reports[split] = ClassReport.of(result["labels"], result["predictions"], classes)
+            else:  # an empty split
+                reports[split] = ClassReport(float("nan"), tuple(classes), ())
+            log.info("%s on %s/%s: %.4f", name, side.name, split, reports[split].accuracy)
+        return reports
 
     def baselines(self, side: LoadedModel, data: TextClassificationDataModule, prompt_length: int) -> Baselines:
         """Zero-shot and the mean (and spread) of random-token prompts of ``prompt_length`` rows."""

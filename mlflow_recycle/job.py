@@ -28,7 +28,7 @@ from lightning_modules import PromptTuningModule, TextClassificationDataModule, 
 
 from . import registry
 from .anchors import embedding_table
-from .charts import accuracy_chart
+from .charts import accuracy_chart, confusion_chart
 from .config import instantiate_partial
 from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, task_data, verdict_metrics
@@ -457,11 +457,26 @@ def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
     return metrics
 
 
+def class_report(ctx: Context, s: Setup, prompt: SoftPrompt, name: str, metrics: dict[str, float]) -> dict[str, float]:
+    """Accuracy of ``prompt`` on the target per split; class by class into ``metrics`` (recall and
+    share of predictions per class, macro-F1) and, on rank 0, the report split's confusion matrix
+    as ``confusion_<name>.png``. Returns the accuracies."""
+    reports = ctx.evaluator.report(s.target, s.target_data, prompt.embeddings, name)
+    for split, report in reports.items():
+        metrics.update(report.metrics(f"{split}/{name}"))
+    final = reports[ctx.splits[-1]]
+    if is_rank_zero() and final.confusion:
+        title = f"{name} prompt on {s.target.name}, {ctx.splits[-1]} ({sum(map(sum, final.confusion))} examples)"
+        mlflow.log_figure(confusion_chart(final.confusion, final.classes, title=title), f"confusion_{name}.png")
+    return {split: report.accuracy for split, report in reports.items()}
+
+
 def run_evaluate(ctx: Context, s: Setup) -> dict[str, float]:
-    accuracies = {"prompt": ctx.evaluator.accuracy(s.target, s.target_data, s.prompt.embeddings, "prompt")}
+    metrics: dict[str, float] = {}
+    accuracies = {"prompt": class_report(ctx, s, s.prompt, "prompt", metrics)}
     baselines = ctx.evaluator.baselines(s.target, s.target_data, s.prompt.length)
     examples = len(s.target_data.dataset(ctx.splits[-1]))
-    return verdict(ctx, accuracies, baselines, "prompt", f"{s.spec.name} on {s.target.name}", examples)
+    return {**metrics, **verdict(ctx, accuracies, baselines, "prompt", f"{s.spec.name} on {s.target.name}", examples)}
 
 
 def run_main(ctx: Context, s: Setup) -> dict[str, float]:
@@ -479,7 +494,7 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     accuracies = {"source": evaluator.accuracy(s.source, s.source_data, source_prompt.embeddings, "source")}
     outcome = migrate_prompt(ctx, pair, s.policy, source_prompt, source_uri)
     metrics = _policy_record(outcome)
-    accuracies["recycled"] = evaluator.accuracy(s.target, s.target_data, outcome.prompt.embeddings, "recycled")
+    accuracies["recycled"] = class_report(ctx, s, outcome.prompt, "recycled", metrics)
     # per split, shared with the policy's gate: the gate split's baselines are measured once
     baselines = Baselines.merge([pair.baselines(s.target, source_prompt, split, s.target_data) for split in ctx.splits])
     if cfg.retune:

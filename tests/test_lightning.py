@@ -208,7 +208,9 @@ def test_data_formats_limits_and_errors(tmp_path, load_model):
     )
     assert subset != TextClassificationDataModule(encoder, limit_train=10, seed=4).examples("train")
     (tmp_path / "train.jsonl").write_text(json.dumps({"text": "x", "label": 2}))
-    with pytest.raises(RecycleError, match=r"row 0: label 2 is neither a class index \(0..1\) nor one of"):
+    with pytest.raises(
+        RecycleError, match=r"row 0 \(data rows counted from 0\): label 2 is neither a class index \(0..1\) nor one of"
+    ):
         TextClassificationDataModule(encoder).examples("train")
 
 
