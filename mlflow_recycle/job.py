@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import mlflow
 from hydra.utils import instantiate
+from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig, OmegaConf
 
@@ -91,6 +92,7 @@ class Setup:
     target_data: TextClassificationDataModule
     policy: Policy
     prompt: SoftPrompt | None
+    prompt_uri: str | None = None  # cfg.prompt_uri with a registry alias resolved to its version
 
 
 def prepare(cfg: DictConfig) -> Setup:
@@ -103,6 +105,8 @@ def prepare(cfg: DictConfig) -> Setup:
     if cfg.job in ("recycle", "evaluate") and not cfg.prompt_uri:
         raise RecycleError(f"job={cfg.job} needs prompt_uri: the prompt to {cfg.job}.")
     prompt = registry.load_prompt(cfg.prompt_uri) if cfg.prompt_uri else None  # before the models: a typo costs nothing
+    # lineage names a version, never an alias (aliases move): models:/p@source -> models:/p/3
+    prompt_uri = registry.pinned(str(cfg.prompt_uri)) if cfg.prompt_uri else None
     configure_threads(cfg.get("threads"))
     source = load_model(cfg.source, cache=cfg.paths.get("cache"))
     same = (model_dir(cfg.target), cfg.target.get("gguf_file")) == (model_dir(cfg.source), cfg.source.get("gguf_file"))
@@ -119,7 +123,7 @@ def prepare(cfg: DictConfig) -> Setup:
         for split in {*cfg.eval.splits, policy.gate.split}:
             source_data.dataset(split)
             target_data.dataset(split)
-    return Setup(spec, source, target, source_data, target_data, policy, prompt)
+    return Setup(spec, source, target, source_data, target_data, policy, prompt, prompt_uri)
 
 
 # ---------------------------------------------------------------------- steps
@@ -192,7 +196,13 @@ class Context:
             if lineage:
                 tags = {**tags, registry.TAG_RECYCLED_FROM: lineage}
             version = registry.register_prompt(logged, self.cfg.registry.prompt_name, prompt, tags=tags, once=True)
-            log.info("Registered %s as %s version %s", name, version.name, version.version)
+            alias = (self.cfg.registry.get("aliases") or {}).get(name)
+            if alias:
+                MlflowClient().set_registered_model_alias(version.name, alias, version.version)
+            log.info(
+                "Registered %s as %s version %s%s", name, version.name, version.version,
+                f" (alias @{alias})" if alias else "",
+            )  # fmt: skip
             registered[logged] = self.published[name] = registry.model_uri(version.name, version.version)
         self.to_register.clear()
 
@@ -333,6 +343,8 @@ def log_config(cfg: DictConfig) -> None:
         resolved["mlflow"]["experiment"] = experiment
     mlflow.log_dict(resolved, "config.yaml")
     params = {k: v for k, v in flatten(resolved).items() if not k.startswith(("paths.", "mlflow."))}
+    # what recycles, in full (`recycler.name` alone reads `linear` for linear+distill)
+    params["recycler.method"] = " / ".join(c.label for c in migration_policy(cfg).stages[0].recyclers)
     # Under Hydra, its config-group picks too (choices.prompt/scheduler: one_cycle), as a sweep sets them.
     from hydra.core.hydra_config import HydraConfig
 
@@ -451,7 +463,7 @@ def _policy_record(outcome: PolicyOutcome) -> dict[str, float]:
 
 def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.target)
-    outcome = migrate_prompt(ctx, transfer(ctx, s.source, s.target), s.policy, s.prompt, ctx.cfg.prompt_uri)
+    outcome = migrate_prompt(ctx, transfer(ctx, s.source, s.target), s.policy, s.prompt, s.prompt_uri)
     metrics = _policy_record(outcome)
     ctx.publish(outcome.prompt, "recycled_prompt", tags=registry.outcome_tags(outcome, metrics))
     return metrics
@@ -486,8 +498,8 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     for choice in s.policy.stages[0].recyclers:  # before tuning: a pair a recycler cannot map fails fast
         if choice.when is None:
             pair.fit(choice)
-    if s.prompt is not None and str(cfg.prompt_uri).startswith("models:/"):
-        source_prompt, source_uri = s.prompt, str(cfg.prompt_uri)  # already registered
+    if s.prompt is not None and str(s.prompt_uri).startswith("models:/"):
+        source_prompt, source_uri = s.prompt, s.prompt_uri  # already registered
     else:
         source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source", cfg.source)
         source_uri = ctx.publish(source_prompt, "source_prompt")

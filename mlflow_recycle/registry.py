@@ -67,6 +67,13 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
     return name, str(version)
 
 
+def pinned(uri: str) -> str:
+    """``models:/name@alias`` as the version it points to now (``models:/name/3``); any other URI as is."""
+    if _MODEL_URI.match(uri) and "@" in uri:
+        return model_uri(*parse_model_uri(uri))
+    return uri
+
+
 @contextmanager
 def _run(run_name: str):
     """The active run, or a new one for a registry helper called outside any run."""
@@ -355,6 +362,7 @@ __all__ = [
     "prompt_digest",
     "model_uri",
     "parse_model_uri",
+    "pinned",
     "prompts_for",
     "register_base_model",
     "register_prompt",

@@ -251,6 +251,7 @@ def test_distill_recycler_refines_on_the_target_and_records_it(tmp_path):
     assert recycled.tags[TAG_RECYCLER] == "linear+distill"
     prompt = soft_prompt.load_model(f"models:/{recycled.name}/{recycled.version}")
     assert prompt.recycler_config["refine"]["steps"] == 2 and "test/recycled_accuracy" in run.data.metrics
+    assert run.data.params["recycler.method"] == "linear+distill(2)"  # what ran, in the UI's params
 
 
 def test_main_job_runs_the_migration_policy_and_records_each_stage(tmp_path):
@@ -340,11 +341,13 @@ def test_tune_recycle_and_evaluate_entry_points_chain(tracking):
     tuned = run(compose([*base, "job=tune"]))
     (source,) = prompts_for("imdb-lm", 1)
     assert "test/source_accuracy" in tuned and "policy/steps" not in tuned  # tuning alone: no policy ran
-    recycled = run(compose([*base, "job=recycle", f"prompt_uri=models:/sst2-prompt/{source.version}"]))
+    # the job moved the alias `source` to the prompt it tuned: the next job names it without a version number
+    recycled = run(compose([*base, "job=recycle", "prompt_uri=models:/sst2-prompt@source"]))
     (target,) = prompts_for("imdb-lm", 2)
+    assert mlflow.MlflowClient().get_model_version_by_alias("sst2-prompt", "recycled").version == target.version
     assert target.tags[TAG_RECYCLED_FROM] == f"models:/sst2-prompt/{source.version}"
     assert target.tags["mlflow_recycle.gate"] in ("passed", "failed") and target.tags[TAG_RECYCLER] == "linear"
-    evaluated = run(compose([*base, "job=evaluate", f"prompt_uri=models:/sst2-prompt/{target.version}"]))
+    evaluated = run(compose([*base, "job=evaluate", "prompt_uri=models:/sst2-prompt@recycled"]))
     # the evaluate job measures on validation exactly what the recycle job's gate saw
     assert evaluated["validation/prompt_accuracy"] == recycled["policy/recycle/gate_accuracy"]
     gate_passed = recycled["policy/recycle/gate_accuracy"] > recycled["policy/gate_threshold"]
