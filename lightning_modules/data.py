@@ -152,6 +152,8 @@ def read_rows(data: str, split: str, *, header: bool = True):
         if path.suffix not in BUILDERS:
             raise RecycleError(f"Cannot read {path}: task data files are {', '.join(SUFFIXES)}.")
         return _file_split(_load_file(path, header), split, str(path)), str(path)
+    if data.startswith(("/", ".", "~")):
+        raise RecycleError(f"Task data {data!r} does not exist: set task.data to a file or directory that does.")
     name, _, config = data.partition(":")  # "glue:sst2" or "stanfordnlp/sst2"
     with _quiet_datasets():
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -42,16 +42,23 @@ def task_data(
     limit_val: int | None = None,
     limit_test: int | None = None,
     seed: int = 0,
+    datamodule: Callable[..., TextClassificationDataModule] | None = None,
 ) -> TextClassificationDataModule:
-    """The task tokenised for ``side``, checked against its context window."""
+    """The task tokenised for ``side``, checked against its context window.
+
+    ``datamodule``: builds the data module from the encoder (``instantiate(cfg.data)``, whose
+    config holds the batch sizes, limits and seed); None: these arguments' own."""
     needed = spec.max_length + prompt_length
     if side.max_positions is not None and needed > side.max_positions:
         raise RecycleError(
             f"task max_length={spec.max_length} plus prompt length {prompt_length} is {needed} positions, "
             f"more than {side.name} supports ({side.max_positions}): lower the task's max_length."
         )
+    encoder = TaskEncoder(side.tokenizer, spec, seq2seq=side.seq2seq)
+    if datamodule is not None:
+        return datamodule(encoder)
     return TextClassificationDataModule(
-        TaskEncoder(side.tokenizer, spec, seq2seq=side.seq2seq),
+        encoder,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
         limit_train=limit_train,

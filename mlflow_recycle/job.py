@@ -66,18 +66,8 @@ def task_spec(cfg: DictConfig) -> TaskSpec:
 
 
 def data_module(side: LoadedModel, spec: TaskSpec, cfg: DictConfig) -> TextClassificationDataModule:
-    task = cfg.task
-    return task_data(
-        side,
-        spec,
-        prompt_length=cfg.prompt.length,
-        batch_size=task.batch_size,
-        eval_batch_size=task.eval_batch_size,
-        limit_train=task.limit_train,
-        limit_val=task.limit_val,
-        limit_test=task.limit_test,
-        seed=cfg.seed,
-    )
+    """The task's data for ``side``: ``conf/data`` built with ``_target_`` on ``side``'s tokenizer."""
+    return task_data(side, spec, prompt_length=cfg.prompt.length, datamodule=instantiate(cfg.data))
 
 
 # ---------------------------------------------------------------------- setup
@@ -250,16 +240,11 @@ def tune(
         cfg.prompt.length,
         side.tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else (),
     )
-    module = PromptTuningModule(
-        side.model,
-        init,
+    module: PromptTuningModule = instantiate(
+        cfg.module,
         optimizer=instantiate_partial(cfg.prompt.optimizer, "prompt.optimizer"),
         scheduler=instantiate_partial(cfg.prompt.get("scheduler"), "prompt.scheduler"),
-        length_normalize=data.encoder.task.length_normalize,
-        name=name,
-        anchor=anchor,
-        gamma=cfg.prompt.gamma,
-    )
+    )(side.model, init, length_normalize=data.encoder.task.length_normalize, name=name, anchor=anchor)
     steps = cfg.trainer.max_steps
     log.info("Tuning a %d-token prompt on %s for %d steps", cfg.prompt.length, side.name, steps)
     validates = cfg.trainer.get("limit_val_batches") != 0

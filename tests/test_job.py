@@ -215,7 +215,7 @@ def test_unknown_config_names_list_the_options(group):
         ("task.template='Review without placeholder'", r"has no '\{text\}' placeholder"),
         ("task.max_length=250", "more than small-a-early supports"),
         ("job=recycle", "job=recycle needs prompt_uri"),
-        ("task.data=/nonexistent/sst2", "neither a local file nor a directory"),
+        ("task.data=/nonexistent/sst2", "does not exist: set task.data"),
         ("model@target=small-c", None),  # the cross-tokenizer pair is valid
     ],
 )
@@ -361,3 +361,17 @@ def test_a_prompt_uri_that_does_not_exist_is_one_line_before_any_model_loads(tmp
     error = [line for line in output.splitlines() if "ERROR" in line]
     assert len(error) == 1 and "Cannot load the prompt 'models:/sst2-prompt/99'" in error[0]
     assert "Traceback" not in output and "Loaded small-a" not in output
+
+
+def test_the_data_and_module_groups_build_what_the_job_trains_with():
+    """lightning-hydra-template's shape: `data` and `module` are `_target_` configs instantiated at
+    the entry point; the job hands them what only it knows (tokenizer, model, initial prompt)."""
+    from lightning_modules import PromptTuningModule, TextClassificationDataModule
+
+    cfg = compose([*QUICK, "data.batch_size=5", "data.limit_val=7", "module.gamma=0.25"])
+    side = load_model(cfg.source)
+    data = data_module(side, task_spec(cfg.task), cfg)
+    assert isinstance(data, TextClassificationDataModule) and data.batch_size == 5 and data.limits["validation"] == 7
+    assert compose(QUICK).data.batch_size == compose(QUICK).task.batch_size  # by default the task's sizes
+    module = instantiate(cfg.module)(side.model, torch.zeros(3, 256), anchor=torch.zeros(3, 256))
+    assert isinstance(module, PromptTuningModule) and module.gamma == 0.25
