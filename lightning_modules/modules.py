@@ -137,8 +137,10 @@ class RankClassificationModule(L.LightningModule):
         labels, scores = rows[:, 1].long(), rows[:, 2:]
         predictions = scores.argmax(1)
         accuracy = float((predictions == labels).float().mean())
+        macro_f1 = _macro_f1(labels, predictions, scores.shape[1])
         self.results[stage] = {
             "accuracy": accuracy,
+            "macro_f1": macro_f1,
             "index": index[first].cpu(),
             "predictions": predictions,
             "labels": labels,
@@ -146,12 +148,27 @@ class RankClassificationModule(L.LightningModule):
         }
         # Every rank holds the same deduplicated value: no further reduction needed.
         self.log(f"{self.name}/{stage}_accuracy", accuracy, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self.log(f"{self.name}/{stage}_macro_f1", macro_f1, sync_dist=False, rank_zero_only=False)
 
     def on_validation_epoch_end(self) -> None:
         self._finish("validation")
 
     def on_test_epoch_end(self) -> None:
         self._finish("test")
+
+
+def _macro_f1(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int) -> float:
+    """Mean over classes of F1 (a class never predicted nor present counts 0)."""
+    scores = []
+    for c in range(n_classes):
+        true_positive = int(((predictions == c) & (labels == c)).sum())
+        both = int((predictions == c).sum()) + int((labels == c).sum())
+        scores.append(2 * true_positive / both if both else 0.0)
+    return sum(scores) / n_classes
+
+
+#: What a gate, an early stop or a best-prompt choice may watch (``{name}/validation_<metric>``).
+METRICS = ("accuracy", "macro_f1")
 
 
 class TrainablePromptModule(RankClassificationModule):

@@ -53,6 +53,7 @@ def fit_prompt(
     steps: int,
     eval_every: int | None = None,
     stop_above_score: float | None = None,
+    metric: str = "accuracy",
     datamodule: L.LightningDataModule | None = None,
     train_dataloaders: Any = None,
     val_dataloaders: Any = None,
@@ -62,10 +63,11 @@ def fit_prompt(
 
     With ``eval_every``, the prompt is validated every that many steps (and at the end) on
     the validation data, and the best one is returned; with ``stop_above_score`` too,
-    training stops at the first validation strictly above it. Without ``eval_every`` no
+    training stops at the first validation strictly above it. ``metric`` (accuracy or
+    macro_f1) is what "best" and "above" are measured in. Without ``eval_every`` no
     validation runs and the last prompt is returned.
     """
-    monitor = f"{module.name}/validation_accuracy"
+    monitor = f"{module.name}/validation_{metric}"
     callbacks: list[L.Callback] = list(trainer_kwargs.pop("callbacks", None) or [])
     if not sys.stderr.isatty():  # a log file or CI: a progress bar writes nothing readable there
         callbacks.append(ProgressLog())

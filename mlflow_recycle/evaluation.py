@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from lightning_modules import RankClassificationModule, TextClassificationDataModule, TrainerFactory
+from lightning_modules.modules import METRICS
 
 from .anchors import embedding_table
 from .errors import RecycleError
@@ -99,14 +100,18 @@ class Gate:
 
     It must be strictly above the model's best baseline (max of zero-shot and random
     prompt) plus ``margin`` points and, with ``keep_gain``, keep at least that fraction of
-    the source prompt's gain over the source model's own best baseline.
+    the source prompt's gain over the source model's own best baseline; all in ``metric``
+    (``accuracy``, or ``macro_f1`` for a multi-class task where one class dominates).
     """
 
     split: str = "validation"
     margin: float = 0.0
     keep_gain: float | None = None
+    metric: str = "accuracy"
 
     def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise RecycleError(f"gate.metric may be {' or '.join(METRICS)}, got {self.metric!r}.")
         if self.split not in SPLITS:
             raise RecycleError(f"gate.split may be {' or '.join(SPLITS)}, got {self.split!r}.")
         if self.split == "test":
@@ -175,6 +180,10 @@ class ClassReport:
         total = sum(map(sum, self.confusion)) or 1
         return {c: sum(row[i] for row in self.confusion) / total for i, c in enumerate(self.classes)}
 
+    def value(self, metric: str) -> float:
+        """``accuracy`` or ``macro_f1``."""
+        return self.accuracy if metric == "accuracy" else self.macro_f1()
+
     def macro_f1(self) -> float:
         scores = []
         for i in range(len(self.classes)):
@@ -211,6 +220,7 @@ class Evaluator:
     splits: Sequence[str] = ("test",)
     random_draws: int = 3
     seed: int = 0
+    metric: str = "accuracy"  # what score() and baselines() measure
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.splits if s not in SPLITS]
@@ -222,6 +232,12 @@ class Evaluator:
     ) -> dict[str, float]:
         """Accuracy of ``prompt`` (None: zero-shot) on each split."""
         return {split: report.accuracy for split, report in self.report(side, data, prompt, name).items()}
+
+    def score(
+        self, side: LoadedModel, data: TextClassificationDataModule, prompt: torch.Tensor | None, name: str
+    ) -> dict[str, float]:
+        """``metric`` of ``prompt`` (None: zero-shot) on each split."""
+        return {split: report.value(self.metric) for split, report in self.report(side, data, prompt, name).items()}
 
     def report(
         self, side: LoadedModel, data: TextClassificationDataModule, prompt: torch.Tensor | None, name: str
@@ -246,14 +262,14 @@ class Evaluator:
         return reports
 
     def baselines(self, side: LoadedModel, data: TextClassificationDataModule, prompt_length: int) -> Baselines:
-        """Zero-shot and the mean (and spread) of random-token prompts of ``prompt_length`` rows."""
-        zero_shot = self.accuracy(side, data, None, "zero_shot")
+        """Zero-shot and the mean (and spread) of random-token prompts of ``prompt_length`` rows, in ``metric``."""
+        zero_shot = self.score(side, data, None, "zero_shot")
         table = embedding_table(side.model)
         draws = []
         for draw in range(self.random_draws):
             generator = torch.Generator().manual_seed(self.seed + 1000 + draw)
             rows = sample_vocab_rows(table, prompt_length, generator, exclude_ids=side.tokenizer.all_special_ids)
-            draws.append(self.accuracy(side, data, rows, f"random_prompt_{draw}"))
+            draws.append(self.score(side, data, rows, f"random_prompt_{draw}"))
         return Baselines(
             zero_shot=zero_shot,
             random_prompt={s: statistics.fmean(d[s] for d in draws) for s in self.splits},

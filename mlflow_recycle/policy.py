@@ -142,7 +142,7 @@ class Policy:
             gate = Gate(**(values.get("gate") or {}))
         except TypeError as exc:
             raise RecycleError(
-                f"Bad policy.gate {values.get('gate')}: {exc} (keys: split, margin, keep_gain)."
+                f"Bad policy.gate {values.get('gate')}: {exc} (keys: split, margin, keep_gain, metric)."
             ) from exc
         stages = [_stage(dict(stage)) for stage in values.get("stages") or []]
         if not stages or not isinstance(stages[0], RecycleStage):
@@ -271,8 +271,8 @@ class Transfer:
     seed: int = 0
     _baselines: dict[tuple[Any, ...], Baselines] = field(default_factory=dict, repr=False)
 
-    def evaluator(self, split: str) -> Evaluator:
-        return Evaluator(self.trainer, (split,), self.random_draws, self.seed)
+    def evaluator(self, split: str, metric: str = "accuracy") -> Evaluator:
+        return Evaluator(self.trainer, (split,), self.random_draws, self.seed, metric)
 
     def data(self, side: LoadedModel, prompt: SoftPrompt, **limits: Any):
         return task_data(
@@ -285,11 +285,11 @@ class Transfer:
             **limits,
         )
 
-    def baselines(self, side: LoadedModel, prompt: SoftPrompt, split: str, data) -> Baselines:
-        """Zero-shot and random-prompt accuracy of ``side``, once per task, length and split."""
-        key = (side.uri, prompt.task, prompt.length, split)
+    def baselines(self, side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str = "accuracy") -> Baselines:
+        """Zero-shot and random-prompt ``metric`` of ``side``, once per task, length, split and metric."""
+        key = (side.uri, prompt.task, prompt.length, split, metric)
         if key not in self._baselines:
-            self._baselines[key] = self.evaluator(split).baselines(side, data, prompt.length)
+            self._baselines[key] = self.evaluator(split, metric).baselines(side, data, prompt.length)
         return self._baselines[key]
 
     def same_space(self, min_cosine: float) -> tuple[bool, str]:
@@ -365,15 +365,17 @@ def run_policy(
     data = threshold = baselines = None
     if problem is None:
         data = transfer.data(target, prompt)
-        baselines = transfer.baselines(target, prompt, gate.split, data)
+        baselines = transfer.baselines(target, prompt, gate.split, data, gate.metric)
         source_gain = None
         if gate.keep_gain is not None:
             source_data = transfer.data(source, prompt)
-            source_baselines = transfer.baselines(source, prompt, gate.split, source_data)
-            on_source = transfer.evaluator(gate.split).accuracy(source, source_data, prompt.embeddings, "source")
+            source_baselines = transfer.baselines(source, prompt, gate.split, source_data, gate.metric)
+            on_source = transfer.evaluator(gate.split, gate.metric).score(
+                source, source_data, prompt.embeddings, "source"
+            )
             source_gain = max(0.0, on_source[gate.split] - source_baselines.best(gate.split))
         threshold = gate.threshold(baselines, source_gain)
-        log.info("Gate on %s/%s: accuracy > %.4f", target.name, gate.split, threshold)
+        log.info("Gate on %s/%s: %s > %.4f", target.name, gate.split, gate.metric, threshold)
     else:
         log.warning("Cannot gate %s: %s; recycling without a gate", recycled_from or "the prompt", problem)
 
@@ -381,7 +383,7 @@ def run_policy(
     best_score: float | None = None
 
     def score(candidate: SoftPrompt, name: str) -> float:
-        return transfer.evaluator(gate.split).accuracy(target, data, candidate.embeddings, name)[gate.split]
+        return transfer.evaluator(gate.split, gate.metric).score(target, data, candidate.embeddings, name)[gate.split]
 
     for stage in policy.stages:
         start = time.perf_counter()
@@ -439,6 +441,7 @@ def run_policy(
                     validation=data,
                     eval_every=stage.eval_every,
                     stop_above=threshold,
+                    metric=gate.metric,
                 )
                 record.steps = outcome.steps
                 if outcome.score is not None and outcome.score > best_score:
@@ -449,7 +452,7 @@ def run_policy(
             if labelled is not None:
                 record.status, record.reason = SKIPPED, f"no labelled training data: {labelled}"
             else:
-                outcome = _retune(stage, transfer, best, threshold)
+                outcome = _retune(stage, transfer, best, threshold, gate.metric)
                 record.steps = outcome.steps
                 if outcome.score is not None and outcome.score > best_score:
                     retuned_config = {**best.recycler_config, "retune": asdict(stage)}
@@ -482,7 +485,9 @@ def run_policy(
     return outcome
 
 
-def _retune(stage: RetuneStage, transfer: Transfer, start: SoftPrompt, threshold: float) -> FitOutcome:
+def _retune(
+    stage: RetuneStage, transfer: Transfer, start: SoftPrompt, threshold: float, metric: str = "accuracy"
+) -> FitOutcome:
     """Supervised tuning on the target from ``start``, stopping once the gate passes."""
     target = transfer.target
     data = transfer.data(target, start, batch_size=stage.batch_size, limit_train=stage.limit_train)
@@ -497,7 +502,7 @@ def _retune(stage: RetuneStage, transfer: Transfer, start: SoftPrompt, threshold
     log.info("Re-tuning on %s from the recycled prompt: up to %d steps", target.name, stage.steps)
     return fit_prompt(
         module, transfer.trainer, steps=stage.steps, eval_every=stage.eval_every, stop_above_score=threshold,
-        datamodule=data,
+        metric=metric, datamodule=data,
     )  # fmt: skip
 
 

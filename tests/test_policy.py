@@ -22,7 +22,7 @@ from lightning_modules import (
     read_examples,
 )
 from mlflow_recycle import RecycleError, SoftPrompt, TaskSpec
-from mlflow_recycle.evaluation import Baselines, Gate
+from mlflow_recycle.evaluation import Baselines, Evaluator, Gate
 from mlflow_recycle.models import LoadedModel
 from mlflow_recycle.policy import FAILED, PASSED, SKIPPED, UNEVALUATED, Policy, Transfer, run_policy
 from mlflow_recycle.prompt_init import initial_prompt
@@ -86,6 +86,26 @@ def test_gate_threshold_margin_and_kept_gain():
         Gate(split="train")
     with pytest.raises(RecycleError, match="keep_gain is a fraction"):
         Gate(keep_gain=5)
+
+
+def test_a_macro_f1_gate_decides_and_stops_in_macro_f1(sides, good_prompt, load_model, data_dir):
+    """gate.metric=macro_f1: baselines, threshold, score and the stages' early stops all in macro-F1,
+    the metric that sees a prompt favouring one class (accuracy can hide it)."""
+    with pytest.raises(RecycleError, match="gate.metric may be accuracy or macro_f1"):
+        Gate(metric="f1")
+    pair = transfer(sides, "small-a", "small-b")
+    outcome = run_policy(policy(RECYCLE, REFINE, margin=-100, metric="macro_f1"), pair, good_prompt)
+    data = pair.data(pair.target, good_prompt)
+    report = pair.evaluator("validation").report(pair.target, data, outcome.prompt.embeddings, "check")["validation"]
+    assert outcome.score == pytest.approx(report.macro_f1()) and outcome.score != pytest.approx(report.accuracy)
+    zero_shot = pair.evaluator("validation").report(pair.target, data, None, "zero")["validation"]
+    assert outcome.baselines.zero_shot["validation"] == pytest.approx(zero_shot.macro_f1())
+    # an early stop watches the module's logged macro-F1, the same number ClassReport computes
+    module, data = tuning_module(load_model, data_dir)
+    fit = fit_prompt(module, trainer, steps=2, eval_every=2, metric="macro_f1", datamodule=data)
+    again = Evaluator(trainer, ("validation",)).report(LoadedModel("small-a", "", module.lm.model, None), data,
+                                                       fit.prompt, "again")["validation"]  # fmt: skip
+    assert fit.score == pytest.approx(again.macro_f1())
 
 
 def test_bad_policies_are_refused_with_the_setting_to_change():
