@@ -178,7 +178,8 @@ def report(all_rows: list[dict]) -> str:
             "| re-tuned | migrated / re-tuned | passed and above the test baseline | cost (median) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for pair, rows_ in _groups(group, ("source", "target")).items():
+        pairs = list(_groups(group, ("source", "target")).items())
+        for pair, rows_ in [*pairs, (("all pairs", ""), group)] if len(pairs) > 1 else pairs:
             n = len(rows_)
             shares = []
             passed = 0
@@ -194,7 +195,7 @@ def report(all_rows: list[dict]) -> str:
             passed = [r for r in rows_ if r["gate"] == "passed"]
             works = sum(r["test_accuracy"] > max(r["test_zero_shot"], r["test_random_prompt"]) for r in passed)
             lines.append(
-                f"| {pair[0]} → {pair[1]} | {n} | " + " | ".join(shares)
+                f"| {' → '.join(filter(None, pair))} | {n} | " + " | ".join(shares)
                 + f" | {test:.3f} ± {se:.3f} | {best:.3f} | {retuned:.3f} | {test / retuned:.2f}"
                 + f" | {works} of {len(passed)} | {cost:.0%} |"
             )  # fmt: skip
