@@ -145,3 +145,9 @@ def test_recycling_matrix_model_recipe_applies_to_its_model_only(tmp_path, monke
     matrix = recycling_matrix.Matrix(Namespace(cache=str(tmp_path), quick=False))
     assert matrix.config("sst2", model="small-a").prompt.length == 7  # tuning on a model: its recipe
     assert matrix.config("sst2").prompt.length == 20  # evaluations (no model to tune on) keep the default
+
+
+def test_log_cost_compares_logging_with_and_without_the_serving_check(tmp_path):
+    result = run("log_cost.py", "--repeats", "1", "--no-docs", cwd=tmp_path, quick=False)
+    assert "| without it (`soft_prompt.log_model`'s default) |" in result.stdout and "**ratio**" in result.stdout
+    assert "Loaded base model" in result.stderr  # the check did load the base: that is what it costs
