@@ -385,7 +385,6 @@ def log_model(
     model_type: str | None = None,
     step: int = 0,
     model_id: str | None = None,
-    validate_serving_input: bool = False,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
     """Log a soft prompt to the active run (and register it when ``registered_model_name`` is given).
@@ -394,13 +393,15 @@ def log_model(
     and ``inference_config``, plus ``model_config``), with the same meanings; see
     :func:`save_model` for the flavor's own. ``artifact_path`` is the deprecated alias of
     ``name``; ``prompts`` are MLflow prompt-registry prompts to link, not soft prompts.
-    The input example is stored but not served at log time: MLflow's check
-    (``validate_serving_input=True``, MLflow's default elsewhere) loads the base model, which
+    The input example is stored but not served at log time: MLflow's check (pass
+    ``validate_serving_input=True``, its default for other flavors) loads the base model, which
     ``bench/log_cost.py`` measures; try it with ``mlflow.models.predict``.
 
     To tie the registered version to its base model's registered version, use
     :func:`mlflow_recycle.registry.log_prompt`, which calls this and sets the tags.
     """
+    # Serving the example loads the base model (and downloads a models:/ one) on every log.
+    validate_serving_input = kwargs.pop("validate_serving_input", False)
     return Model.log(
         artifact_path=artifact_path,
         name=name,
@@ -423,7 +424,6 @@ def log_model(
         conda_env=conda_env,
         extra_files=extra_files,
         model_config=model_config,
-        # Serving the example loads the base model (and downloads a models:/ one) on every log.
         validate_serving_input=validate_serving_input,
         **kwargs,
     )
