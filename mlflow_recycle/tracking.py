@@ -67,7 +67,7 @@ def job_run(run_name: str | None = None, tags: Mapping[str, str] | None = None) 
         log.info("MLflow run %s (experiment %s)", run.info.run_id, run.info.experiment_id)
         try:
             yield run.info.run_id
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C during training into sys.exit(1)
             mlflow.end_run("KILLED")
             log.error(
                 "Interrupted: MLflow run %s is marked KILLED; what it logged so far stays in it, and nothing "
