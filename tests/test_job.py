@@ -158,7 +158,16 @@ def test_a_smoke_run_registers_nothing_and_an_interrupted_run_registers_nothing(
     other.mkdir()
     command = [sys.executable, "-m", "mlflow_recycle", *QUICK, "trainer.max_steps=100000", *hydra_dirs(other)]
     env = {**clean_env(other), "PYTHONUNBUFFERED": "1"}
-    job = subprocess.Popen(command, cwd=other, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = subprocess.Popen(
+        command,
+        cwd=other,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # a shell's background job ignores SIGINT, and so would its children: Ctrl-C as a terminal delivers it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines = []
     try:
         for line in job.stdout:  # waits on the job's progress, not on a clock
