@@ -115,6 +115,28 @@ def test_a_saved_dataset_and_a_template_over_columns(tmp_path, load_model):
     _, tokenizer = load_model("small-a")
     data = TextClassificationDataModule(TaskEncoder(tokenizer, task), batch_size=4)
     assert len(data.dataset("test")) == 10
+    # and a job runs on it with config only
+    from mlflow_recycle.config import compose
+    from mlflow_recycle.job import run
+
+    previous = mlflow.get_tracking_uri()
+    try:
+        overrides = [
+            "experiment=quick",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            "job=tune",
+            "task.name=nli",
+            "task.template='{text} Answer:'",
+            "task.verbalizers=[' no',' yes']",
+            f"task.data={tmp_path / 'saved'}",
+            "task.text_field='{premise} / {hypothesis}'",
+            "task.label_field=verdict",
+            "task.validation_min_words=0",
+        ]
+        metrics = run(compose(overrides))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert set(metrics) >= {"validation/source_accuracy", "test/source_accuracy"}
 
 
 def test_bad_data_is_one_error_naming_the_row_and_the_setting(tmp_path):
