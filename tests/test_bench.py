@@ -39,6 +39,7 @@ def test_throughput_quick(tmp_path):
     assert result["ours_memory_mib"] > 0 and result["peft_memory_mib"] > 0
 
 
+@pytest.mark.slow  # ~55 s: its steps are the job's (test_job); test_migration_policy_quick runs a bench in CI
 def test_recycling_matrix_quick(tmp_path):
     first = run("recycling_matrix.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
     with (tmp_path / "recycling_matrix.csv").open() as f:
@@ -89,6 +90,7 @@ def test_evaluation_cache_survives_a_line_cut_by_a_killed_run(tmp_path):
     assert Cache(tmp_path).evals == {"a": 0.5, "c": 0.25}  # the new record is not glued to the cut line
 
 
+@pytest.mark.slow  # ~60 s: the sweep is the job under Hydra multirun (test_job covers both)
 def test_recipe_search_quick(tmp_path):
     """A Hydra grid of two points on small-a, summarised from its MLflow runs; a rerun sweeps nothing."""
     first = run("recipe_search.py", "--out", str(tmp_path), cwd=tmp_path)
@@ -147,6 +149,7 @@ def test_recycling_matrix_model_recipe_applies_to_its_model_only(tmp_path, monke
     assert matrix.config("sst2").prompt.length == 20  # evaluations (no model to tune on) keep the default
 
 
+@pytest.mark.slow  # ~17 s: log_model is covered by test_flavor
 def test_log_cost_compares_logging_with_and_without_the_serving_check(tmp_path):
     result = run("log_cost.py", "--repeats", "1", "--no-docs", cwd=tmp_path, quick=False)
     assert "| without it (`soft_prompt.log_model`'s default) |" in result.stdout and "**ratio**" in result.stdout

@@ -274,6 +274,7 @@ def test_distill_recycler_refines_on_the_target_and_records_it(tmp_path):
     assert run.data.params["recycler.method"] == "linear+distill(2)"  # what ran, in the UI's params
 
 
+@pytest.mark.slow  # ~45 s: each stage's record and tags are covered by test_policy and test_migrate
 def test_main_job_runs_the_migration_policy_and_records_each_stage(tmp_path):
     """`policy=default` with a gate no prompt can pass: every stage runs its whole budget, and the run says so."""
     budgets = ["policy.stages.1.steps=2", "policy.stages.1.eval_every=1", "policy.stages.1.texts=16"]
