@@ -137,11 +137,12 @@ def read_rows(data: str, split: str, *, header: bool = True):
             return saved[split], f"{path} [{split}]"
         raise RecycleError(f"No {split!r} split in the saved dataset {path}: it has {', '.join(saved)}.")
     if path.is_dir():
-        file, train = _split_file(path, split), _split_file(path, "train")
-        if split in ("train", "validation") and _split_file(path, "validation") is None and train is not None:
+        files = {name: file for name in SPLITS if (file := _split_file(path, name)) is not None}
+        if _holds_out(split, files):
             if split == "validation":
                 log.info("%s has no validation split: holding out %.0f%% of train", path, 100 * HELD_OUT_FRACTION)
-            return _held_out(_load_file(train, header), split), str(train)
+            return _held_out(_load_file(files["train"], header), split), str(files["train"])
+        file = _split_file(path, split)
         if file is None:
             raise RecycleError(
                 f"No {split!r} split in {path}: expected one of {', '.join(split + s for s in SUFFIXES)}, "

@@ -137,7 +137,7 @@ class RankClassificationModule(L.LightningModule):
         labels, scores = rows[:, 1].long(), rows[:, 2:]
         predictions = scores.argmax(1)
         accuracy = float((predictions == labels).float().mean())
-        macro_f1 = _macro_f1(labels, predictions, scores.shape[1])
+        macro_f1 = macro_f1_of(confusion_counts(labels, predictions, scores.shape[1]))
         self.results[stage] = {
             "accuracy": accuracy,
             "macro_f1": macro_f1,
@@ -157,14 +157,18 @@ class RankClassificationModule(L.LightningModule):
         self._finish("test")
 
 
-def _macro_f1(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int) -> float:
-    """Mean over classes of F1 (a class never predicted nor present counts 0)."""
-    scores = []
-    for c in range(n_classes):
-        true_positive = int(((predictions == c) & (labels == c)).sum())
-        both = int((predictions == c).sum()) + int((labels == c).sum())
-        scores.append(2 * true_positive / both if both else 0.0)
-    return sum(scores) / n_classes
+def confusion_counts(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``[true class, predicted class]`` counts."""
+    counts = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    counts.index_put_((labels.long(), predictions.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True)
+    return counts
+
+
+def macro_f1_of(confusion: torch.Tensor) -> float:
+    """Mean over classes of F1 from ``[true, predicted]`` counts (a class never predicted nor present counts 0)."""
+    true_positive = confusion.diagonal().double()
+    both = confusion.sum(0).double() + confusion.sum(1).double()
+    return float(torch.where(both > 0, 2 * true_positive / both.clamp(min=1), 0.0).mean())
 
 
 #: What a gate, an early stop or a best-prompt choice may watch (``{name}/validation_<metric>``).

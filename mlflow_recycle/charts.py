@@ -45,12 +45,11 @@ def accuracy_chart(
         return "baseline"
 
     kinds = [kind(label) for label in labels]
-    colors = COLORS
     spread = [(errors or {}).get(k, float("nan")) for k in labels]  # NaN: no error bar
     bars = ax.bar(
         labels,
         values,
-        color=[colors[k] for k in kinds],
+        color=[COLORS[k] for k in kinds],
         hatch=["//" if k == "other" else "" for k in kinds],
         edgecolor="white",
         yerr=spread,
@@ -62,7 +61,7 @@ def accuracy_chart(
         texts.append(f"{value:.1%}{gap}")
     ax.bar_label(bars, labels=texts, padding=3, fontsize=9)
     shown = [k for k in COLORS if k in kinds]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in shown]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in shown]
     legend = [NAMES[k] for k in shown]
     if baseline is not None:
         line = ax.axhline(baseline, color="#c44e52", linestyle="--", linewidth=1)

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from lightning_modules import RankClassificationModule, TextClassificationDataModule, TrainerFactory
-from lightning_modules.modules import METRICS
+from lightning_modules.modules import METRICS, confusion_counts, macro_f1_of
 
 from .anchors import embedding_table
 from .errors import RecycleError
@@ -162,11 +162,7 @@ class ClassReport:
 
     @classmethod
     def of(cls, labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str]) -> ClassReport:
-        n = len(classes)
-        counts = torch.zeros(n, n, dtype=torch.long)
-        counts.index_put_(
-            (labels.long(), predictions.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True
-        )
+        counts = confusion_counts(labels, predictions, len(classes))
         accuracy = float((labels == predictions).float().mean()) if len(labels) else float("nan")
         return cls(accuracy, tuple(classes), tuple(tuple(int(c) for c in row) for row in counts.tolist()))
 
@@ -185,12 +181,7 @@ class ClassReport:
         return self.accuracy if metric == "accuracy" else self.macro_f1()
 
     def macro_f1(self) -> float:
-        scores = []
-        for i in range(len(self.classes)):
-            true_positive = self.confusion[i][i]
-            predicted, actual = sum(row[i] for row in self.confusion), sum(self.confusion[i])
-            scores.append(2 * true_positive / (predicted + actual) if predicted + actual else 0.0)
-        return statistics.fmean(scores)
+        return macro_f1_of(torch.tensor(self.confusion)) if self.confusion else float("nan")
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """``{prefix}/recall/<class>``, ``{prefix}/predicted_share/<class>`` and ``{prefix}/macro_f1``."""

@@ -345,11 +345,11 @@ def verdict(
     baselines: Baselines,
     subject: str,
     title: str,
-    examples: int,
+    data: TextClassificationDataModule,
     source_name: str | None = None,
 ) -> dict[str, float]:
-    """Per-split metrics, the success flag (on the last split: the report, of ``examples``
-    examples) and the chart.
+    """Per-split metrics, the success flag (on the last split: the report, of ``data``'s examples)
+    and the chart.
 
     ``accuracies[label][split]`` are measured on the target, except ``source``.
     """
@@ -368,7 +368,7 @@ def verdict(
             error_meaning=f"random prompt: mean and standard deviation over {draws} draws" if draws > 1 else "",
             baseline=baselines.best(final),
             title=f"{title}: {'success' if metrics['success'] else 'failure'}",
-            subtitle=f"{final} split, {examples} examples; success = {subject} > best baseline",
+            subtitle=f"{final} split, {len(data.dataset(final))} examples; success = {subject} > best baseline",
             subjects=(subject,),
         )
         mlflow.log_figure(chart, "recycling_results.png")
@@ -472,8 +472,8 @@ def run_evaluate(ctx: Context, s: Setup) -> dict[str, float]:
     metrics: dict[str, float] = {}
     accuracies = {"prompt": class_report(ctx, s, s.prompt, "prompt", metrics)}
     baselines = ctx.evaluator.baselines(s.target, s.target_data, s.prompt.length)
-    examples = len(s.target_data.dataset(ctx.splits[-1]))
-    return {**metrics, **verdict(ctx, accuracies, baselines, "prompt", f"{s.spec.name} on {s.target.name}", examples)}
+    title = f"{s.spec.name} on {s.target.name}"
+    return {**metrics, **verdict(ctx, accuracies, baselines, "prompt", title, s.target_data)}
 
 
 def run_main(ctx: Context, s: Setup) -> dict[str, float]:
@@ -499,8 +499,7 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
         accuracies["retuned"] = evaluator.accuracy(s.target, s.target_data, retuned.embeddings, "retuned")
         ctx.publish(retuned, "retuned_prompt", register=False)
     title = f"{s.spec.name}: {s.source.name} → {s.target.name} ({s.policy.label})"
-    examples = len(s.target_data.dataset(ctx.splits[-1]))
-    metrics.update(verdict(ctx, accuracies, baselines, "recycled", title, examples, source_name=s.source.name))
+    metrics.update(verdict(ctx, accuracies, baselines, "recycled", title, s.target_data, source_name=s.source.name))
     # the version carries its gate (decided on validation) and the job's verdict, as a migration tags it
     tags = {**registry.outcome_tags(outcome, metrics), TAG_VERDICT: "success" if metrics["success"] else "failure"}
     ctx.publish(outcome.prompt, "recycled_prompt", tags=tags)
