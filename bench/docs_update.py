@@ -1,9 +1,14 @@
-"""Write a benchmark's generated section into docs/benchmarks.md, between its markers."""
+"""What the benchmarks share: their logging, their sections of docs/benchmarks.md, their worker processes."""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 
 def bench_logging() -> None:
@@ -21,3 +26,38 @@ def update_section(docs: Path, name: str, body: str) -> None:
         text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
     before, rest = text.split(start, 1)
     docs.write_text(f"{before}{start}\n{body.strip()}\n{end}{rest.split(end, 1)[1]}")
+
+
+def in_processes(
+    work: Callable[[Any], Any], items: Iterable, workers: int, start: Callable[..., None], *args: Any
+) -> Iterator[Any]:
+    """``work(item)`` for each item, yielded as each finishes, in ``workers`` spawned processes
+    (each first runs ``start(*args)``; spawned, since CUDA cannot be forked). Small models leave
+    a GPU mostly idle between one process's kernels, so several processes share it well; each
+    gets its share of the CPU cores as torch threads, unless ``OMP_NUM_THREADS`` says otherwise.
+    An item that fails is logged and the others finish; then the call raises, naming it."""
+    threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    failed = []
+    with ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start, initargs=(threads, start, args)
+    ) as pool:
+        futures = {pool.submit(work, item): item for item in items}
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception:  # one item's failure is told now; the others' work goes on and is kept
+                logging.getLogger("bench").exception("Failed: %s", futures[future])
+                failed.append(futures[future])
+                continue
+            yield result
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(futures)} items failed (logged above), the first: {failed[0]}")
+
+
+def _start(threads: str, start: Callable[..., None], args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    bench_logging()
+    start(*args)

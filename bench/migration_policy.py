@@ -12,6 +12,7 @@ recipe; the policy's wall time is compared with re-tuning's, timed in the same p
     python bench/migration_policy.py --pairs small-a:small-b --seeds 0 1 2
     python bench/migration_policy.py --report-only
     python bench/migration_policy.py --quick --out /tmp/p         # CI smoke test
+    python bench/migration_policy.py --workers 12 --set trainer.accelerator=gpu   # one GPU, a process per pair
 
 Rows go to ``bench/results/migration_policy.csv`` (kept across runs: only missing rows
 are computed), the summary to docs/benchmarks.md and, with ``--mlflow``, to one MLflow run.
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docs_update import bench_logging, update_section  # noqa: E402
+from docs_update import bench_logging, in_processes, update_section  # noqa: E402
 from recycling_matrix import INITS, PAIRS, Matrix  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
@@ -50,8 +51,9 @@ log = logging.getLogger("bench.policy")
 COLUMNS = [
     "task", "source", "target", "policy", "init", "seed", "gate", "stage", "threshold", "gate_accuracy",
     "recycle_steps", "refine_steps", "retune_steps", "policy_seconds", "retune_seconds", "cost_fraction",
-    "test_accuracy", "test_zero_shot", "test_random_prompt", "test_retuned", "test_source", "n_test",
+    "test_accuracy", "test_zero_shot", "test_random_prompt", "test_retuned", "test_source", "n_test", "device",
 ]  # fmt: skip
+NUMBERS = COLUMNS[COLUMNS.index("threshold") : COLUMNS.index("n_test") + 1]
 STAGE_ORDER = ("recycle", "refine", "retune")
 QUICK_POLICY = [
     "policy.stages.1.steps=2",
@@ -71,15 +73,17 @@ def policy_config(args: argparse.Namespace):
     return compose(overrides, config_name="migrate")
 
 
-#: Steps of the short tuning that times a step of re-tuning from scratch in this process.
-CALIBRATION_STEPS = 20
+#: Steps of the two short tunings that time a step of re-tuning from scratch in this process.
+CALIBRATION_STEPS = (10, 30)
 
 
 def scratch_seconds(matrix: Matrix, task: str, target: str, data) -> float:
     """What re-tuning a prompt from scratch on ``target`` costs in this process and on this machine
-    (threads, load): the recipe's ``max_steps`` at the seconds per step of a short tuning timed
-    here, plus its validations at the seconds of one validation timed here. The cached tunings'
-    own wall times were measured in other processes, under other loads."""
+    (threads, load): a tuning's fixed cost and the recipe's ``max_steps`` at the seconds per step,
+    both from two short tunings timed here (the difference of their times is the steps' own:
+    on a GPU a step is milliseconds and setting a trainer up is seconds), plus its validations
+    at the seconds of one validation timed here. The cached tunings' own wall times were
+    measured in other processes, under other loads."""
     cfg = matrix.config(task, model=target)
     steps, every = cfg.trainer.max_steps, cfg.trainer.val_check_interval
     side = matrix.model(target)
@@ -87,61 +91,90 @@ def scratch_seconds(matrix: Matrix, task: str, target: str, data) -> float:
     start = time.perf_counter()
     Evaluator(instantiate(cfg.trainer, _partial_=True), ("validation",), 0).accuracy(side, data, None, "timing")
     validation = time.perf_counter() - start
-    short = cfg.copy()
-    short.trainer.max_steps, short.trainer.limit_val_batches = CALIBRATION_STEPS, 0
-    ctx = Context(short)
-    tune(ctx, side, data, "timing")
-    per_step = ctx.seconds["timing_tune_seconds"] / CALIBRATION_STEPS
-    log.info("re-tuning on %s here: %.2f s/step, %.1f s per validation", target, per_step, validation)
-    return steps * per_step + (steps // every) * validation
+    seconds = []
+    for calibration in CALIBRATION_STEPS:
+        short = cfg.copy()
+        short.trainer.max_steps, short.trainer.limit_val_batches = calibration, 0
+        ctx = Context(short)
+        tune(ctx, side, data, "timing")
+        seconds.append(ctx.seconds["timing_tune_seconds"])
+    (few, many), (t_few, t_many) = CALIBRATION_STEPS, seconds
+    per_step = max(t_many - t_few, 0.0) / (many - few)
+    fixed = max(t_few - few * per_step, 0.0)
+    log.info("re-tuning on %s here: %.1f s to start, %.3f s/step, %.1f s per validation", target, fixed, per_step,
+             validation)  # fmt: skip
+    return fixed + steps * per_step + (steps // every) * validation
+
+
+def label(args: argparse.Namespace) -> str:
+    """The policy and its overrides, as the rows name it."""
+    return args.policy + (" " + " ".join(args.override) if args.override else "")
 
 
 def rows(matrix: Matrix, args: argparse.Namespace, done: set[tuple]):
-    cfg = policy_config(args)
-    policy = Policy.from_config(cfg.policy)
-    label = args.policy + (" " + " ".join(args.override) if args.override else "")
     for task in args.tasks:
         for pair in args.pairs:
-            source, target = pair.split(":")
-            todo = [(i, s) for i in args.inits for s in args.seeds if (task, source, target, label, i, s) not in done]
-            if not todo:
-                continue
-            src, tgt = matrix.model(source), matrix.model(target)
-            job_cfg = matrix.config(task, model=target)
-            target_data = data_module(tgt, task_spec(job_cfg.task), job_cfg)
-            n_test = len(target_data.dataset("test"))
-            retune_seconds = None if args.quick else scratch_seconds(matrix, task, target, target_data)
-            transfer = Transfer(
-                src,
-                tgt,
-                instantiate(job_cfg.trainer, _partial_=True),
-                fitter(src, tgt),
-                limit_val=cfg.eval.limit_val,
-                random_draws=job_cfg.eval.random_prompt_draws,
-                seed=0,
-            )
-            for init, seed in todo:
-                prompt, _ = matrix.tuned(task, source, init, seed)
-                retuned, cached_seconds = matrix.tuned(task, target, init, seed)
-                retune_seconds = retune_seconds or cached_seconds
-                prompt = prompt.replace(task=task_spec(job_cfg.task))  # this checkout's data and validation rule
-                transfer.seed = seed
-                outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
-                zero_shot, random_prompt = matrix.baselines(task, target, prompt.length)
-                steps = {r.stage: r.steps for r in outcome.records}
-                yield {
-                    "task": task, "source": source, "target": target, "policy": label, "init": init, "seed": seed,
-                    "gate": outcome.gate, "stage": outcome.stage or "none",
-                    "threshold": round(outcome.threshold, 4), "gate_accuracy": round(outcome.score, 4),
-                    **{f"{s}_steps": steps.get(s, 0) for s in STAGE_ORDER},
-                    "policy_seconds": round(outcome.seconds, 2), "retune_seconds": round(retune_seconds, 2),
-                    "cost_fraction": round(outcome.seconds / retune_seconds, 4),
-                    "test_accuracy": matrix.accuracy(task, target, outcome.prompt.embeddings),
-                    "test_zero_shot": zero_shot, "test_random_prompt": random_prompt,
-                    "test_retuned": matrix.accuracy(task, target, retuned.embeddings),
-                    "test_source": matrix.accuracy(task, source, prompt.embeddings),
-                    "n_test": n_test,
-                }  # fmt: skip
+            yield from pair_rows(matrix, args, task, pair, done)
+
+
+def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, done: set[tuple]):
+    """The rows of one task and source -> target pair that ``done`` lacks."""
+    cfg = policy_config(args)
+    policy = Policy.from_config(cfg.policy)
+    source, target = pair.split(":")
+    todo = [(i, s) for i in args.inits for s in args.seeds if (task, source, target, label(args), i, s) not in done]
+    if not todo:
+        return
+    src, tgt = matrix.model(source), matrix.model(target)
+    job_cfg = matrix.config(task, model=target)
+    target_data = data_module(tgt, task_spec(job_cfg.task), job_cfg)
+    n_test = len(target_data.dataset("test"))
+    retune_seconds = None if args.quick else scratch_seconds(matrix, task, target, target_data)
+    transfer = Transfer(
+        src,
+        tgt,
+        instantiate(job_cfg.trainer, _partial_=True),
+        fitter(src, tgt),
+        limit_val=cfg.eval.limit_val,
+        random_draws=job_cfg.eval.random_prompt_draws,
+        seed=0,
+    )
+    for init, seed in todo:
+        prompt, _ = matrix.tuned(task, source, init, seed)
+        retuned, cached_seconds = matrix.tuned(task, target, init, seed)
+        retune_seconds = retune_seconds or cached_seconds
+        prompt = prompt.replace(task=task_spec(job_cfg.task))  # this checkout's data and validation rule
+        transfer.seed = seed
+        outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
+        zero_shot, random_prompt = matrix.baselines(task, target, prompt.length)
+        steps = {r.stage: r.steps for r in outcome.records}
+        yield {
+            "task": task, "source": source, "target": target, "policy": label(args), "init": init, "seed": seed,
+            "gate": outcome.gate, "stage": outcome.stage or "none",
+            "threshold": round(outcome.threshold, 4), "gate_accuracy": round(outcome.score, 4),
+            **{f"{s}_steps": steps.get(s, 0) for s in STAGE_ORDER},
+            "policy_seconds": round(outcome.seconds, 2), "retune_seconds": round(retune_seconds, 2),
+            "cost_fraction": round(outcome.seconds / retune_seconds, 4),
+            "test_accuracy": matrix.accuracy(task, target, outcome.prompt.embeddings),
+            "test_zero_shot": zero_shot, "test_random_prompt": random_prompt,
+            "test_retuned": matrix.accuracy(task, target, retuned.embeddings),
+            "test_source": matrix.accuracy(task, source, prompt.embeddings),
+            "n_test": n_test, "device": matrix.device(task),
+        }  # fmt: skip
+
+
+_worker: tuple[Matrix, argparse.Namespace] | None = None
+
+
+def _start_worker(matrix_args: argparse.Namespace, args: argparse.Namespace) -> None:
+    global _worker
+    _worker = Matrix(matrix_args), args
+
+
+def _pair(work: tuple) -> list[dict]:
+    task, pair, done = work
+    matrix, args = _worker
+    return list(pair_rows(matrix, args, task, pair, done))
 
 
 # ---------------------------------------------------------------------- report
@@ -149,9 +182,10 @@ def load_rows(path: Path) -> list[dict]:
     with path.open() as f:
         out = list(csv.DictReader(f))
     for row in out:
-        for key in COLUMNS[8:]:
+        for key in NUMBERS:
             row[key] = float(row[key])
         row["seed"] = int(row["seed"])
+        row["device"] = row.get("device") or "cpu"  # rows from before the column: all measured on the CPU
     return out
 
 
@@ -224,6 +258,11 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--mlflow", action="store_true", help="log the rows and summary to MLflow")
     parser.add_argument("--quick", action="store_true", help="one tiny prompt: a smoke test")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="Hydra overrides of the tuning and evaluation (conf/config.yaml, as the matrix's --set)",
+    )  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="processes, one pair at a time each")
     args = parser.parse_args()
     bench_logging()
     if args.quick:
@@ -234,12 +273,19 @@ def main() -> None:
     if not args.report_only:
         Policy.from_config(policy_config(args).policy)  # a bad policy fails before any tuning
         kept = load_rows(csv_path) if csv_path.exists() else []
-        matrix = Matrix(argparse.Namespace(cache=args.cache, quick=args.quick))
+        matrix_args = argparse.Namespace(cache=args.cache, quick=args.quick, set=args.set)
+        done = set(map(row_key, kept))
+        if args.workers > 1:
+            pairs = [(task, pair, done) for task in args.tasks for pair in args.pairs]
+            found = (row for rows_ in in_processes(_pair, pairs, args.workers, _start_worker, matrix_args, args)
+                     for row in rows_)  # fmt: skip
+        else:
+            found = rows(Matrix(matrix_args), args, done)
         with csv_path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(kept)
-            for row in rows(matrix, args, set(map(row_key, kept))):
+            for row in found:
                 writer.writerow(row)
                 f.flush()
                 log.info("%s %s->%s %s seed %d: %s at %s, %.0f%% of re-tuning", row["task"], row["source"],

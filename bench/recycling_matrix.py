@@ -12,6 +12,7 @@ target's zero-shot and random-token-prompt baselines and a prompt re-tuned on th
     python bench/recycling_matrix.py --report-only         # re-summarise the CSV
     python bench/recycling_matrix.py --recyclers procrustes linear+distill:steps=50   # add cells
     python bench/recycling_matrix.py --quick --out /tmp/m  # CI smoke test
+    python bench/recycling_matrix.py --workers 12 --set trainer.accelerator=gpu   # on one GPU, 12 processes
 
 Tuned prompts and evaluations are cached under ``bench/cache`` (keyed by everything that
 determines them), so a rerun only computes what changed, e.g. a new recycler.
@@ -46,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-from docs_update import bench_logging, update_section  # noqa: E402
+from docs_update import bench_logging, in_processes, update_section  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
@@ -61,7 +62,7 @@ log = logging.getLogger("bench.matrix")
 
 COLUMNS = [
     "task", "source", "target", "recycler", "init", "seed", "recycled_acc", "zero_shot_acc", "random_prompt_acc",
-    "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds",
+    "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds", "device",
 ]  # fmt: skip
 #: source:target -> what changes between the two models (the paper's Base->Base', Base->Large, ...).
 PAIRS = {
@@ -189,7 +190,8 @@ class Matrix:
         (``recipe:`` in its conf/model entry, as the job and migrations use it)."""
         recipe = QUICK if self.args.quick else TASK_SETTINGS[task]
         models = [f"model@source={model}"] if model else []
-        cfg = compose([f"task={task}", f"prompt.init={init}", f"seed={seed}", *models, *COMMON, *recipe])
+        settings = getattr(self.args, "set", [])
+        cfg = compose([f"task={task}", f"prompt.init={init}", f"seed={seed}", *models, *COMMON, *recipe, *settings])
         return with_recipe(cfg, cfg.source) if model and not self.args.quick else cfg
 
     def model(self, name: str) -> LoadedModel:
@@ -197,12 +199,17 @@ class Matrix:
             self.models[name] = load_model(compose([f"model@source={name}"]).source)
         return self.models[name]
 
-    def tuned(self, task: str, model: str, init: str, seed: int) -> tuple[SoftPrompt, float]:
-        """The prompt tuned on ``model`` and its tuning time, from the cache or tuned now."""
+    def prompt_path(self, task: str, model: str, init: str, seed: int) -> Path:
+        """Where the prompt tuned on ``model`` is cached: keyed by everything that determines it."""
         cfg = self.config(task, init, seed, model)
         recipe = {"model": model, "task": plain(cfg.task), "prompt": plain(cfg.prompt), "steps": cfg.trainer.max_steps}
-        path = self.cache.root / "prompts" / task / model / f"{init}-seed{seed}-{digest(recipe)}"
+        return self.cache.root / "prompts" / task / model / f"{init}-seed{seed}-{digest(recipe)}"
+
+    def tuned(self, task: str, model: str, init: str, seed: int) -> tuple[SoftPrompt, float]:
+        """The prompt tuned on ``model`` and its tuning time, from the cache or tuned now."""
+        path = self.prompt_path(task, model, init, seed)
         if not (path / "tuned.json").exists():
+            cfg = self.config(task, init, seed, model)
             side = self.model(model)
             log.info("Tuning %s / %s / %s / seed %d", task, model, init, seed)
             ctx = Context(cfg)
@@ -284,7 +291,39 @@ class Matrix:
                         "retuned_acc": self.accuracy(task, target, retuned.embeddings),
                         "success": int(recycled_acc > max(zero_shot, random_prompt)),
                         "recycle_seconds": round(recycle_seconds, 4), "retune_seconds": round(retune_seconds, 2),
+                        "device": self.device(task),
                     }  # fmt: skip
+
+    def device(self, task: str) -> str:
+        """What recycles and evaluates: the GPU's name, or ``cpu`` (timings compare only within one)."""
+        on_gpu = self.config(task).trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.get_device_name() if on_gpu else "cpu"
+
+    def untuned(self, tasks: list[str], pairs: list[str], inits: list[str], seeds: list[int]) -> list[tuple]:
+        """(task, model, init, seed) of each prompt the cells need that the cache does not hold."""
+        models = list(dict.fromkeys(m for pair in pairs for m in pair.split(":")))
+        jobs = [(t, m, i, s) for t in tasks for m in models for i in inits for s in seeds]
+        return [job for job in jobs if not (self.prompt_path(*job) / "tuned.json").exists()]
+
+
+# ------------------------------------------------------------- worker processes (--workers)
+_worker: Matrix | None = None
+
+
+def _start_worker(args: argparse.Namespace) -> None:
+    global _worker
+    _worker = Matrix(args)
+
+
+def _tune(job: tuple) -> tuple:
+    _worker.tuned(*job)
+    return job
+
+
+def _cell(cell: tuple) -> list[dict]:
+    """The rows of one task x pair x recycler."""
+    task, pair, spec, inits, seeds, done = cell
+    return list(_worker.rows(task, [pair], [spec], inits, seeds, done))
 
 
 # ---------------------------------------------------------------------- report
@@ -296,6 +335,7 @@ def load_rows(path: Path) -> list[dict]:
             row[key] = float(row[key])
         row["success"], row["seed"] = int(row["success"]), int(row["seed"])
         row["recycle_seconds"], row["retune_seconds"] = float(row["recycle_seconds"]), float(row["retune_seconds"])
+        row["device"] = row.get("device") or "cpu"  # rows from before the column: all measured on the CPU
     return rows
 
 
@@ -342,9 +382,24 @@ def cell(stats: dict) -> str:
     return f"{rate} ({recovered:+.2f})" if recovered == recovered else rate  # NaN: no row to measure recovery on
 
 
+def canonical(rows: list[dict]) -> list[dict]:
+    """Rows in the order of the tables: tasks, pairs, recyclers, inits as listed above (others after)."""
+    orders = [list(TASK_SETTINGS), list(PAIRS), RECYCLERS, INITS]
+
+    def rank(order: list[str], value: str) -> tuple[int, str]:
+        return (order.index(value), "") if value in order else (len(order), value)
+
+    def key(row: dict) -> tuple:
+        values = row["task"], f"{row['source']}:{row['target']}", row["recycler"], row["init"]
+        return *(rank(order, value) for order, value in zip(orders, values, strict=True)), row["seed"]
+
+    return sorted(rows, key=key)
+
+
 def report(rows: list[dict], out_dir: Path) -> str:
     """Markdown tables and a heatmap PNG of the rows; returns the markdown."""
     lines = []
+    rows = canonical(rows)
     present = {r["task"] for r in rows}
     for task in [t for t in TASK_SETTINGS if t in present] + sorted(present - set(TASK_SETTINGS)):  # paper's first
         task_rows = [r for r in rows if r["task"] == task]
@@ -460,6 +515,15 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="summarise the existing CSV")
     parser.add_argument("--mlflow", action="store_true", help="log the summary to MLflow (MLFLOW_TRACKING_URI)")
     parser.add_argument("--quick", action="store_true", help="one tiny cell: a smoke test")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="Hydra overrides of every tuning and evaluation (conf/config.yaml), e.g. trainer.accelerator=gpu",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="processes that tune prompts and compute cells in parallel (one GPU takes ~12 for these models)",
+    )  # fmt: skip
+    parser.add_argument("--tune-only", action="store_true", help="tune and cache the prompts the cells need, then stop")
     args = parser.parse_args()
     bench_logging()
     if args.quick:
@@ -478,6 +542,13 @@ def main() -> None:
         except BlockingIOError:
             sys.exit(f"Another recycling_matrix.py run is writing {csv_path}: wait for it, or pass another --out.")
         matrix = Matrix(args)
+        if args.workers > 1 or args.tune_only:
+            todo = matrix.untuned(args.tasks, args.pairs, args.inits, args.seeds)
+            log.info("Tuning %d prompts in %d processes", len(todo), args.workers)
+            for task, model, init, seed in in_processes(_tune, todo, args.workers, _start_worker, args):
+                log.info("Tuned %s / %s / %s / seed %d", task, model, init, seed)
+            if args.tune_only:
+                return
         # rows already in the CSV are kept and not recomputed, unless --recompute names their cells
         previous = load_rows(csv_path) if csv_path.exists() else []
         cells = {(t, p, r) for t in args.tasks for p in args.pairs for r in args.recyclers} if args.recompute else set()
@@ -487,21 +558,29 @@ def main() -> None:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(kept)
-            for task in args.tasks:
-                for row in matrix.rows(task, args.pairs, args.recyclers, args.inits, args.seeds, done):
-                    writer.writerow(row)
-                    f.flush()
-                    log.info(
-                        "%s %s->%s %s %s seed %d: %.3f (%s)",
-                        row["task"],
-                        row["source"],
-                        row["target"],
-                        row["recycler"],
-                        row["init"],
-                        row["seed"],
-                        row["recycled_acc"],
-                        "success" if row["success"] else "failure",
-                    )
+            if args.workers > 1:
+                cells = [
+                    (task, pair, spec, args.inits, args.seeds, done)
+                    for task in args.tasks for pair in args.pairs for spec in args.recyclers
+                ]  # fmt: skip
+                found = (row for rows in in_processes(_cell, cells, args.workers, _start_worker, args) for row in rows)
+            else:
+                found = (row for task in args.tasks for row in matrix.rows(task, args.pairs, args.recyclers,
+                                                                             args.inits, args.seeds, done))  # fmt: skip
+            for row in found:
+                writer.writerow(row)
+                f.flush()
+                log.info(
+                    "%s %s->%s %s %s seed %d: %.3f (%s)",
+                    row["task"],
+                    row["source"],
+                    row["target"],
+                    row["recycler"],
+                    row["init"],
+                    row["seed"],
+                    row["recycled_acc"],
+                    "success" if row["success"] else "failure",
+                )
     rows = load_rows(csv_path)
     markdown = report(rows, out)
     print(markdown)
@@ -510,10 +589,14 @@ def main() -> None:
             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
         )
         shown = csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path
+        counts = defaultdict(int)
+        for row in rows:
+            counts[row["device"]] += 1
+        devices = ", ".join(f"{device} {n}" for device, n in sorted(counts.items()))
         note = (
             f"_Summary of the {len(rows)} rows of `{shown}`"
             f" (rows come from runs of `python bench/recycling_matrix.py`, which add the cells they are asked for),"
-            f" written on {machine}._"
+            f" written on {machine}; rows by the device that recycled and evaluated them: {devices}._"
         )
         update_section(Path(args.docs), "recycling-matrix", f"{note}\n\n{markdown}")
     if args.mlflow:
