@@ -298,7 +298,14 @@ def main() -> None:
             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
         )
         shown = csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path
-        note = f"_Summary of `{shown}` (`python bench/migration_policy.py`), written on {machine}._"
+        counts = defaultdict(int)
+        for row in load_rows(csv_path):
+            counts[row["device"]] += 1
+        devices = ", ".join(f"{device} {n}" for device, n in sorted(counts.items()))
+        note = (
+            f"_Summary of `{shown}` (`python bench/migration_policy.py`), written on {machine}; rows by the"
+            f" device that ran them (seconds and cost compare only within one): {devices}._"
+        )
         update_section(Path(args.docs), "migration-policy", f"{note}\n\n{markdown}")
     if args.mlflow:
         import mlflow
