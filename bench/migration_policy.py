@@ -6,7 +6,7 @@ For each task, source -> target pair, prompt init and seed: the prompt tuned on 
 target. The gate decides on the target's validation split; test accuracy is measured for
 the report only, next to a prompt re-tuned on the target from scratch with the same
 recipe; the policy's wall time is compared with re-tuning's, timed in the same process
-(:func:`scratch_seconds`).
+(:meth:`recycling_matrix.Matrix.retune_seconds`).
 
     python bench/migration_policy.py                              # every pair of the matrix (hours on a CPU)
     python bench/migration_policy.py --pairs small-a:small-b --seeds 0 1 2
@@ -42,8 +42,7 @@ from docs_update import bench_logging, in_processes, update_section  # noqa: E40
 from recycling_matrix import INITS, PAIRS, Matrix  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
-from mlflow_recycle.evaluation import Evaluator  # noqa: E402
-from mlflow_recycle.job import Context, data_module, task_spec, tune  # noqa: E402
+from mlflow_recycle.job import data_module, task_spec  # noqa: E402
 from mlflow_recycle.policy import Policy, Transfer, fitter, run_policy  # noqa: E402
 
 log = logging.getLogger("bench.policy")
@@ -73,39 +72,6 @@ def policy_config(args: argparse.Namespace):
     return compose(overrides, config_name="migrate")
 
 
-#: Steps of the two short tunings that time a step of re-tuning from scratch in this process.
-CALIBRATION_STEPS = (10, 30)
-
-
-def scratch_seconds(matrix: Matrix, task: str, target: str, data) -> float:
-    """What re-tuning a prompt from scratch on ``target`` costs in this process and on this machine
-    (threads, load): a tuning's fixed cost and the recipe's ``max_steps`` at the seconds per step,
-    both from two short tunings timed here (the difference of their times is the steps' own:
-    on a GPU a step is milliseconds and setting a trainer up is seconds), plus its validations
-    at the seconds of one validation timed here. The cached tunings' own wall times were
-    measured in other processes, under other loads."""
-    cfg = matrix.config(task, model=target)
-    steps, every = cfg.trainer.max_steps, cfg.trainer.val_check_interval
-    side = matrix.model(target)
-    data.setup("fit")
-    start = time.perf_counter()
-    Evaluator(instantiate(cfg.trainer, _partial_=True), ("validation",), 0).accuracy(side, data, None, "timing")
-    validation = time.perf_counter() - start
-    seconds = []
-    for calibration in CALIBRATION_STEPS:
-        short = cfg.copy()
-        short.trainer.max_steps, short.trainer.limit_val_batches = calibration, 0
-        ctx = Context(short)
-        tune(ctx, side, data, "timing")
-        seconds.append(ctx.seconds["timing_tune_seconds"])
-    (few, many), (t_few, t_many) = CALIBRATION_STEPS, seconds
-    per_step = max(t_many - t_few, 0.0) / (many - few)
-    fixed = max(t_few - few * per_step, 0.0)
-    log.info("re-tuning on %s here: %.1f s to start, %.3f s/step, %.1f s per validation", target, fixed, per_step,
-             validation)  # fmt: skip
-    return fixed + steps * per_step + (steps // every) * validation
-
-
 def label(args: argparse.Namespace) -> str:
     """The policy and its overrides, as the rows name it."""
     return args.policy + (" " + " ".join(args.override) if args.override else "")
@@ -129,7 +95,6 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
     job_cfg = matrix.config(task, model=target)
     target_data = data_module(tgt, task_spec(job_cfg.task), job_cfg)
     n_test = len(target_data.dataset("test"))
-    retune_seconds = None if args.quick else scratch_seconds(matrix, task, target, target_data)
     transfer = Transfer(
         src,
         tgt,
@@ -142,7 +107,7 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
     for init, seed in todo:
         prompt, _ = matrix.tuned(task, source, init, seed)
         retuned, cached_seconds = matrix.tuned(task, target, init, seed)
-        retune_seconds = retune_seconds or cached_seconds
+        retune_seconds = matrix.retune_seconds(task, target, cached_seconds)
         prompt = prompt.replace(task=task_spec(job_cfg.task))  # this checkout's data and validation rule
         transfer.seed = seed
         outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")

@@ -87,6 +87,8 @@ TASK_SETTINGS = {"sst2_plain": _SST2, "imdb_plain": _IMDB, "sst2": _SST2, "imdb"
 #: Points above the best baseline for "success with a margin" (one standard error of a test
 #: accuracy near 75% is 1.5 points on SST-2's 872 sentences, 1.9 on IMDB's 500 reviews).
 MARGIN = 0.02
+#: Steps of the two short tunings that time a step of re-tuning (:meth:`Matrix.retune_seconds`).
+CALIBRATION_STEPS = (10, 30)
 COMMON = [
     "trainer.enable_progress_bar=false",
     "eval.random_prompt_draws=3",
@@ -184,6 +186,7 @@ class Matrix:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.cache = args, Cache(Path(args.cache))
         self.models: dict[str, LoadedModel] = {}
+        self._retune_seconds: dict[tuple[str, str], float] = {}
 
     def config(self, task: str, init: str = "vocab", seed: int = 0, model: str | None = None):
         """The job config the matrix tunes ``model`` with: the task's recipe, then the model's own
@@ -218,6 +221,42 @@ class Matrix:
             record = {"tune_seconds": ctx.seconds["bench_tune_seconds"], **ctx.best_validation}
             (path / "tuned.json").write_text(json.dumps(record))  # "bench": the kept prompt's validation accuracy
         return SoftPrompt.load(path), json.loads((path / "tuned.json").read_text())["tune_seconds"]
+
+    def retune_seconds(self, task: str, target: str, cached: float) -> float:
+        """What re-tuning a prompt from scratch on ``target`` costs in this process, on this device
+        and under this load, the yardstick of every cost ratio (``cached``, the tuning's own
+        recorded time, was measured elsewhere: on another device, or beside other processes;
+        ``--quick`` uses it, its recipe being shorter than the timing).
+
+        A tuning's fixed cost and the recipe's ``max_steps`` at the seconds per step, from two
+        short tunings timed here (the difference of their times is the steps' own: on a GPU a
+        step is milliseconds and starting a trainer is seconds), plus its validations at the
+        seconds of one validation timed here. Measured once per target and process."""
+        if self.args.quick:
+            return cached
+        if (task, target) not in self._retune_seconds:
+            cfg = self.config(task, model=target)
+            steps, every = cfg.trainer.max_steps, cfg.trainer.val_check_interval
+            side = self.model(target)
+            data = data_module(side, task_spec(cfg.task), cfg)
+            data.setup("fit")
+            start = time.perf_counter()
+            Evaluator(instantiate(cfg.trainer, _partial_=True), ("validation",), 0).accuracy(side, data, None, "timing")
+            validation = time.perf_counter() - start
+            seconds = []
+            for calibration in CALIBRATION_STEPS:
+                short = cfg.copy()
+                short.trainer.max_steps, short.trainer.limit_val_batches = calibration, 0
+                ctx = Context(short)
+                tune(ctx, side, data, "timing")
+                seconds.append(ctx.seconds["timing_tune_seconds"])
+            (few, many), (t_few, t_many) = CALIBRATION_STEPS, seconds
+            per_step = max(t_many - t_few, 0.0) / (many - few)
+            fixed = max(t_few - few * per_step, 0.0)
+            log.info("Re-tuning on %s here: %.1f s to start, %.3f s/step, %.1f s per validation", target, fixed,
+                     per_step, validation)  # fmt: skip
+            self._retune_seconds[task, target] = fixed + steps * per_step + (steps // every) * validation
+        return self._retune_seconds[task, target]
 
     def accuracy(self, task: str, model: str, prompt: torch.Tensor | None, seed: int = 0) -> float:
         cfg = self.config(task)
@@ -273,7 +312,8 @@ class Matrix:
                 fit_seconds = time.perf_counter() - start
                 for init, seed in todo:
                     prompt, _ = self.tuned(task, source, init, seed)
-                    retuned, retune_seconds = self.tuned(task, target, init, seed)
+                    retuned, tuned_seconds = self.tuned(task, target, init, seed)
+                    retune_seconds = self.retune_seconds(task, target, tuned_seconds)
                     start = time.perf_counter()
                     recycled = recycler.transform(prompt)
                     if refine is not None:
@@ -450,6 +490,7 @@ def report(rows: list[dict], out_dir: Path) -> str:
             lines.append(f"| {rec} | " + " | ".join(cells) + " |")
         lines.append("")
     heatmap(rows, out_dir / "recycling_matrix.png")
+    tradeoff_chart(rows, out_dir / "success_vs_cost.png")
     return "\n".join(lines)
 
 
@@ -482,12 +523,58 @@ def heatmap(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+#: Tasks of the paper's protocol: the success-vs-cost chart's panels.
+PAPER_TASKS = ("sst2_plain", "imdb_plain")
+
+
+def tradeoff_chart(rows: list[dict], path: Path) -> None:
+    """Success with a margin against compute as a fraction of re-tuning, one point per recycler
+    (and refinement budget), a panel per paper-protocol task; the bars span the seeds' rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in PAPER_TASKS if any(r["task"] == t for r in rows)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False, layout="constrained")
+    for ax, task in zip(axes[0], tasks, strict=True):
+        task_rows = [r for r in rows if r["task"] == task]
+        for i, rec in enumerate(dict.fromkeys(r["recycler"] for r in task_rows)):
+            group = [r for r in task_rows if r["recycler"] == rec]
+            stats = summarise(group)
+            by_seed = defaultdict(list)
+            for row in group:
+                by_seed[row["seed"]].append(row["recycled_acc"] >= best_baseline(row) + MARGIN)
+            rates = [100 * statistics.fmean(v) for v in by_seed.values()]
+            cost = max(100 * stats["cost_ratio"], 1e-3)
+            y = 100 * stats["margin_rate"]
+            ax.errorbar(cost, y, yerr=[[y - min(rates)], [max(rates) - y]], fmt="o", capsize=3, color=f"C{i % 10}")
+            ax.annotate(f"{rec} (n={len(group)})", (cost, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.axvline(5, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(80, color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_ylim(-5, 105)
+        ax.set_xlabel("compute, % of re-tuning on the target (median; log scale)")
+        ax.set_ylabel(f"success with a margin, % (recycled ≥ best baseline + {100 * MARGIN:.0f} points)")
+        ax.set_title(f"{task.upper()}: bars span the seeds' rates; the aim: above and left of the dotted lines",
+                     fontsize=9)  # fmt: skip
+    fig.suptitle("Prompt recycling: success against cost")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def log_to_mlflow(rows: list[dict], csv_path: Path, png: Path, markdown: str) -> None:
     import mlflow
 
     with mlflow.start_run(run_name="recycling matrix"):
         mlflow.log_artifact(str(csv_path))
         mlflow.log_artifact(str(png))
+        chart = png.with_name("success_vs_cost.png")
+        if chart.exists():
+            mlflow.log_artifact(str(chart))
         mlflow.log_text(markdown, "recycling_matrix.md")
         cells = defaultdict(list)
         for row in rows:

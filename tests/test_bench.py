@@ -154,3 +154,24 @@ def test_log_cost_compares_logging_with_and_without_the_serving_check(tmp_path):
     result = run("log_cost.py", "--repeats", "1", "--no-docs", cwd=tmp_path, quick=False)
     assert "| without it (`soft_prompt.log_model`'s default) |" in result.stdout and "**ratio**" in result.stdout
     assert "Loaded base model" in result.stderr  # the check did load the base: that is what it costs
+
+
+def _square(x: int) -> int:
+    if x == 3:
+        raise ValueError("three")
+    return x * x
+
+
+def _ready() -> None:
+    pass
+
+
+def test_worker_processes_return_every_result_and_name_a_failed_item():
+    """The benchmarks' --workers: results arrive as items finish; one failure loses no other item's work."""
+    from docs_update import in_processes
+
+    results = []
+    with pytest.raises(RuntimeError, match=r"1 of 5 items failed .*the first: 3"):
+        for result in in_processes(_square, range(5), 2, _ready):
+            results.append(result)
+    assert sorted(results) == [0, 1, 4, 16]
