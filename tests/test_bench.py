@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from mlflow_recycle.config import REPO_ROOT
+from mlflow_recycle.errors import RecycleError
 
 BENCH = REPO_ROOT / "bench"
 sys.path.insert(0, str(BENCH))  # the scripts' helpers, for the tests that call them directly
@@ -64,18 +65,26 @@ def test_recycling_matrix_quick(tmp_path):
         assert accuracies(csv.DictReader(f)) == accuracies(rows)
 
 
-def test_recycling_matrix_refuses_a_bad_spec_before_any_work(tmp_path):
+def run_in_process(monkeypatch, *args: str) -> None:
+    """The matrix's main() in this process (its refusals come before any work; no start-up to pay)."""
+    import recycling_matrix
+
+    monkeypatch.setattr(sys, "argv", ["recycling_matrix.py", *args])
+    recycling_matrix.main()
+
+
+def test_recycling_matrix_refuses_a_bad_spec_before_any_work(tmp_path, monkeypatch):
     args = ["--tasks", "sst2", "--recyclers", "linear:anchor_sise=5", "--out", str(tmp_path), "--cache", str(tmp_path)]
-    result = run("recycling_matrix.py", *args, cwd=tmp_path, quick=False, ok=False)
-    assert "Bad options for recycler 'linear'" in result.stderr and "anchor_sise" in result.stderr
+    with pytest.raises(RecycleError, match="Bad options for recycler 'linear'.*anchor_sise"):
+        run_in_process(monkeypatch, *args)
     assert not (tmp_path / "recycling_matrix.csv").exists()
 
 
-def test_recycling_matrix_refuses_to_write_beside_a_running_one(tmp_path):
+def test_recycling_matrix_refuses_to_write_beside_a_running_one(tmp_path, monkeypatch):
     with (tmp_path / ".recycling_matrix.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running matrix holds it
-        result = run("recycling_matrix.py", "--out", str(tmp_path), "--cache", str(tmp_path), cwd=tmp_path, ok=False)
-    assert "Another recycling_matrix.py run is writing" in result.stderr
+        with pytest.raises(SystemExit, match="Another recycling_matrix.py run is writing"):
+            run_in_process(monkeypatch, "--quick", "--out", str(tmp_path), "--cache", str(tmp_path))
     assert not (tmp_path / "recycling_matrix.csv").exists()
 
 

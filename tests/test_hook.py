@@ -199,13 +199,16 @@ def test_encryption_key_is_kept_in_a_private_file(tmp_path):
     [["reconcile", "--dry-run"], ["migrate", "lm", "2"], ["hook", "serve"]],
     ids=["reconcile", "migrate", "serve"],
 )
-def test_commands_refuse_an_implicit_local_store(tmp_path, command):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["MLFLOW_RECYCLE_WEBHOOK_SECRET"] = SECRET
-    done = servers.subprocess.run(
-        [str(servers.BIN / "mlflow-recycle"), *command], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 2, done.stderr
+def test_commands_refuse_an_implicit_local_store(tmp_path, command, monkeypatch):
+    """In process (click's runner: the console script's start-up is tested elsewhere)."""
+    from click.testing import CliRunner
+
+    from mlflow_recycle.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    env = {"MLFLOW_TRACKING_URI": None, "MLFLOW_RECYCLE_WEBHOOK_SECRET": SECRET}
+    done = CliRunner().invoke(main, command, env=env)
+    assert done.exit_code == 2, done.output
     assert "MLFLOW_TRACKING_URI" in done.stderr and "--tracking-uri" in done.stderr
     assert list(tmp_path.iterdir()) == []  # no ./mlflow.db, nothing at all
 

@@ -341,6 +341,7 @@ def test_each_job_in_one_process_chooses_its_experiment_in_its_own_store(tmp_pat
         mlflow.set_tracking_uri(previous)
 
 
+@pytest.mark.slow  # ~13 s: every job test in CI logs its curves through the default (MLflow) logger
 def test_the_logger_group_chooses_where_training_curves_go(tracking, tmp_path, monkeypatch):
     from mlflow_recycle.job import run
 
