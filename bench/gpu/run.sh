@@ -19,6 +19,7 @@ if [ "$PWD" != /work/main ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, lightning, mlflow_recycle.job, datasets; print(torch.__version__, transformers.__version__, lightning.__version__)" || exit 4
+timeout 120 python3 bench/gpu/parity.py > "$OUT/parity.log" 2>&1; tail -7 "$OUT/parity.log"  # device parity first
 G="--tasks ${TASKS:-sst2_plain imdb_plain} --set trainer.accelerator=gpu"
 stop() { pkill -f bench/ ; sleep 1; }
 timeout -k 5 "$(until_ "${TUNE_S:-210}")" python3 bench/recycling_matrix.py $G --workers 16 --tune-only > "$OUT/tune.log" 2>&1
