@@ -48,9 +48,11 @@ def test_recycling_matrix_quick(tmp_path):
     assert [r["recycler"] for r in rows] == ["identity", "linear"]
     assert set(rows[0]) == {
         "task", "source", "target", "recycler", "init", "seed", "recycled_acc", "zero_shot_acc", "random_prompt_acc",
-        "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds",
+        "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds", "device",
     }  # fmt: skip
+    assert rows[0]["device"] == "cpu"
     assert (tmp_path / "recycling_matrix.png").stat().st_size > 0 and "| identity |" in first.stdout
+    assert (tmp_path / "success_vs_cost.png").stat().st_size > 0
     assert "### SST2_PLAIN" in first.stdout and "Success with a margin (recycled ≥ best baseline + 2%)" in first.stdout
     assert first.stderr.count("Tuning sst2") == 2  # on the source and on the target (re-tuned)
     # a rerun keeps the rows it has; --recompute recycles again, taking prompts and evaluations from the cache
