@@ -551,7 +551,8 @@ def tradeoff_chart(rows: list[dict], path: Path) -> None:
             cost = max(100 * stats["cost_ratio"], 1e-3)
             y = 100 * stats["margin_rate"]
             ax.errorbar(cost, y, yerr=[[y - min(rates)], [max(rates) - y]], fmt="o", capsize=3, color=f"C{i % 10}")
-            ax.annotate(f"{rec} (n={len(group)})", (cost, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(f"{rec} (n={len(group)})", (cost, y), textcoords="offset points", xytext=(5, 4 - 12 * (i % 3)),
+                        fontsize=8)  # fmt: skip
         ax.axvline(5, color="grey", linestyle=":", linewidth=1)
         ax.axhline(80, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log")
