@@ -108,6 +108,7 @@ def test_gguf_model_converts_once_into_the_cache_and_matches_the_original(gguf_d
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # ~15 s: CI converts a GGUF file into the cache and reads it back (the test above)
 def test_gguf_cache_is_keyed_by_the_files_content(gguf_dir, tmp_path, model_dir):
     first = convert_gguf(gguf_dir, "small-a.gguf", cache=tmp_path)
     other = tmp_path / "other"

@@ -30,6 +30,7 @@ def news_rows(copies: int) -> list[tuple[str, str]]:
     return [(topic, f"{text} ({i})") for i in range(copies) for topic, texts in TOPICS.items() for text in texts]
 
 
+@pytest.mark.slow  # ~23 s: CI runs a job on a task from config only (saved dataset, below); class reports: unit tests
 def test_a_headerless_tsv_with_class_names_runs_as_a_four_class_task_with_config_only(tmp_path):
     """AG-News-like data the project never saw: label names in column 0, text in column 1, no header,
     no validation file. The job runs with overrides only and reports every class, not only accuracy."""
