@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -26,6 +27,12 @@ def update_section(docs: Path, name: str, body: str) -> None:
         text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
     before, rest = text.split(start, 1)
     docs.write_text(f"{before}{start}\n{body.strip()}\n{end}{rest.split(end, 1)[1]}")
+
+
+def rows_by_device(rows: Iterable[dict]) -> str:
+    """``cpu 12, NVIDIA H200 25``: how many of a benchmark's rows each device produced."""
+    counts = Counter(row["device"] for row in rows)
+    return ", ".join(f"{device} {n}" for device, n in sorted(counts.items()))
 
 
 def in_processes(

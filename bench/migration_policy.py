@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docs_update import bench_logging, in_processes, update_section  # noqa: E402
+from docs_update import bench_logging, in_processes, rows_by_device, update_section  # noqa: E402
 from recycling_matrix import INITS, PAIRS, Matrix  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
@@ -256,20 +256,17 @@ def main() -> None:
                 log.info("%s %s->%s %s seed %d: %s at %s, %.0f%% of re-tuning", row["task"], row["source"],
                          row["target"], row["init"], row["seed"], row["gate"], row["stage"],
                          100 * row["cost_fraction"])  # fmt: skip
-    markdown = report(load_rows(csv_path))
+    all_rows = load_rows(csv_path)
+    markdown = report(all_rows)
     print(markdown)
     if not args.quick:
         machine = (
             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
         )
         shown = csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path
-        counts = defaultdict(int)
-        for row in load_rows(csv_path):
-            counts[row["device"]] += 1
-        devices = ", ".join(f"{device} {n}" for device, n in sorted(counts.items()))
         note = (
             f"_Summary of `{shown}` (`python bench/migration_policy.py`), written on {machine}; rows by the"
-            f" device that ran them (seconds and cost compare only within one): {devices}._"
+            f" device that ran them (seconds and cost compare only within one): {rows_by_device(all_rows)}._"
         )
         update_section(Path(args.docs), "migration-policy", f"{note}\n\n{markdown}")
     if args.mlflow:

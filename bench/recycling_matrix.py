@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-from docs_update import bench_logging, in_processes, update_section  # noqa: E402
+from docs_update import bench_logging, in_processes, rows_by_device, update_section  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
@@ -397,15 +397,17 @@ def best_baseline(row: dict) -> float:
 
 def summarise(rows: list[dict]) -> dict:
     """Success rate (with its spread over seeds), recovery and cost for a group of rows."""
-    by_seed = defaultdict(list)
+    by_seed, margin_by_seed = defaultdict(list), defaultdict(list)
     for row in rows:
         by_seed[row["seed"]].append(row["success"])
+        margin_by_seed[row["seed"]].append(row["recycled_acc"] >= best_baseline(row) + MARGIN)
     seed_rates = [statistics.fmean(v) for v in by_seed.values()]
     recoveries = [r for r in map(recovery, rows) if r is not None]
     return {
         "n": len(rows),
         "success_rate": statistics.fmean(r["success"] for r in rows),
-        "margin_rate": statistics.fmean(r["recycled_acc"] >= best_baseline(r) + MARGIN for r in rows),
+        "margin_rate": statistics.fmean(m for v in margin_by_seed.values() for m in v),
+        "margin_seed_rates": [statistics.fmean(v) for v in margin_by_seed.values()],
         "seed_std": statistics.pstdev(seed_rates) if len(seed_rates) > 1 else 0.0,
         "recovery_mean": statistics.fmean(recoveries) if recoveries else float("nan"),
         "recovery_std": statistics.pstdev(recoveries) if len(recoveries) > 1 else 0.0,
@@ -544,10 +546,7 @@ def tradeoff_chart(rows: list[dict], path: Path) -> None:
         for i, rec in enumerate(dict.fromkeys(r["recycler"] for r in task_rows)):
             group = [r for r in task_rows if r["recycler"] == rec]
             stats = summarise(group)
-            by_seed = defaultdict(list)
-            for row in group:
-                by_seed[row["seed"]].append(row["recycled_acc"] >= best_baseline(row) + MARGIN)
-            rates = [100 * statistics.fmean(v) for v in by_seed.values()]
+            rates = [100 * rate for rate in stats["margin_seed_rates"]]
             cost = max(100 * stats["cost_ratio"], 1e-3)
             y = 100 * stats["margin_rate"]
             ax.errorbar(cost, y, yerr=[[y - min(rates)], [max(rates) - y]], fmt="o", capsize=3, color=f"C{i % 10}")
@@ -677,14 +676,10 @@ def main() -> None:
             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
         )
         shown = csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path
-        counts = defaultdict(int)
-        for row in rows:
-            counts[row["device"]] += 1
-        devices = ", ".join(f"{device} {n}" for device, n in sorted(counts.items()))
         note = (
             f"_Summary of the {len(rows)} rows of `{shown}`"
             f" (rows come from runs of `python bench/recycling_matrix.py`, which add the cells they are asked for),"
-            f" written on {machine}; rows by the device that recycled and evaluated them: {devices}._"
+            f" written on {machine}; rows by the device that recycled and evaluated them: {rows_by_device(rows)}._"
         )
         update_section(Path(args.docs), "recycling-matrix", f"{note}\n\n{markdown}")
     if args.mlflow:
