@@ -8,9 +8,10 @@ in-vocabulary prefix). The main job and the migration worker both judge prompts 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
@@ -71,14 +72,23 @@ def task_data(
 
 @dataclass(frozen=True)
 class Baselines:
-    """A model's accuracy without a trained prompt, per split."""
+    """A model's accuracy without a trained prompt, per split (and on how many examples)."""
 
     zero_shot: dict[str, float]
     random_prompt: dict[str, float]
     random_prompt_std: dict[str, float]
+    examples: dict[str, int] = field(default_factory=dict)
 
     def best(self, split: str) -> float:
         return max(self.zero_shot[split], self.random_prompt[split])
+
+    def standard_error(self, split: str) -> float:
+        """One standard error of the best baseline's accuracy on ``split``: sqrt(p(1 - p) / n)."""
+        n = self.examples.get(split)
+        if not n:
+            raise RecycleError(f"No example count recorded for the {split!r} baselines: cannot give a standard error.")
+        p = min(max(self.best(split), 0.0), 1.0)
+        return math.sqrt(p * (1 - p) / n)
 
     @classmethod
     def merge(cls, parts: Sequence[Baselines]) -> Baselines:
@@ -87,6 +97,7 @@ class Baselines:
             zero_shot={k: v for p in parts for k, v in p.zero_shot.items()},
             random_prompt={k: v for p in parts for k, v in p.random_prompt.items()},
             random_prompt_std={k: v for p in parts for k, v in p.random_prompt_std.items()},
+            examples={k: v for p in parts for k, v in p.examples.items()},
         )
 
     def beaten_by(self, accuracy: float, split: str) -> bool:
@@ -99,13 +110,17 @@ class Gate:
     """When a prompt counts as working on a model, decided on ``split`` (validation, never test).
 
     It must be strictly above the model's best baseline (max of zero-shot and random
-    prompt) plus ``margin`` points and, with ``keep_gain``, keep at least that fraction of
-    the source prompt's gain over the source model's own best baseline; all in ``metric``
-    (``accuracy``, or ``macro_f1`` for a multi-class task where one class dominates).
+    prompt) plus ``margin`` points plus ``margin_se`` standard errors of that baseline on
+    the gate split (``sqrt(p(1 - p) / n)``: 1.645 asks for a one-sided 95% confidence that
+    the prompt is better, not a draw of a few lucky examples) and, with ``keep_gain``, keep
+    at least that fraction of the source prompt's gain over the source model's own best
+    baseline; all in ``metric`` (``accuracy``, or ``macro_f1`` for a multi-class task where
+    one class dominates; its standard error is approximated by the same formula).
     """
 
     split: str = "validation"
     margin: float = 0.0
+    margin_se: float = 0.0
     keep_gain: float | None = None
     metric: str = "accuracy"
 
@@ -118,11 +133,15 @@ class Gate:
             log.warning("gate.split=test: decisions on the test split overfit the reported numbers")
         if self.keep_gain is not None and not 0 <= self.keep_gain <= 1:
             raise RecycleError(f"gate.keep_gain is a fraction between 0 and 1 (or null), got {self.keep_gain}.")
+        if self.margin_se < 0:
+            raise RecycleError(f"gate.margin_se is a number of standard errors, 0 or more, got {self.margin_se}.")
 
     def threshold(self, baselines: Baselines, source_gain: float | None = None) -> float:
         """The accuracy a prompt must exceed on ``split``."""
         best = baselines.best(self.split)
         threshold = best + self.margin / 100
+        if self.margin_se:
+            threshold += self.margin_se * baselines.standard_error(self.split)
         if self.keep_gain is not None and source_gain is not None:
             threshold = max(threshold, best + self.keep_gain * source_gain)
         return threshold
@@ -166,6 +185,10 @@ class ClassReport:
         accuracy = float((labels == predictions).float().mean()) if len(labels) else float("nan")
         return cls(accuracy, tuple(classes), tuple(tuple(int(c) for c in row) for row in counts.tolist()))
 
+    @property
+    def examples(self) -> int:
+        return sum(map(sum, self.confusion))
+
     def recall(self) -> dict[str, float]:
         return {
             c: row[i] / sum(row) if sum(row) else float("nan")
@@ -173,7 +196,7 @@ class ClassReport:
         }
 
     def predicted_share(self) -> dict[str, float]:
-        total = sum(map(sum, self.confusion)) or 1
+        total = self.examples or 1
         return {c: sum(row[i] for row in self.confusion) / total for i, c in enumerate(self.classes)}
 
     def value(self, metric: str) -> float:
@@ -254,7 +277,8 @@ class Evaluator:
 
     def baselines(self, side: LoadedModel, data: TextClassificationDataModule, prompt_length: int) -> Baselines:
         """Zero-shot and the mean (and spread) of random-token prompts of ``prompt_length`` rows, in ``metric``."""
-        zero_shot = self.score(side, data, None, "zero_shot")
+        reports = self.report(side, data, None, "zero_shot")
+        zero_shot = {split: report.value(self.metric) for split, report in reports.items()}
         table = embedding_table(side.model)
         draws = []
         for draw in range(self.random_draws):
@@ -265,4 +289,5 @@ class Evaluator:
             zero_shot=zero_shot,
             random_prompt={s: statistics.fmean(d[s] for d in draws) for s in self.splits},
             random_prompt_std={s: statistics.pstdev(d[s] for d in draws) for s in self.splits},
+            examples={split: report.examples for split, report in reports.items()},
         )

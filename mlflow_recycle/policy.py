@@ -142,7 +142,7 @@ class Policy:
             gate = Gate(**(values.get("gate") or {}))
         except TypeError as exc:
             raise RecycleError(
-                f"Bad policy.gate {values.get('gate')}: {exc} (keys: split, margin, keep_gain, metric)."
+                f"Bad policy.gate {values.get('gate')}: {exc} (keys: split, margin, margin_se, keep_gain, metric)."
             ) from exc
         stages = [_stage(dict(stage)) for stage in values.get("stages") or []]
         if not stages or not isinstance(stages[0], RecycleStage):

@@ -135,6 +135,13 @@ def test_migration_policy_quick(tmp_path):
     assert "| small-a-early → small-a | 1 |" in first.stdout
     kept = run("migration_policy.py", *args, cwd=tmp_path)  # a rerun keeps its row: nothing tuned or migrated
     assert "Tuning" not in kept.stderr and "Policy for" not in kept.stderr
+    # --recompute migrates it again in place; --skip-retuned leaves the re-tuned reference out, and says so
+    again = run("migration_policy.py", *args, "--recompute", "--skip-retuned", cwd=tmp_path)
+    assert "Policy for" in again.stderr and "Tuning" not in again.stderr
+    with (tmp_path / "migration_policy.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["test_retuned"] == "nan" and float(row["test_accuracy"]) > 0
+    assert f"| {float(row['test_accuracy']):.3f} ± " in again.stdout and " | — | — | " in again.stdout
 
 
 @pytest.mark.slow  # ~2 min: a tracking server and a receiver per count

@@ -24,6 +24,7 @@ from mlflow_recycle.registry import TAG_RECYCLED_FROM, log_prompt, prompts_for, 
 
 PROMPT = Path(__file__).parent / "assets" / "sst2-prompt-small-a"
 SMALL = ["eval.limit_val=48", "eval.limit_test=48", "eval.random_prompt_draws=1", "alias=candidate"]
+SMALL += ["policy.gate.margin_se=0"]  # on 48 examples a standard error is 7 points: these tests check the stages
 #: the default policy with budgets a test can afford
 BUDGETS = ["policy.stages.1.steps=2", "policy.stages.1.eval_every=1", "policy.stages.1.texts=16"]
 BUDGETS += ["policy.stages.2.steps=2", "policy.stages.2.eval_every=1", "policy.stages.2.limit_train=16"]

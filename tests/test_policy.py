@@ -88,6 +88,21 @@ def test_gate_threshold_margin_and_kept_gain():
         Gate(keep_gain=5)
 
 
+def test_gate_margin_in_standard_errors_of_the_baseline():
+    """margin_se: the baseline's own noise on the gate split, sqrt(p(1 - p) / n), so a draw of a
+    few lucky examples does not pass; a smaller split asks for more."""
+    on = {"validation": 0.70}, {"validation": 0.60}, {"validation": 0.02}
+    large, small = Baselines(*on, examples={"validation": 2100}), Baselines(*on, examples={"validation": 84})
+    assert Gate(margin_se=2).threshold(large) == pytest.approx(0.70 + 2 * 0.01)  # sqrt(.21 / 2100) = 0.01
+    assert Gate(margin_se=2).threshold(small) == pytest.approx(0.70 + 2 * 0.05)
+    assert Gate(margin=1, margin_se=2).threshold(large) == pytest.approx(0.73)  # points and errors add up
+    assert Gate().threshold(Baselines(*on)) == pytest.approx(0.70)  # no count needed without margin_se
+    with pytest.raises(RecycleError, match="No example count recorded for the 'validation' baselines"):
+        Gate(margin_se=1).threshold(Baselines(*on))
+    with pytest.raises(RecycleError, match="gate.margin_se is a number of standard errors"):
+        Gate(margin_se=-1)
+
+
 def test_a_macro_f1_gate_decides_and_stops_in_macro_f1(sides, good_prompt, load_model, data_dir):
     """gate.metric=macro_f1: baselines, threshold, score and the stages' early stops all in macro-F1,
     the metric that sees a prompt favouring one class (accuracy can hide it)."""
@@ -179,6 +194,20 @@ def test_recycle_stops_at_the_first_recycler_that_passes(sides, good_prompt):
     assert fits == ["identity"] and list(outcome.records[0].tried) == ["identity"]  # linear never fitted
     assert len(outcome.records) == 1 and outcome.steps == 0  # no training once the gate passed
     assert outcome.score > outcome.threshold == outcome.baselines.best("validation")
+    assert outcome.baselines.examples == {"validation": 48}  # the gate split's draw (limit_val)
+
+
+def test_a_margin_in_standard_errors_raises_the_bar_the_stages_see(sides, good_prompt):
+    """The same prompt under a gate that asks for 3 standard errors more: the threshold moves by
+    them, and a prompt that passed at recycle by less goes on to the next stage."""
+    pair = transfer(sides, "small-a", "small-a")
+    lenient = run_policy(policy(RECYCLE, REFINE), pair, good_prompt)
+    baselines = lenient.baselines
+    margin = lenient.score - lenient.threshold
+    strict_se = margin / baselines.standard_error("validation") + 1  # just out of reach
+    strict = run_policy(policy(RECYCLE, REFINE, margin_se=strict_se), pair, good_prompt)
+    assert strict.threshold == pytest.approx(lenient.threshold + strict_se * baselines.standard_error("validation"))
+    assert strict.records[0].status == FAILED and strict.records[1].stage == "refine"
 
 
 def test_identity_is_only_tried_when_the_embedding_space_is_kept(sides, good_prompt):
