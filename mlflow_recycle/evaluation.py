@@ -146,6 +146,18 @@ class Gate:
             threshold = max(threshold, best + self.keep_gain * source_gain)
         return threshold
 
+    def describe(self, baselines: Baselines, source_gain: float | None = None) -> str:
+        """How the threshold is made, for logs: ``> 0.6281 (best baseline 0.5920 + 1.645 x 0.0220 SE, n=500)``."""
+        parts = [f"best baseline {baselines.best(self.split):.4f}"]
+        if self.margin:
+            parts.append(f"{self.margin:g} points")
+        if self.margin_se:
+            parts.append(f"{self.margin_se:g} x {baselines.standard_error(self.split):.4f} SE")
+        n = baselines.examples.get(self.split)
+        keep = f", keeping {self.keep_gain:g} of a {source_gain:.4f} gain" if self.keep_gain and source_gain else ""
+        shown = " + ".join(parts) + (f", n={n}" if n else "") + keep
+        return f"{self.metric} > {self.threshold(baselines, source_gain):.4f} ({shown})"
+
 
 def verdict_metrics(
     accuracies: dict[str, dict[str, float]], baselines: Baselines, subject: str, splits: Sequence[str]

@@ -375,7 +375,7 @@ def run_policy(
             )
             source_gain = max(0.0, on_source[gate.split] - source_baselines.best(gate.split))
         threshold = gate.threshold(baselines, source_gain)
-        log.info("Gate on %s/%s: %s > %.4f", target.name, gate.split, gate.metric, threshold)
+        log.info("Gate on %s/%s: %s", target.name, gate.split, gate.describe(baselines, source_gain))
     else:
         log.warning("Cannot gate %s: %s; recycling without a gate", recycled_from or "the prompt", problem)
 

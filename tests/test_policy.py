@@ -97,6 +97,9 @@ def test_gate_margin_in_standard_errors_of_the_baseline():
     assert Gate(margin_se=2).threshold(small) == pytest.approx(0.70 + 2 * 0.05)
     assert Gate(margin=1, margin_se=2).threshold(large) == pytest.approx(0.73)  # points and errors add up
     assert Gate().threshold(Baselines(*on)) == pytest.approx(0.70)  # no count needed without margin_se
+    assert Gate(margin=1, margin_se=2).describe(large) == (
+        "accuracy > 0.7300 (best baseline 0.7000 + 1 points + 2 x 0.0100 SE, n=2100)"
+    )
     with pytest.raises(RecycleError, match="No example count recorded for the 'validation' baselines"):
         Gate(margin_se=1).threshold(Baselines(*on))
     with pytest.raises(RecycleError, match="gate.margin_se is a number of standard errors"):
