@@ -205,6 +205,50 @@ def report(all_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: What identifies one migrated prompt across policies: the same source prompt, target and device.
+PROMPT_KEY = ("task", "source", "target", "init", "seed", "device")
+
+
+def compared(all_rows: list[dict]) -> str:
+    """Policies run on the same prompts, side by side: per task and pair, over the prompts that every
+    policy run on that pair has (same init, seed and device), how each got through and what it cost."""
+    by_prompt = _groups(all_rows, PROMPT_KEY)
+    lines = []
+    for (task, source, target), group in sorted(_groups(all_rows, ("task", "source", "target")).items()):
+        labels = sorted({r["policy"] for r in group})
+        shared = [
+            {r["policy"]: r for r in rows_}
+            for key, rows_ in sorted(by_prompt.items())
+            if key[:3] == (task, source, target) and {r["policy"] for r in rows_} >= set(labels)
+        ]
+        if len(labels) < 2 or not shared:
+            continue
+        if not lines:
+            lines += [
+                "### Policies compared on the same prompts",
+                "",
+                "Where the CSV holds several policies for the same source prompts (same pair, init, seed and",
+                "device): how many pass the gate at each stage, how many of those also beat the best baseline on",
+                "test, the migrated prompts' test accuracy (mean) and compute against re-tuning (median).",
+                "",
+                "| task | pair | policy | prompts | passed at recycle / refine / retune | passed and above the test "
+                "baseline | test: migrated | cost (median) |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+        for label in labels:
+            rows_ = [prompt[label] for prompt in shared]
+            stages = " / ".join(str(sum(r["stage"] == stage for r in rows_)) for stage in STAGE_ORDER)
+            passed = [r for r in rows_ if r["gate"] == "passed"]
+            works = sum(r["test_accuracy"] > max(r["test_zero_shot"], r["test_random_prompt"]) for r in passed)
+            test = statistics.fmean(r["test_accuracy"] for r in rows_)
+            cost = statistics.median(r["cost_fraction"] for r in rows_)
+            lines.append(
+                f"| {task} | {source} → {target} | `{label}` | {len(rows_)} | {stages} | {works} of {len(passed)}"
+                f" | {test:.3f} | {cost:.0%} |"
+            )
+    return "\n".join(lines + ([""] if lines else []))
+
+
 def _shown(value: float | None, have: int, rows_: int, spec: str) -> str:
     """A value over the rows that have it, saying how many do when not all (--skip-retuned)."""
     if not have:
@@ -279,7 +323,7 @@ def main() -> None:
                          row["target"], row["init"], row["seed"], row["gate"], row["stage"],
                          100 * row["cost_fraction"])  # fmt: skip
     all_rows = load_rows(csv_path)
-    markdown = report(all_rows)
+    markdown = report(all_rows) + compared(all_rows)
     print(markdown)
     if not args.quick:
         machine = (

@@ -193,3 +193,22 @@ def test_worker_processes_return_every_result_and_name_a_failed_item():
         for result in in_processes(_square, range(5), 2, _ready):
             results.append(result)
     assert sorted(results) == [0, 1, 4, 16]
+
+
+def test_the_policy_report_compares_policies_on_the_same_prompts_only():
+    from migration_policy import compared
+
+    def row(policy, seed, stage, test, cost, device="cpu"):
+        gate = "passed" if stage != "none" else "failed"
+        return {"task": "sst2_plain", "source": "a", "target": "b", "policy": policy, "init": "vocab", "seed": seed,
+                "device": device, "gate": gate, "stage": stage, "test_accuracy": test, "test_zero_shot": 0.60,
+                "test_random_prompt": 0.58, "cost_fraction": cost}  # fmt: skip
+
+    rows = [row("lenient", 0, "recycle", 0.55, 0.01), row("strict", 0, "refine", 0.66, 0.10)]
+    rows += [row("lenient", 1, "recycle", 0.70, 0.01), row("strict", 1, "recycle", 0.70, 0.01)]
+    rows += [row("lenient", 2, "recycle", 0.50, 0.01)]  # no strict run of seed 2: not compared
+    rows += [row("strict", 3, "retune", 0.64, 0.90, device="gpu")]  # nor a prompt of another device
+    table = compared(rows)
+    assert "| sst2_plain | a → b | `lenient` | 2 | 2 / 0 / 0 | 1 of 2 | 0.625 | 1% |" in table
+    assert "| sst2_plain | a → b | `strict` | 2 | 1 / 1 / 0 | 2 of 2 | 0.680 | 6% |" in table
+    assert compared([r for r in rows if r["policy"] == "strict"]) == ""  # one policy: nothing to compare
