@@ -286,8 +286,11 @@ class Transfer:
         )
 
     def baselines(self, side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str = "accuracy") -> Baselines:
-        """Zero-shot and random-prompt ``metric`` of ``side``, once per task, length, split and metric."""
-        key = (side.uri, prompt.task, prompt.length, split, metric)
+        """Zero-shot and random-prompt ``metric`` of ``side`` on ``data``'s draw of ``split``, measured once per
+        task, prompt length, metric and draw (the data's seed and limit: a prompt is judged on the examples its
+        baselines were measured on) and random-prompt seed."""
+        draw = (data.seed, data.limits[split])
+        key = (side.uri, prompt.task, prompt.length, split, metric, draw, self.seed, self.random_draws)
         if key not in self._baselines:
             self._baselines[key] = self.evaluator(split, metric).baselines(side, data, prompt.length)
         return self._baselines[key]

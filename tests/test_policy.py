@@ -200,6 +200,19 @@ def test_recycle_stops_at_the_first_recycler_that_passes(sides, good_prompt):
     assert outcome.baselines.examples == {"validation": 48}  # the gate split's draw (limit_val)
 
 
+def test_baselines_are_those_of_the_draw_a_prompt_is_judged_on(sides, good_prompt):
+    """A transfer reseeded between prompts (the policy benchmark runs each prompt's seed) draws another
+    validation subset: its baselines are measured on that draw, not reused from the first one."""
+    pair = transfer(sides, "small-a", "small-b")
+    first = pair.baselines(pair.target, good_prompt, "validation", pair.data(pair.target, good_prompt))
+    pair.seed = 1
+    data = pair.data(pair.target, good_prompt)
+    second = pair.baselines(pair.target, good_prompt, "validation", data)
+    zero_shot = pair.evaluator("validation").score(pair.target, data, None, "zero_shot")["validation"]
+    assert second.zero_shot["validation"] == pytest.approx(zero_shot) != first.zero_shot["validation"]
+    assert pair.baselines(pair.target, good_prompt, "validation", pair.data(pair.target, good_prompt)) is second
+
+
 def test_a_margin_in_standard_errors_raises_the_bar_the_stages_see(sides, good_prompt):
     """The same prompt under a gate that asks for 3 standard errors more: the threshold moves by
     them, and a prompt that passed at recycle by less goes on to the next stage."""
