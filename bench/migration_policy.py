@@ -323,7 +323,7 @@ def main() -> None:
                          row["target"], row["init"], row["seed"], row["gate"], row["stage"],
                          100 * row["cost_fraction"])  # fmt: skip
     all_rows = load_rows(csv_path)
-    markdown = report(all_rows) + compared(all_rows)
+    markdown = "\n".join(filter(None, (report(all_rows), compared(all_rows))))
     print(markdown)
     if not args.quick:
         machine = (
