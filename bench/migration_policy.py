@@ -186,15 +186,13 @@ def report(all_rows: list[dict]) -> str:
                 passed += sum(r["stage"] == stage for r in rows_)
                 shares.append(f"{passed / n:.0%}")
             test = statistics.fmean(r["test_accuracy"] for r in rows_)
-            best = statistics.fmean(max(r["test_zero_shot"], r["test_random_prompt"]) for r in rows_)
+            best = statistics.fmean(_test_baseline(r) for r in rows_)
             retuned_rows = [r for r in rows_ if r["test_retuned"] == r["test_retuned"]]  # NaN: --skip-retuned
             retuned = statistics.fmean(r["test_retuned"] for r in retuned_rows) if retuned_rows else float("nan")
             kept = statistics.fmean(r["test_accuracy"] for r in retuned_rows) / retuned if retuned_rows else None
             se = standard_error(test, rows_[0]["n_test"])
             cost = statistics.median(r["cost_fraction"] for r in rows_)
-            # does "passed" (decided on validation) mean "works" on test?
-            passed = [r for r in rows_ if r["gate"] == "passed"]
-            works = sum(r["test_accuracy"] > max(r["test_zero_shot"], r["test_random_prompt"]) for r in passed)
+            passed, works = _passed_and_working(rows_)
             lines.append(
                 f"| {' → '.join(filter(None, pair))} | {n} | " + " | ".join(shares)
                 + f" | {test:.3f} ± {se:.3f} | {best:.3f} | {_shown(retuned, len(retuned_rows), n, '.3f')}"
@@ -238,8 +236,7 @@ def compared(all_rows: list[dict]) -> str:
         for label in labels:
             rows_ = [prompt[label] for prompt in shared]
             stages = " / ".join(str(sum(r["stage"] == stage for r in rows_)) for stage in STAGE_ORDER)
-            passed = [r for r in rows_ if r["gate"] == "passed"]
-            works = sum(r["test_accuracy"] > max(r["test_zero_shot"], r["test_random_prompt"]) for r in passed)
+            passed, works = _passed_and_working(rows_)
             test = statistics.fmean(r["test_accuracy"] for r in rows_)
             cost = statistics.median(r["cost_fraction"] for r in rows_)
             lines.append(
@@ -247,6 +244,17 @@ def compared(all_rows: list[dict]) -> str:
                 f" | {test:.3f} | {cost:.0%} |"
             )
     return "\n".join(lines + ([""] if lines else []))
+
+
+def _test_baseline(row: dict) -> float:
+    return max(row["test_zero_shot"], row["test_random_prompt"])
+
+
+def _passed_and_working(rows_: list[dict]) -> tuple[list[dict], int]:
+    """The rows that passed the gate (decided on validation), and how many of them beat the best
+    baseline on test: does "passed" mean "works"?"""
+    passed = [r for r in rows_ if r["gate"] == "passed"]
+    return passed, sum(r["test_accuracy"] > _test_baseline(r) for r in passed)
 
 
 def _shown(value: float | None, have: int, rows_: int, spec: str) -> str:
