@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,6 +32,20 @@ def update_section(docs: Path, name: str, body: str) -> None:
     docs.write_text(f"{before}{start}\n{body.strip()}\n{end}{rest.split(end, 1)[1]}")
 
 
+def write_rows(path: Path, columns: list[str], kept: Iterable[dict], found: Iterable[dict]) -> Iterator[dict]:
+    """Rewrite the CSV at ``path``: the ``kept`` rows at once, then each row of ``found`` as it
+    comes, yielded once it is on disk. A run killed at any point loses no row it had written."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
+        f.flush()
+        for row in found:
+            writer.writerow(row)
+            f.flush()
+            yield row
+
+
 def rows_by_device(rows: Iterable[dict]) -> str:
     """``cpu 12, NVIDIA H200 25``: how many of a benchmark's rows each device produced."""
     counts = Counter(row["device"] for row in rows)
@@ -42,12 +59,13 @@ def in_processes(
     (each first runs ``start(*args)``; spawned, since CUDA cannot be forked). Small models leave
     a GPU mostly idle between one process's kernels, so several processes share it well; each
     gets its share of the CPU cores as torch threads, unless ``OMP_NUM_THREADS`` says otherwise.
-    An item that fails is logged and the others finish; then the call raises, naming it."""
+    An item that fails is logged and the others finish; then the call raises, naming it. A
+    worker whose parent is gone (killed, not interrupted) exits too, rather than go on alone."""
     threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
     failed = []
-    with ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start, initargs=(threads, start, args)
-    ) as pool:
+    context = multiprocessing.get_context("spawn")
+    initargs = (os.getpid(), threads, start, args)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start, initargs=initargs) as pool:
         futures = {pool.submit(work, item): item for item in items}
         for future in as_completed(futures):
             try:
@@ -61,10 +79,19 @@ def in_processes(
         raise RuntimeError(f"{len(failed)} of {len(futures)} items failed (logged above), the first: {failed[0]}")
 
 
-def _start(threads: str, start: Callable[..., None], args: tuple) -> None:
+def _start(parent: int, threads: str, start: Callable[..., None], args: tuple) -> None:
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
     os.environ.setdefault("OMP_NUM_THREADS", threads)
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     bench_logging()
     start(*args)
+
+
+def _exit_with(parent: int, every: float = 5.0) -> None:
+    """End this worker once ``parent`` is no longer its parent (it died and the worker was re-parented)."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    logging.getLogger("bench").warning("The benchmark process %d is gone: worker %d stops", parent, os.getpid())
+    os._exit(1)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docs_update import bench_logging, in_processes, rows_by_device, update_section  # noqa: E402
+from docs_update import bench_logging, in_processes, rows_by_device, update_section, write_rows  # noqa: E402
 from recycling_matrix import INITS, PAIRS, Matrix  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
@@ -320,16 +320,10 @@ def main() -> None:
                      for row in rows_)  # fmt: skip
         else:
             found = rows(Matrix(matrix_args), args, done)
-        with csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept)
-            for row in found:
-                writer.writerow(row)
-                f.flush()
-                log.info("%s %s->%s %s seed %d: %s at %s, %.0f%% of re-tuning", row["task"], row["source"],
-                         row["target"], row["init"], row["seed"], row["gate"], row["stage"],
-                         100 * row["cost_fraction"])  # fmt: skip
+        for row in write_rows(csv_path, COLUMNS, kept, found):
+            log.info("%s %s->%s %s seed %d: %s at %s, %.0f%% of re-tuning", row["task"], row["source"],
+                     row["target"], row["init"], row["seed"], row["gate"], row["stage"],
+                     100 * row["cost_fraction"])  # fmt: skip
     all_rows = load_rows(csv_path)
     markdown = "\n".join(filter(None, (report(all_rows), compared(all_rows))))
     print(markdown)

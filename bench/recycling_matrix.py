@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-from docs_update import bench_logging, in_processes, rows_by_device, update_section  # noqa: E402
+from docs_update import bench_logging, in_processes, rows_by_device, update_section, write_rows  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
@@ -641,33 +641,27 @@ def main() -> None:
         cells = {(t, p, r) for t in args.tasks for p in args.pairs for r in args.recyclers} if args.recompute else set()
         kept = [r for r in previous if (r["task"], f"{r['source']}:{r['target']}", r["recycler"]) not in cells]
         done = frozenset(map(row_key, kept))
-        with csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept)
-            if args.workers > 1:
-                cells = [
-                    (task, pair, spec, args.inits, args.seeds, done)
-                    for task in args.tasks for pair in args.pairs for spec in args.recyclers
-                ]  # fmt: skip
-                found = (row for rows in in_processes(_cell, cells, args.workers, _start_worker, args) for row in rows)
-            else:
-                found = (row for task in args.tasks for row in matrix.rows(task, args.pairs, args.recyclers,
-                                                                             args.inits, args.seeds, done))  # fmt: skip
-            for row in found:
-                writer.writerow(row)
-                f.flush()
-                log.info(
-                    "%s %s->%s %s %s seed %d: %.3f (%s)",
-                    row["task"],
-                    row["source"],
-                    row["target"],
-                    row["recycler"],
-                    row["init"],
-                    row["seed"],
-                    row["recycled_acc"],
-                    "success" if row["success"] else "failure",
-                )
+        if args.workers > 1:
+            cells = [
+                (task, pair, spec, args.inits, args.seeds, done)
+                for task in args.tasks for pair in args.pairs for spec in args.recyclers
+            ]  # fmt: skip
+            found = (row for rows in in_processes(_cell, cells, args.workers, _start_worker, args) for row in rows)
+        else:
+            found = (row for task in args.tasks for row in matrix.rows(task, args.pairs, args.recyclers,
+                                                                         args.inits, args.seeds, done))  # fmt: skip
+        for row in write_rows(csv_path, COLUMNS, kept, found):
+            log.info(
+                "%s %s->%s %s %s seed %d: %.3f (%s)",
+                row["task"],
+                row["source"],
+                row["target"],
+                row["recycler"],
+                row["init"],
+                row["seed"],
+                row["recycled_acc"],
+                "success" if row["success"] else "failure",
+            )
     rows = load_rows(csv_path)
     markdown = report(rows, out)
     print(markdown)

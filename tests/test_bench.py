@@ -195,6 +195,65 @@ def test_worker_processes_return_every_result_and_name_a_failed_item():
     assert sorted(results) == [0, 1, 4, 16]
 
 
+_ORPHAN_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {bench!r})
+from docs_update import in_processes
+
+def work(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+def ready():
+    pass
+
+if __name__ == "__main__":
+    for _ in in_processes(work, [{pid_file!r}], 1, ready):
+        pass
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return False
+    return "\tZ" not in status.split("State:", 1)[1].split("\n", 1)[0]  # a zombie has ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_stops_when_its_benchmark_process_is_killed(tmp_path):
+    """Killing a benchmark (SIGKILL, no clean-up) must not leave its workers computing on alone."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    script = tmp_path / "bench_with_worker.py"
+    script.write_text(_ORPHAN_SCRIPT.format(bench=str(BENCH), pid_file=str(pid_file)))
+    parent = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
+    try:
+        for _ in range(600):  # the worker starts (a spawned interpreter): patient on a loaded machine
+            if pid_file.exists() and pid_file.read_text():
+                break
+            assert parent.poll() is None, "the benchmark process ended before its worker started"
+            time.sleep(0.5)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for _ in range(240):
+            if not _alive(worker):
+                break
+            time.sleep(0.5)
+        assert not _alive(worker), "the worker went on after its benchmark process was killed"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
 def test_the_policy_report_compares_policies_on_the_same_prompts_only():
     from migration_policy import compared
 
