@@ -271,3 +271,22 @@ def test_the_policy_report_compares_policies_on_the_same_prompts_only():
     assert "| sst2_plain | a → b | `lenient` | 2 | 2 / 0 / 0 | 1 of 2 | 0.625 | 1% |" in table
     assert "| sst2_plain | a → b | `strict` | 2 | 1 / 1 / 0 | 2 of 2 | 0.680 | 6% |" in table
     assert compared([r for r in rows if r["policy"] == "strict"]) == ""  # one policy: nothing to compare
+
+
+def test_a_killed_run_loses_no_row_of_its_csv(tmp_path):
+    """The benchmarks rewrite their CSV: kept rows reach the disk before any work, each new row as it comes."""
+    from docs_update import write_rows
+
+    path = tmp_path / "rows.csv"
+    kept = [{"key": i, "value": i * i} for i in range(2000)]  # more than one write buffer
+
+    def found():
+        assert len(path.read_text().splitlines()) == 1 + len(kept)  # before the first new row is computed
+        yield {"key": "new", "value": 1}
+        raise KeyboardInterrupt  # the run is stopped while computing the next one
+
+    with pytest.raises(KeyboardInterrupt):
+        for _ in write_rows(path, ["key", "value"], kept, found()):
+            pass
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 + len(kept) and lines[-1] == "new,1"
