@@ -48,7 +48,8 @@ from .refine import DistillSettings, distill, refined
 log = logging.getLogger(__name__)
 
 STAGES = ("recycle", "refine", "retune")
-CONDITIONS = ("same_space",)
+CONDITIONS = ("same_space",)  # of a recycler
+REFINE_CONDITIONS = ("teacher_passes",)
 PASSED, FAILED, SKIPPED, UNEVALUATED = "passed", "failed", "skipped", "unevaluated"
 
 
@@ -90,8 +91,14 @@ class RecycleStage:
 
 @dataclass(frozen=True)
 class RefineStage:
+    """Label-free refinement; ``when: teacher_passes`` runs it only when the teacher (the source
+    prompt on its own model) beats the target's gate on the same validation examples: a
+    student that matches a teacher under the gate does not pass it, so the budget goes to the
+    next stage instead."""
+
     settings: DistillSettings
     eval_every: int = 25
+    when: str | None = None
     name: str = "refine"
 
 
@@ -175,8 +182,12 @@ def _stage(entry: dict[str, Any]) -> Stage:
         if kind == "recycle":
             return RecycleStage(tuple(_choice(c) for c in entry.get("recyclers") or ()))
         if kind == "refine":
-            eval_every = entry.pop("eval_every", 25)
-            return RefineStage(DistillSettings.from_config(entry), eval_every=eval_every)
+            eval_every, when = entry.pop("eval_every", 25), entry.pop("when", None)
+            if when is not None and when not in REFINE_CONDITIONS:
+                raise RecycleError(
+                    f"Unknown refine condition when={when!r}; choose one of {', '.join(REFINE_CONDITIONS)} or null."
+                )
+            return RefineStage(DistillSettings.from_config(entry), eval_every=eval_every, when=when)
         return RetuneStage(**entry)
     except TypeError as exc:
         raise RecycleError(f"Bad settings for policy stage {kind!r}: {exc}.") from exc
@@ -208,6 +219,7 @@ class PolicyOutcome:
     baselines: Baselines | None
     records: list[StageRecord]
     reason: str = ""
+    source_score: float | None = None  # the source prompt on its own model, on the gate split (when measured)
 
     @property
     def stage(self) -> str | None:
@@ -227,6 +239,8 @@ class PolicyOutcome:
         metrics: dict[str, float] = {"policy/steps": self.steps, "policy/seconds": self.seconds}
         if self.threshold is not None:
             metrics["policy/gate_threshold"] = self.threshold
+        if self.source_score is not None:
+            metrics["policy/source_gate_accuracy"] = self.source_score
         for record in self.records:
             prefix = f"policy/{record.stage}"
             metrics[f"{prefix}/steps"] = record.steps
@@ -366,6 +380,16 @@ def run_policy(
     records: list[StageRecord] = []
     problem = labelled_data_problem(prompt, gate.split) if judge else "evaluation is off"
     data = threshold = baselines = None
+    on_source: dict[str, float] = {}
+
+    def source_score() -> float:
+        """The source prompt on its own model, on the gate split's draw (measured once)."""
+        if "score" not in on_source:
+            source_data = transfer.data(source, prompt)
+            evaluator = transfer.evaluator(gate.split, gate.metric)
+            on_source["score"] = evaluator.score(source, source_data, prompt.embeddings, "source")[gate.split]
+        return on_source["score"]
+
     if problem is None:
         data = transfer.data(target, prompt)
         baselines = transfer.baselines(target, prompt, gate.split, data, gate.metric)
@@ -373,10 +397,7 @@ def run_policy(
         if gate.keep_gain is not None:
             source_data = transfer.data(source, prompt)
             source_baselines = transfer.baselines(source, prompt, gate.split, source_data, gate.metric)
-            on_source = transfer.evaluator(gate.split, gate.metric).score(
-                source, source_data, prompt.embeddings, "source"
-            )
-            source_gain = max(0.0, on_source[gate.split] - source_baselines.best(gate.split))
+            source_gain = max(0.0, source_score() - source_baselines.best(gate.split))
         threshold = gate.threshold(baselines, source_gain)
         log.info("Gate on %s/%s: %s", target.name, gate.split, gate.describe(baselines, source_gain))
     else:
@@ -432,6 +453,12 @@ def run_policy(
             unlabelled = labelled_data_problem(prompt, stage.settings.split)
             if unlabelled is not None:
                 record.status, record.reason = SKIPPED, f"no unlabelled inputs: {unlabelled}"
+            elif stage.when == "teacher_passes" and source_score() <= threshold:
+                record.status = SKIPPED
+                record.reason = (
+                    f"the teacher (the prompt on {source.name}) reads {source_score():.4f} on {gate.split}, "
+                    f"not above the gate's {threshold:.4f}: a student matching it would not pass"
+                )
             else:
                 outcome = distill(
                     source,
@@ -483,7 +510,7 @@ def run_policy(
         reason += f" ({'; '.join(skipped)})" if skipped else ""
     cost = {"steps": sum(r.steps for r in records), "seconds": sum(r.seconds for r in records)}
     best = best.replace(cost={**cost, "parameters": target.parameters})
-    outcome = PolicyOutcome(best, verdict, best_score, threshold, baselines, records, reason)
+    outcome = PolicyOutcome(best, verdict, best_score, threshold, baselines, records, reason, on_source.get("score"))
     log.info("Policy for %s: %s", recycled_from or "the prompt", outcome.summary())
     return outcome
 

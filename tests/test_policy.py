@@ -135,6 +135,8 @@ def test_bad_policies_are_refused_with_the_setting_to_change():
         policy(RECYCLE, {"stage": "retune", "epochs": 3})
     with pytest.raises(RecycleError, match="Unknown recycler condition"):
         policy({"stage": "recycle", "recyclers": [{"name": "identity", "when": "always"}]})
+    with pytest.raises(RecycleError, match="Unknown refine condition when='same_space'; choose one of teacher_passes"):
+        policy(RECYCLE, {**REFINE, "when": "same_space"})
 
 
 # ---------------------------------------------------------------------- stop rules
@@ -266,6 +268,39 @@ def test_without_labelled_train_data_refine_and_retune_are_skipped_with_reasons(
     )
     assert "no labelled training data" in outcome.records[2].reason
     assert "retune: no labelled training data" in outcome.reason
+
+
+def test_refinement_is_skipped_when_its_teacher_does_not_pass_the_gate(sides, good_prompt):
+    """when: teacher_passes: the source prompt on its own model is the ceiling of a student that
+    matches it; under the gate it cannot pass, so the budget goes to re-tuning, and the record says why.
+    A teacher just over the gate: the same stage refines."""
+    pair = transfer(sides, "small-a", "small-b", limit_val=200)  # 48 examples put small-b's baseline over the teacher
+    conditional = {**REFINE, "when": "teacher_passes"}
+    teacher = pair.evaluator("validation").score(
+        pair.source, pair.data(pair.source, good_prompt), good_prompt.embeddings, "t"
+    )
+    best = pair.baselines(pair.target, good_prompt, "validation", pair.data(pair.target, good_prompt)).best(
+        "validation"
+    )
+    above_teacher = 100 * (teacher["validation"] - best) + 1  # margin in points: the gate 1 point over the teacher
+    outcome = run_policy(policy(RECYCLE, conditional, RETUNE, margin=above_teacher), pair, good_prompt)
+    assert outcome.source_score == pytest.approx(teacher["validation"])
+    assert [(r.stage, r.status, r.steps) for r in outcome.records] == [
+        ("recycle", FAILED, 0),
+        ("refine", SKIPPED, 0),
+        ("retune", FAILED, 4),
+    ]
+    assert (
+        f"the teacher (the prompt on small-a) reads {outcome.source_score:.4f} on validation"
+        in outcome.records[1].reason
+    )
+    assert outcome.metrics()["policy/source_gate_accuracy"] == outcome.source_score
+
+    taught = run_policy(policy(RECYCLE, conditional, margin=above_teacher - 2), pair, good_prompt)
+    assert [(r.stage, r.status != SKIPPED, r.steps > 0) for r in taught.records] == [
+        ("recycle", True, False),
+        ("refine", True, True),
+    ]
 
 
 def test_without_task_data_the_prompt_is_recycled_unevaluated(sides, good_prompt):
