@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -30,6 +32,19 @@ def update_section(docs: Path, name: str, body: str) -> None:
         text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
     before, rest = text.split(start, 1)
     docs.write_text(f"{before}{start}\n{body.strip()}\n{end}{rest.split(end, 1)[1]}")
+
+
+def lock_csv(path: Path, script: str):
+    """Hold an exclusive lock beside the CSV at ``path`` (``.<name>.lock``) for as long as the
+    returned file stays open: each run rewrites its CSV from the rows it read at start, so two
+    runs on one CSV would lose each other's rows. A second run exits saying what to do."""
+    lock = path.with_name(f".{path.stem}.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        sys.exit(f"Another {script} run is writing {path}: wait for it, or pass another --out.")
+    return lock
 
 
 def write_rows(path: Path, columns: list[str], kept: Iterable[dict], found: Iterable[dict]) -> Iterator[dict]:

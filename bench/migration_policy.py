@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docs_update import bench_logging, in_processes, rows_by_device, update_section, write_rows  # noqa: E402
+from docs_update import bench_logging, in_processes, lock_csv, rows_by_device, update_section, write_rows  # noqa: E402
 from recycling_matrix import INITS, PAIRS, Matrix  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
@@ -307,6 +307,7 @@ def main() -> None:
     csv_path = out / "migration_policy.csv"
     if not args.report_only:
         Policy.from_config(policy_config(args).policy)  # a bad policy fails before any tuning
+        lock = lock_csv(csv_path, "migration_policy.py")  # noqa: F841 (held until the process ends)
         kept = load_rows(csv_path) if csv_path.exists() else []
         if args.recompute:  # the rows asked for are computed again, replacing the ones kept
             asked = {(t, *p.split(":"), label(args), i, s) for t in args.tasks for p in args.pairs

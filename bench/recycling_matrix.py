@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import hashlib
 import json
 import logging
@@ -47,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-from docs_update import bench_logging, in_processes, rows_by_device, update_section, write_rows  # noqa: E402
+from docs_update import bench_logging, in_processes, lock_csv, rows_by_device, update_section, write_rows  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
@@ -623,11 +622,7 @@ def main() -> None:
         for spec in args.recyclers:  # a bad spec fails now, not hours into the run
             name, options, _, _ = parse_recycler(spec)
             get_recycler(name, **options)
-        lock = (out / ".recycling_matrix.lock").open("w")
-        try:  # two runs rewriting one CSV would interleave their rows
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sys.exit(f"Another recycling_matrix.py run is writing {csv_path}: wait for it, or pass another --out.")
+        lock = lock_csv(csv_path, "recycling_matrix.py")  # noqa: F841 (held until the process ends)
         matrix = Matrix(args)
         if args.workers > 1 or args.tune_only:
             todo = matrix.untuned(args.tasks, args.pairs, args.inits, args.seeds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import importlib
 import json
 import os
 import subprocess
@@ -67,12 +68,11 @@ def test_recycling_matrix_quick(tmp_path):
         assert accuracies(csv.DictReader(f)) == accuracies(rows)
 
 
-def run_in_process(monkeypatch, *args: str) -> None:
-    """The matrix's main() in this process (its refusals come before any work; no start-up to pay)."""
-    import recycling_matrix
-
-    monkeypatch.setattr(sys, "argv", ["recycling_matrix.py", *args])
-    recycling_matrix.main()
+def run_in_process(monkeypatch, *args: str, script: str = "recycling_matrix") -> None:
+    """A benchmark's main() in this process (its refusals come before any work; no start-up to pay)."""
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
+    module.main()
 
 
 def test_recycling_matrix_refuses_a_bad_spec_before_any_work(tmp_path, monkeypatch):
@@ -82,12 +82,14 @@ def test_recycling_matrix_refuses_a_bad_spec_before_any_work(tmp_path, monkeypat
     assert not (tmp_path / "recycling_matrix.csv").exists()
 
 
-def test_recycling_matrix_refuses_to_write_beside_a_running_one(tmp_path, monkeypatch):
-    with (tmp_path / ".recycling_matrix.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running matrix holds it
-        with pytest.raises(SystemExit, match="Another recycling_matrix.py run is writing"):
-            run_in_process(monkeypatch, "--quick", "--out", str(tmp_path), "--cache", str(tmp_path))
-    assert not (tmp_path / "recycling_matrix.csv").exists()
+@pytest.mark.parametrize("script", ["recycling_matrix", "migration_policy"])
+def test_a_benchmark_refuses_to_write_beside_a_running_one(tmp_path, monkeypatch, script):
+    """Each run rewrites its CSV from the rows it read at start: a second one on the same CSV would drop the first's."""
+    with (tmp_path / f".{script}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running benchmark holds it
+        with pytest.raises(SystemExit, match=f"Another {script}.py run is writing .*pass another --out"):
+            run_in_process(monkeypatch, "--quick", "--out", str(tmp_path), "--cache", str(tmp_path), script=script)
+    assert not (tmp_path / f"{script}.csv").exists()
 
 
 def test_evaluation_cache_survives_a_line_cut_by_a_killed_run(tmp_path):
