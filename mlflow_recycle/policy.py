@@ -157,12 +157,17 @@ class Policy:
         return cls(gate, tuple(stages))
 
 
+def _condition(when: str | None, allowed: tuple[str, ...], what: str) -> str | None:
+    """A ``when:`` setting of a recycler or stage: null or one of ``allowed``."""
+    if when is not None and when not in allowed:
+        raise RecycleError(f"Unknown {what} condition when={when!r}; choose one of {', '.join(allowed)} or null.")
+    return when
+
+
 def _choice(entry: Mapping[str, Any]) -> RecyclerChoice:
     entry = dict(entry)
     refine = entry.pop("refine", None)
-    when = entry.pop("when", None)
-    if when is not None and when not in CONDITIONS:
-        raise RecycleError(f"Unknown recycler condition when={when!r}; choose one of {', '.join(CONDITIONS)}.")
+    when = _condition(entry.pop("when", None), CONDITIONS, "recycler")
     if "name" not in entry:
         raise RecycleError(f"A recycler of policy.stages[].recyclers needs a name, got {entry}.")
     return RecyclerChoice(
@@ -182,11 +187,8 @@ def _stage(entry: dict[str, Any]) -> Stage:
         if kind == "recycle":
             return RecycleStage(tuple(_choice(c) for c in entry.get("recyclers") or ()))
         if kind == "refine":
-            eval_every, when = entry.pop("eval_every", 25), entry.pop("when", None)
-            if when is not None and when not in REFINE_CONDITIONS:
-                raise RecycleError(
-                    f"Unknown refine condition when={when!r}; choose one of {', '.join(REFINE_CONDITIONS)} or null."
-                )
+            eval_every = entry.pop("eval_every", 25)
+            when = _condition(entry.pop("when", None), REFINE_CONDITIONS, "refine")
             return RefineStage(DistillSettings.from_config(entry), eval_every=eval_every, when=when)
         return RetuneStage(**entry)
     except TypeError as exc:
@@ -380,14 +382,18 @@ def run_policy(
     records: list[StageRecord] = []
     problem = labelled_data_problem(prompt, gate.split) if judge else "evaluation is off"
     data = threshold = baselines = None
-    on_source: dict[str, float] = {}
+    on_source: dict[str, Any] = {}  # the source's data on the gate split's draw, the source prompt's score on it
+
+    def source_data():
+        if "data" not in on_source:
+            on_source["data"] = transfer.data(source, prompt)
+        return on_source["data"]
 
     def source_score() -> float:
         """The source prompt on its own model, on the gate split's draw (measured once)."""
         if "score" not in on_source:
-            source_data = transfer.data(source, prompt)
             evaluator = transfer.evaluator(gate.split, gate.metric)
-            on_source["score"] = evaluator.score(source, source_data, prompt.embeddings, "source")[gate.split]
+            on_source["score"] = evaluator.score(source, source_data(), prompt.embeddings, "source")[gate.split]
         return on_source["score"]
 
     if problem is None:
@@ -395,8 +401,7 @@ def run_policy(
         baselines = transfer.baselines(target, prompt, gate.split, data, gate.metric)
         source_gain = None
         if gate.keep_gain is not None:
-            source_data = transfer.data(source, prompt)
-            source_baselines = transfer.baselines(source, prompt, gate.split, source_data, gate.metric)
+            source_baselines = transfer.baselines(source, prompt, gate.split, source_data(), gate.metric)
             source_gain = max(0.0, source_score() - source_baselines.best(gate.split))
         threshold = gate.threshold(baselines, source_gain)
         log.info("Gate on %s/%s: %s", target.name, gate.split, gate.describe(baselines, source_gain))

@@ -303,6 +303,19 @@ def test_refinement_is_skipped_when_its_teacher_does_not_pass_the_gate(sides, go
     ]
 
 
+def test_keep_gain_asks_for_a_share_of_the_source_prompts_own_gain(sides, good_prompt):
+    """gate.keep_gain=0.5: the bar is at least the target's best baseline plus half of what the prompt
+    gains over the source's own best baseline, both measured on the gate split's draw."""
+    pair = transfer(sides, "small-a", "small-b", limit_val=200)
+    outcome = run_policy(policy(RECYCLE, keep_gain=0.5), pair, good_prompt)
+    source_data = pair.data(pair.source, good_prompt)
+    teacher = pair.evaluator("validation").score(pair.source, source_data, good_prompt.embeddings, "t")["validation"]
+    gain = teacher - pair.baselines(pair.source, good_prompt, "validation", source_data).best("validation")
+    assert outcome.source_score == pytest.approx(teacher) and gain > 0.05  # a gain worth keeping half of
+    target_best = outcome.baselines.best("validation")
+    assert outcome.threshold == pytest.approx(target_best + 0.5 * gain)  # above the margin-free bar: gain > 0
+
+
 def test_without_task_data_the_prompt_is_recycled_unevaluated(sides, good_prompt):
     prompt = good_prompt.replace(task=good_prompt.task.replace(data="/nonexistent/sst2"))
     outcome = run_policy(policy(RECYCLE, REFINE, RETUNE), transfer(sides, "small-a", "small-b"), prompt)
