@@ -86,18 +86,26 @@ class BestPrompt(L.Callback):
             self.best_prompt = pl_module.tuned_prompt()
 
 
-def stop_above(monitor: str, threshold: float) -> EarlyStopping:
+def stop_above(
+    monitor: str, threshold: float | None, *, patience: int | None = None, start: float | None = None
+) -> EarlyStopping:
     """Stop training at the first validation whose ``monitor`` is strictly above ``threshold`` (the gate).
 
-    Lightning's ``EarlyStopping`` with a stopping threshold; its patience is unbounded, so
-    only the gate or the step budget (``max_steps``) ends the run.
+    Lightning's ``EarlyStopping`` with a stopping threshold. Without ``patience`` only the gate
+    or the step budget (``max_steps``) ends the run; with it, also ``patience`` validations in a
+    row that do not improve on the best value so far, counted from ``start`` (the score of the
+    prompt training starts from) when given, so that a run that never beats its start stops
+    after ``patience`` validations instead of spending its budget.
     """
-    return EarlyStopping(
+    stopping = EarlyStopping(
         monitor=monitor,
         mode="max",
         stopping_threshold=threshold,
-        patience=2**31,
+        patience=2**31 if patience is None else patience,
         check_on_train_epoch_end=False,
         check_finite=False,
         verbose=False,
     )
+    if start is not None:
+        stopping.best_score = torch.tensor(float(start))
+    return stopping

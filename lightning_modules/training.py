@@ -36,6 +36,8 @@ class FitOutcome:
         score: validation accuracy of ``prompt`` (None without validation).
         best_step: the step ``prompt`` was taken at (None without validation).
         stopped_early: the gate was passed before the budget ran out.
+        plateaued: training stopped before its budget because ``patience`` validations in a
+            row did not improve on the best score so far (counted from ``start_score``).
     """
 
     prompt: torch.Tensor
@@ -44,6 +46,7 @@ class FitOutcome:
     score: float | None
     best_step: int | None
     stopped_early: bool
+    plateaued: bool = False
 
 
 def fit_prompt(
@@ -53,6 +56,8 @@ def fit_prompt(
     steps: int,
     eval_every: int | None = None,
     stop_above_score: float | None = None,
+    patience: int | None = None,
+    start_score: float | None = None,
     metric: str = "accuracy",
     datamodule: L.LightningDataModule | None = None,
     train_dataloaders: Any = None,
@@ -63,7 +68,9 @@ def fit_prompt(
 
     With ``eval_every``, the prompt is validated every that many steps (and at the end) on
     the validation data, and the best one is returned; with ``stop_above_score`` too,
-    training stops at the first validation strictly above it. ``metric`` (accuracy or
+    training stops at the first validation strictly above it; with ``patience``, also after
+    that many validations in a row without improving on the best score so far, the first
+    compared with ``start_score`` (the starting prompt's) when given. ``metric`` (accuracy or
     macro_f1) is what "best" and "above" are measured in. Without ``eval_every`` no
     validation runs and the last prompt is returned.
     """
@@ -76,8 +83,8 @@ def fit_prompt(
     best = BestPrompt(monitor)
     if eval_every:
         callbacks.append(best)
-        if stop_above_score is not None:
-            callbacks.append(stop_above(monitor, stop_above_score))
+        if stop_above_score is not None or patience is not None:
+            callbacks.append(stop_above(monitor, stop_above_score, patience=patience, start=start_score))
         validation = {"val_check_interval": min(eval_every, steps), "limit_val_batches": 1.0}
     else:
         validation = {"limit_val_batches": 0}
@@ -100,4 +107,5 @@ def fit_prompt(
     if best.best_prompt is None:
         return FitOutcome(module.tuned_prompt(), taken, seconds, None, None, False)
     stopped = stop_above_score is not None and best.best_score > stop_above_score
-    return FitOutcome(best.best_prompt, taken, seconds, best.best_score, best.best_step, stopped)
+    plateaued = fit.should_stop and not stopped and taken < steps
+    return FitOutcome(best.best_prompt, taken, seconds, best.best_score, best.best_step, stopped, plateaued)

@@ -94,11 +94,13 @@ class RefineStage:
     """Label-free refinement; ``when: teacher_passes`` runs it only when the teacher (the source
     prompt on its own model) beats the target's gate on the same validation examples: a
     student that matches a teacher under the gate does not pass it, so the budget goes to the
-    next stage instead."""
+    next stage instead. ``patience``: stop after that many validations in a row that do not
+    improve on the starting prompt's gate score (or the best since); None: the whole budget."""
 
     settings: DistillSettings
     eval_every: int = 25
     when: str | None = None
+    patience: int | None = None
     name: str = "refine"
 
 
@@ -188,8 +190,9 @@ def _stage(entry: dict[str, Any]) -> Stage:
             return RecycleStage(tuple(_choice(c) for c in entry.get("recyclers") or ()))
         if kind == "refine":
             eval_every = entry.pop("eval_every", 25)
+            patience = entry.pop("patience", None)
             when = _condition(entry.pop("when", None), REFINE_CONDITIONS, "refine")
-            return RefineStage(DistillSettings.from_config(entry), eval_every=eval_every, when=when)
+            return RefineStage(DistillSettings.from_config(entry), eval_every=eval_every, when=when, patience=patience)
         return RetuneStage(**entry)
     except TypeError as exc:
         raise RecycleError(f"Bad settings for policy stage {kind!r}: {exc}.") from exc
@@ -476,9 +479,16 @@ def run_policy(
                     validation=data,
                     eval_every=stage.eval_every,
                     stop_above=threshold,
+                    patience=stage.patience,
+                    start_score=best_score,
                     metric=gate.metric,
                 )
                 record.steps = outcome.steps
+                if outcome.plateaued:
+                    record.reason = (
+                        f"stopped after {outcome.steps} of {stage.settings.steps} steps: {stage.patience} validations "
+                        f"in a row did not improve on {best_score:.4f} (the refine stage's `patience` in policy.stages)"
+                    )
                 if outcome.score is not None and outcome.score > best_score:
                     best, best_score = refined(best, outcome, stage.settings), outcome.score
         else:

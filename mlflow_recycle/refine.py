@@ -93,13 +93,17 @@ def distill(
     validation: TextClassificationDataModule | None = None,
     eval_every: int | None = None,
     stop_above: float | None = None,
+    patience: int | None = None,
+    start_score: float | None = None,
     metric: str = "accuracy",
 ) -> FitOutcome:
     """A prompt on ``target``, trained from ``start`` to agree with ``source`` + ``prompt`` on unlabelled inputs.
 
     With ``validation`` (the target's labelled validation data) and ``eval_every``, the
     student is validated every that many steps, the best one is kept, and with
-    ``stop_above`` training ends as soon as its ``metric`` beats it (the gate). Labels only
+    ``stop_above`` training ends as soon as its ``metric`` beats it (the gate); with ``patience``
+    also after that many validations without improving on ``start_score`` (the starting
+    prompt's) or the best since. Labels only
     judge; the training signal is the teacher's.
     """
     task = prompt.task
@@ -136,6 +140,8 @@ def distill(
         steps=settings.steps,
         eval_every=eval_every if validation is not None else None,
         stop_above_score=stop_above,
+        patience=patience,
+        start_score=start_score,
         metric=metric,
         train_dataloaders=data.train_dataloader(),
         val_dataloaders=validation.val_dataloader() if validation is not None else None,

@@ -158,6 +158,17 @@ def test_fit_stops_at_the_first_validation_above_the_gate(load_model, data_dir):
     assert (never.steps, never.stopped_early) == (6, False)
 
 
+def test_patience_stops_a_fit_that_does_not_improve_on_its_start(load_model, data_dir):
+    """patience=2 counted from an unbeatable start_score: two validations, then stop, not the budget.
+    Without a start the first validation sets the bar, so the same patience needs at least three."""
+    module, data = tuning_module(load_model, data_dir)
+    flat = fit_prompt(module, trainer, steps=30, eval_every=3, patience=2, start_score=2.0, datamodule=data)
+    assert (flat.steps, flat.plateaued, flat.stopped_early) == (6, True, False)
+    module, data = tuning_module(load_model, data_dir)
+    unanchored = fit_prompt(module, trainer, steps=12, eval_every=3, patience=2, datamodule=data)
+    assert unanchored.steps >= 9
+
+
 def test_the_best_validation_prompt_is_kept_not_the_last(load_model, data_dir):
     """A run whose last validation is worse than an earlier one returns the earlier prompt."""
     module, data = tuning_module(load_model, data_dir, lr=0.5)  # a large lr: validation goes up and down
@@ -301,6 +312,18 @@ def test_refinement_is_skipped_when_its_teacher_does_not_pass_the_gate(sides, go
         ("recycle", True, False),
         ("refine", True, True),
     ]
+
+
+def test_refinement_that_does_not_beat_its_start_stops_with_its_reason(sides, good_prompt):
+    """patience=1 and a learning rate of 0: the student never improves on the recycled prompt it
+    starts from, so refinement stops at its first validation and the record says why."""
+    pair = transfer(sides, "small-a", "small-b", limit_val=200)
+    frozen = {**REFINE, "steps": 8, "lr": 0.0, "patience": 1}
+    outcome = run_policy(policy(RECYCLE, frozen, margin=100), pair, good_prompt)
+    refine = outcome.records[1]
+    assert (refine.stage, refine.status, refine.steps) == ("refine", FAILED, 2)
+    assert refine.reason.startswith("stopped after 2 of 8 steps: 1 validations in a row did not improve on")
+    assert refine.score == outcome.records[0].score
 
 
 def test_keep_gain_asks_for_a_share_of_the_source_prompts_own_gain(sides, good_prompt):
