@@ -153,7 +153,7 @@ class Policy:
             raise RecycleError(
                 f"Bad policy.gate {values.get('gate')}: {exc} (keys: split, margin, margin_se, keep_gain, metric)."
             ) from exc
-        stages = [_stage(dict(stage)) for stage in values.get("stages") or []]
+        stages = [_stage(dict(stage), i) for i, stage in enumerate(values.get("stages") or [])]
         if not stages or not isinstance(stages[0], RecycleStage):
             raise RecycleError("A policy starts with a `recycle` stage (policy.stages[0].stage=recycle).")
         return cls(gate, tuple(stages))
@@ -181,13 +181,25 @@ def _choice(entry: Mapping[str, Any]) -> RecyclerChoice:
     )
 
 
-def _stage(entry: dict[str, Any]) -> Stage:
+def _positive(kind: str, index: int, entry: Mapping[str, Any], *keys: str) -> None:
+    """Refuse a count setting that is not a positive integer (null allowed where the stage has a default)."""
+    for key in keys:
+        value = entry.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise RecycleError(
+                f"Bad settings for policy stage {kind!r}: {key}={value!r}; set policy.stages.{index}.{key} "
+                "to a positive number of steps or validations" + (", or null" if key == "patience" else "") + "."
+            )
+
+
+def _stage(entry: dict[str, Any], index: int) -> Stage:
     kind = entry.pop("stage", None)
     if kind not in STAGES:
         raise RecycleError(f"Unknown policy stage {kind!r}; each of policy.stages needs stage: one of {STAGES}.")
     try:
         if kind == "recycle":
             return RecycleStage(tuple(_choice(c) for c in entry.get("recyclers") or ()))
+        _positive(kind, index, entry, *("steps", "eval_every", "patience")[: 3 if kind == "refine" else 2])
         if kind == "refine":
             eval_every = entry.pop("eval_every", 25)
             patience = entry.pop("patience", None)

@@ -137,6 +137,11 @@ def test_bad_policies_are_refused_with_the_setting_to_change():
         policy({"stage": "recycle", "recyclers": [{"name": "identity", "when": "always"}]})
     with pytest.raises(RecycleError, match="Unknown refine condition when='same_space'; choose one of teacher_passes"):
         policy(RECYCLE, {**REFINE, "when": "same_space"})
+    with pytest.raises(RecycleError, match=r"patience=0; set policy\.stages\.1\.patience to a positive .*, or null"):
+        policy(RECYCLE, {**REFINE, "patience": 0})
+    with pytest.raises(RecycleError, match=r"eval_every=-25; set policy\.stages\.2\.eval_every"):
+        policy(RECYCLE, REFINE, {"stage": "retune", "eval_every": -25})
+    assert policy(RECYCLE, {**REFINE, "patience": None}).stages[1].patience is None
 
 
 # ---------------------------------------------------------------------- stop rules
