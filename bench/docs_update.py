@@ -22,6 +22,7 @@ def bench_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("lightning", "mlflow", "lightning_modules", "mlflow_recycle.evaluation"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("lightning_modules.callbacks").setLevel(logging.INFO)  # ProgressLog: a long tuning's progress
 
 
 def update_section(docs: Path, name: str, body: str) -> None:

@@ -1,7 +1,7 @@
 """Lightning side of mlflow-recycle: prompt tuning, rank-classification evaluation, distillation, data."""
 
 from .callbacks import BestPrompt, ProgressLog, stop_above
-from .data import TextClassificationDataModule, read_examples
+from .data import TextClassificationDataModule, long_enough, read_examples
 from .distillation import PromptDistillationModule, UnlabelledPairDataModule
 from .modules import (
     OptimizerFactory,
@@ -28,6 +28,7 @@ __all__ = [
     "UnlabelledPairDataModule",
     "adamw",
     "fit_prompt",
+    "long_enough",
     "read_examples",
     "stop_above",
 ]

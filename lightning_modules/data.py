@@ -241,6 +241,24 @@ class TokenizedExamples(Dataset):
         return i, self.contexts[i], self.labels[i]
 
 
+def long_enough(task: TaskSpec, split: str, examples: list[tuple[str, int]], stage: str) -> list[tuple[str, int]]:
+    """The examples of ``stage`` (``train`` or ``validation``) with at least the task's
+    ``{stage}_min_words`` words (all of them when it is 0; test is never filtered)."""
+    key = {"validation": "validation_min_words", "train": "train_min_words"}.get(stage)
+    min_words = getattr(task, key) if key else 0
+    if not min_words:
+        return examples
+    kept = [example for example in examples if len(example[0].split()) >= min_words]
+    if not kept:
+        raise RecycleError(
+            f"{task.data} ({split}): no example has {min_words} words or more; "
+            f"lower the task's {key} (0 keeps every example)."
+        )
+    log.info("%s/%s: %s on the %d of %d examples with at least %d words (task.%s)", task.name, split,
+             "deciding" if stage == "validation" else "training", len(kept), len(examples), min_words, key)  # fmt: skip
+    return kept
+
+
 class TextClassificationDataModule(L.LightningDataModule):
     """Splits of one task tokenised for one model.
 
@@ -282,20 +300,8 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def examples(self, stage: str) -> list[tuple[str, int]]:
         """The (possibly subsampled) raw examples of ``stage`` (train / validation / test)."""
-        examples = read_examples(self.encoder.task, self.splits[stage])
-        min_words = self.encoder.task.validation_min_words if stage == "validation" else 0
-        if min_words:
-            kept = [example for example in examples if len(example[0].split()) >= min_words]
-            if not kept:
-                raise RecycleError(
-                    f"{self.encoder.task.data} ({self.splits[stage]}): no example has {min_words} words or more; "
-                    "lower the task's validation_min_words (0 keeps every example)."
-                )
-            log.info(
-                "%s/%s: deciding on the %d of %d examples with at least %d words (task.validation_min_words)",
-                self.encoder.task.name, self.splits[stage], len(kept), len(examples), min_words,
-            )  # fmt: skip
-            examples = kept
+        task, split = self.encoder.task, self.splits[stage]
+        examples = long_enough(task, split, read_examples(task, split), stage)
         limit = self.limits[stage]
         if limit is not None and limit < len(examples):
             examples = random.Random(self.seed).sample(examples, limit)

@@ -62,6 +62,7 @@ def task_spec(cfg: DictConfig) -> TaskSpec:
         header=cfg.get("header", True),
         labels=tuple(cfg.get("labels") or ()),
         validation_min_words=cfg.get("validation_min_words", 0),
+        train_min_words=cfg.get("train_min_words", 0),
     )
 
 

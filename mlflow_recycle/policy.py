@@ -95,12 +95,15 @@ class RefineStage:
     prompt on its own model) beats the target's gate on the same validation examples: a
     student that matches a teacher under the gate does not pass it, so the budget goes to the
     next stage instead. ``patience``: stop after that many validations in a row that do not
-    improve on the starting prompt's gate score (or the best since); None: the whole budget."""
+    improve on the starting prompt's gate score (or the best since); None: the whole budget.
+    ``train_like_validation``: refine on the inputs the gate's validation rule would keep
+    (the task's ``validation_min_words`` applied to its train split too)."""
 
     settings: DistillSettings
     eval_every: int = 25
     when: str | None = None
     patience: int | None = None
+    train_like_validation: bool = False
     name: str = "refine"
 
 
@@ -108,13 +111,15 @@ class RefineStage:
 class RetuneStage:
     """Supervised tuning from the best prompt so far; ``optimizer`` is a ``_target_`` config
     (``conf/policy/default.yaml`` points it at ``prompt.optimizer``: the target's recipe), or
-    None: the tuning module's default (``lightning_modules.adamw()``)."""
+    None: the tuning module's default (``lightning_modules.adamw()``). ``train_like_validation``:
+    tune on the train examples the gate's validation rule would keep (as :class:`RefineStage`)."""
 
     steps: int = 300
     eval_every: int = 50
     optimizer: Mapping[str, Any] | None = None
     batch_size: int = 32
     limit_train: int | None = None
+    train_like_validation: bool = False
     name: str = "retune"
 
 
@@ -203,8 +208,10 @@ def _stage(entry: dict[str, Any], index: int) -> Stage:
         if kind == "refine":
             eval_every = entry.pop("eval_every", 25)
             patience = entry.pop("patience", None)
+            like = bool(entry.pop("train_like_validation", False))
             when = _condition(entry.pop("when", None), REFINE_CONDITIONS, "refine")
-            return RefineStage(DistillSettings.from_config(entry), eval_every=eval_every, when=when, patience=patience)
+            settings = DistillSettings.from_config(entry)
+            return RefineStage(settings, eval_every, when, patience, train_like_validation=like)
         return RetuneStage(**entry)
     except TypeError as exc:
         raise RecycleError(f"Bad settings for policy stage {kind!r}: {exc}.") from exc
@@ -381,6 +388,13 @@ def labelled_data_problem(prompt: SoftPrompt, split: str) -> str | None:
     return None
 
 
+def _trained_like_validation(prompt: SoftPrompt, stage: RefineStage | RetuneStage) -> SoftPrompt:
+    """``prompt`` whose task trains on what its validation rule keeps, when the stage asks for it."""
+    if not stage.train_like_validation or prompt.task is None:
+        return prompt
+    return prompt.replace(task=prompt.task.replace(train_min_words=prompt.task.validation_min_words))
+
+
 def _on_target(prompt: SoftPrompt, target: LoadedModel) -> SoftPrompt:
     return prompt.replace(base_model=target.name, base_model_uri=target.uri, base_model_version=None)
 
@@ -482,7 +496,7 @@ def run_policy(
             else:
                 outcome = distill(
                     source,
-                    prompt,
+                    _trained_like_validation(prompt, stage),
                     target,
                     best.embeddings,
                     stage.settings,
@@ -497,9 +511,11 @@ def run_policy(
                 )
                 record.steps = outcome.steps
                 if outcome.plateaued:
+                    improved = outcome.score is not None and outcome.score > best_score
+                    bar = f"{outcome.score:.4f} (the start read {best_score:.4f})" if improved else f"{best_score:.4f}"
                     record.reason = (
                         f"stopped after {outcome.steps} of {stage.settings.steps} steps: {stage.patience} validations "
-                        f"in a row did not improve on {best_score:.4f} (the refine stage's `patience` in policy.stages)"
+                        f"in a row did not improve on {bar} (the refine stage's `patience` in policy.stages)"
                     )
                 if outcome.score is not None and outcome.score > best_score:
                     best, best_score = refined(best, outcome, stage.settings), outcome.score
@@ -509,7 +525,7 @@ def run_policy(
             if labelled is not None:
                 record.status, record.reason = SKIPPED, f"no labelled training data: {labelled}"
             else:
-                outcome = _retune(stage, transfer, best, threshold, gate.metric)
+                outcome = _retune(stage, transfer, _trained_like_validation(best, stage), threshold, gate.metric)
                 record.steps = outcome.steps
                 if outcome.score is not None and outcome.score > best_score:
                     retuned_config = {**best.recycler_config, "retune": asdict(stage)}

@@ -27,6 +27,7 @@ from lightning_modules import (
     UnlabelledPairDataModule,
     adamw,
     fit_prompt,
+    long_enough,
     read_examples,
 )
 
@@ -77,7 +78,8 @@ def unlabelled_texts(prompt: SoftPrompt, split: str, limit: int, seed: int) -> l
             "Refinement needs unlabelled inputs of the prompt's task, but the prompt records no task data: "
             "log prompts with their TaskSpec (data=...) or use a recycler without refine."
         )
-    texts = [text for text, _ in read_examples(task, split)]
+    examples = read_examples(task, split)
+    texts = [text for text, _ in (long_enough(task, split, examples, "train") if split == "train" else examples)]
     return random.Random(seed).sample(texts, limit) if limit < len(texts) else texts
 
 

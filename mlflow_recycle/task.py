@@ -39,6 +39,8 @@ class TaskSpec:
         validation_min_words: decide on validation examples of at least this many words
             (0: all), so that validation is drawn like test where a task's splits differ in
             kind: SST-2's validation is phrases from GLUE train, its test full sentences.
+        train_min_words: train (and refine, on unlabelled inputs) on train examples of at
+            least this many words (0: all): the same rule for the examples a prompt learns from.
     """
 
     name: str
@@ -53,6 +55,7 @@ class TaskSpec:
     label_field: str = "label"
     header: bool = True
     validation_min_words: int = 0
+    train_min_words: int = 0
 
     def __post_init__(self) -> None:
         if "{text}" not in self.template:
@@ -85,11 +88,11 @@ class TaskSpec:
             raise RecycleError(
                 f"Task {self.name!r}: truncation_side must be 'right' or 'left', got {self.truncation_side!r}."
             )
-        if self.validation_min_words < 0:
-            raise RecycleError(
-                f"Task {self.name!r}: validation_min_words must be 0 (every example) or more, "
-                f"got {self.validation_min_words}."
-            )
+        for key in ("validation_min_words", "train_min_words"):
+            if getattr(self, key) < 0:
+                raise RecycleError(
+                    f"Task {self.name!r}: {key} must be 0 (every example) or more, got {getattr(self, key)}."
+                )
         object.__setattr__(self, "verbalizers", verbalizers)
         object.__setattr__(self, "labels", labels)
 

@@ -237,6 +237,30 @@ def test_decisions_take_validation_examples_drawn_like_test(tmp_path, load_model
         TaskSpec("t", "{text} =", (" a", " b"), validation_min_words=-1)
 
 
+def test_train_min_words_filters_what_a_prompt_learns_from(tmp_path, load_model):
+    """train_min_words: the train split (labelled, and refinement's unlabelled inputs) keeps the
+    examples with that many words; validation and test follow their own rules."""
+    from mlflow_recycle.prompt import SoftPrompt
+    from mlflow_recycle.refine import unlabelled_texts
+
+    rows = [{"text": " ".join(["word"] * (1 + i % 6)), "label": i % 2} for i in range(60)]
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    _, tokenizer = load_model("small-a")
+    spec = TaskSpec("t", "{text} =", (" a", " b"), data=str(tmp_path), train_min_words=5)
+    data = TextClassificationDataModule(TaskEncoder(tokenizer, spec))
+    assert len(data.examples("train")) == 20 and min(len(t.split()) for t, _ in data.examples("train")) == 5
+    assert len(data.examples("validation")) == len(data.examples("test")) == 60
+    prompt = SoftPrompt(torch.zeros(2, 4), task=spec)
+    texts = unlabelled_texts(prompt, "train", 100, seed=0)
+    assert len(texts) == 20 and min(len(t.split()) for t in texts) == 5
+    assert len(unlabelled_texts(prompt, "validation", 100, seed=0)) == 60  # another split: no train rule
+    with pytest.raises(RecycleError, match="no example has 9 words or more; lower the task's train_min_words"):
+        TextClassificationDataModule(TaskEncoder(tokenizer, spec.replace(train_min_words=9))).examples("train")
+    with pytest.raises(RecycleError, match="train_min_words must be 0"):
+        spec.replace(train_min_words=-1)
+
+
 def test_fsdp_strategy_wraps_each_transformer_block(load_model):
     from lightning.pytorch.strategies import FSDPStrategy
 

@@ -24,7 +24,16 @@ from lightning_modules import (
 from mlflow_recycle import RecycleError, SoftPrompt, TaskSpec
 from mlflow_recycle.evaluation import Baselines, Evaluator, Gate
 from mlflow_recycle.models import LoadedModel
-from mlflow_recycle.policy import FAILED, PASSED, SKIPPED, UNEVALUATED, Policy, Transfer, run_policy
+from mlflow_recycle.policy import (
+    FAILED,
+    PASSED,
+    SKIPPED,
+    UNEVALUATED,
+    Policy,
+    Transfer,
+    _trained_like_validation,
+    run_policy,
+)
 from mlflow_recycle.prompt_init import initial_prompt
 from mlflow_recycle.prompted_lm import TaskEncoder
 from mlflow_recycle.recycle import fit_recycler
@@ -142,6 +151,19 @@ def test_bad_policies_are_refused_with_the_setting_to_change():
     with pytest.raises(RecycleError, match=r"eval_every=-25; set policy\.stages\.2\.eval_every"):
         policy(RECYCLE, REFINE, {"stage": "retune", "eval_every": -25})
     assert policy(RECYCLE, {**REFINE, "patience": None}).stages[1].patience is None
+
+
+def test_train_like_validation_hands_the_validation_rule_to_the_stages_training():
+    """train_like_validation: the refine and retune stages train on what the gate's validation rule
+    keeps (the task's validation_min_words as its train_min_words); off, the task is untouched."""
+    like = policy(RECYCLE, {**REFINE, "train_like_validation": True}, {**RETUNE, "train_like_validation": True})
+    off = policy(RECYCLE, REFINE, RETUNE)
+    prompt = SoftPrompt(torch.zeros(2, 4), task=TaskSpec("t", "{text}", (" a", " b"), validation_min_words=12))
+    for stage in like.stages[1:]:
+        assert _trained_like_validation(prompt, stage).task.train_min_words == 12
+    for stage in off.stages[1:]:
+        assert _trained_like_validation(prompt, stage) is prompt
+    assert like.to_dict() != off.to_dict()  # part of what keys a migration
 
 
 # ---------------------------------------------------------------------- stop rules
