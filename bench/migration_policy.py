@@ -227,11 +227,13 @@ def compared(all_rows: list[dict]) -> str:
                 "",
                 "Where the CSV holds several policies for the same source prompts (same pair, init, seed and",
                 "device): how many pass the gate at each stage, how many of those also beat the best baseline on",
-                "test, the migrated prompts' test accuracy (mean) and compute against re-tuning (median).",
+                "test, the migrated prompts' test accuracy (mean), compute against re-tuning (median) and the",
+                "optimiser steps the policy took (median; a full re-tuning takes the recipe's 800): seconds carry",
+                "the machine's load, steps do not.",
                 "",
                 "| task | pair | policy | prompts | passed at recycle / refine / retune | passed and above the test "
-                "baseline | test: migrated | cost (median) |",
-                "|---|---|---|---|---|---|---|---|",
+                "baseline | test: migrated | cost (median) | steps (median) |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
         for label in labels:
             rows_ = [prompt[label] for prompt in shared]
@@ -239,9 +241,10 @@ def compared(all_rows: list[dict]) -> str:
             passed, works = _passed_and_working(rows_)
             test = statistics.fmean(r["test_accuracy"] for r in rows_)
             cost = statistics.median(r["cost_fraction"] for r in rows_)
+            steps = statistics.median(sum(r[f"{stage}_steps"] for stage in STAGE_ORDER) for r in rows_)
             lines.append(
                 f"| {task} | {source} → {target} | `{label}` | {len(rows_)} | {stages} | {works} of {len(passed)}"
-                f" | {test:.3f} | {cost:.0%} |"
+                f" | {test:.3f} | {cost:.0%} | {steps:.0f} |"
             )
     return "\n".join(lines + ([""] if lines else []))
 

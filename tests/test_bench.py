@@ -261,17 +261,19 @@ def test_the_policy_report_compares_policies_on_the_same_prompts_only():
 
     def row(policy, seed, stage, test, cost, device="cpu"):
         gate = "passed" if stage != "none" else "failed"
+        refine, retune = 50 * (stage != "recycle"), 200 * (stage == "retune")
+        steps = {"recycle_steps": 0, "refine_steps": refine, "retune_steps": retune}
         return {"task": "sst2_plain", "source": "a", "target": "b", "policy": policy, "init": "vocab", "seed": seed,
                 "device": device, "gate": gate, "stage": stage, "test_accuracy": test, "test_zero_shot": 0.60,
-                "test_random_prompt": 0.58, "cost_fraction": cost}  # fmt: skip
+                "test_random_prompt": 0.58, "cost_fraction": cost, **steps}  # fmt: skip
 
     rows = [row("lenient", 0, "recycle", 0.55, 0.01), row("strict", 0, "refine", 0.66, 0.10)]
     rows += [row("lenient", 1, "recycle", 0.70, 0.01), row("strict", 1, "recycle", 0.70, 0.01)]
     rows += [row("lenient", 2, "recycle", 0.50, 0.01)]  # no strict run of seed 2: not compared
     rows += [row("strict", 3, "retune", 0.64, 0.90, device="gpu")]  # nor a prompt of another device
     table = compared(rows)
-    assert "| sst2_plain | a → b | `lenient` | 2 | 2 / 0 / 0 | 1 of 2 | 0.625 | 1% |" in table
-    assert "| sst2_plain | a → b | `strict` | 2 | 1 / 1 / 0 | 2 of 2 | 0.680 | 6% |" in table
+    assert "| sst2_plain | a → b | `lenient` | 2 | 2 / 0 / 0 | 1 of 2 | 0.625 | 1% | 0 |" in table
+    assert "| sst2_plain | a → b | `strict` | 2 | 1 / 1 / 0 | 2 of 2 | 0.680 | 6% | 25 |" in table  # median of 50, 0
     assert compared([r for r in rows if r["policy"] == "strict"]) == ""  # one policy: nothing to compare
 
 
