@@ -204,7 +204,7 @@ def _stage(entry: dict[str, Any], index: int) -> Stage:
     try:
         if kind == "recycle":
             return RecycleStage(tuple(_choice(c) for c in entry.get("recyclers") or ()))
-        _positive(kind, index, entry, *("steps", "eval_every", "patience")[: 3 if kind == "refine" else 2])
+        _positive(kind, index, entry, "steps", "eval_every", *(("patience",) if kind == "refine" else ()))
         if kind == "refine":
             eval_every = entry.pop("eval_every", 25)
             patience = entry.pop("patience", None)
