@@ -50,7 +50,8 @@ log = logging.getLogger("bench.policy")
 COLUMNS = [
     "task", "source", "target", "policy", "init", "seed", "gate", "stage", "threshold", "gate_accuracy",
     "recycle_steps", "refine_steps", "retune_steps", "policy_seconds", "retune_seconds", "cost_fraction",
-    "test_accuracy", "test_zero_shot", "test_random_prompt", "test_retuned", "test_source", "n_test", "device",
+    "policy_flops", "retune_flops", "compute_fraction", "test_accuracy", "test_zero_shot", "test_random_prompt",
+    "test_retuned", "test_source", "n_test", "device",
 ]  # fmt: skip
 NUMBERS = COLUMNS[COLUMNS.index("threshold") : COLUMNS.index("n_test") + 1]
 STAGE_ORDER = ("recycle", "refine", "retune")
@@ -108,6 +109,7 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
         prompt, cached_seconds = matrix.tuned(task, source, init, seed)
         retuned = None if args.skip_retuned else matrix.tuned(task, target, init, seed)[0]
         retune_seconds = matrix.retune_seconds(task, target, cached_seconds)
+        retune_flops = matrix.retune_flops(task, target, prompt.cost.get("flops", float("nan")))
         prompt = prompt.replace(task=task_spec(job_cfg.task))  # this checkout's data and validation rule
         transfer.seed = seed
         outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
@@ -120,6 +122,8 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
             **{f"{s}_steps": steps.get(s, 0) for s in STAGE_ORDER},
             "policy_seconds": round(outcome.seconds, 2), "retune_seconds": round(retune_seconds, 2),
             "cost_fraction": round(outcome.seconds / retune_seconds, 4),
+            "policy_flops": outcome.flops, "retune_flops": retune_flops,
+            "compute_fraction": round(outcome.flops / retune_flops, 4),
             "test_accuracy": matrix.accuracy(task, target, outcome.prompt.embeddings),
             "test_zero_shot": zero_shot, "test_random_prompt": random_prompt,
             "test_retuned": float("nan") if retuned is None else matrix.accuracy(task, target, retuned.embeddings),
@@ -147,8 +151,8 @@ def load_rows(path: Path) -> list[dict]:
     with path.open() as f:
         out = list(csv.DictReader(f))
     for row in out:
-        for key in NUMBERS:
-            row[key] = float(row[key])
+        for key in NUMBERS:  # rows from before a column was added: NaN (shown as "—")
+            row[key] = float(row[key]) if row.get(key) not in (None, "") else float("nan")
         row["seed"] = int(row["seed"])
         row["device"] = row.get("device") or "cpu"  # rows from before the column: all measured on the CPU
     return out
@@ -170,12 +174,14 @@ def report(all_rows: list[dict]) -> str:
         lines += [
             "Share of prompts passing the gate (validation) after each stage; test accuracy of the migrated",
             "prompt (mean ± one standard error) against the best baseline and the prompt re-tuned from",
-            "scratch; how many passing prompts also beat the best baseline on test; compute as a fraction",
-            "of re-tuning from scratch (median; measured seconds, timed in the same process).",
+            "scratch; how many passing prompts also beat the best baseline on test; cost as a fraction of",
+            "re-tuning from scratch (median): seconds, timed in the same process, and compute, counted in",
+            "FLOPs (the same on any machine and under any load; rows from before 2026-12-04 have none).",
             "",
             "| pair | prompts | after recycle | after refine | after retune | test: migrated | best baseline "
-            "| re-tuned | migrated / re-tuned | passed and above the test baseline | cost (median) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| re-tuned | migrated / re-tuned | passed and above the test baseline | cost (median) "
+            "| compute (median) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         pairs = list(_groups(group, ("source", "target")).items())
         for pair, rows_ in [*pairs, (("all pairs", ""), group)] if len(pairs) > 1 else pairs:
@@ -197,7 +203,7 @@ def report(all_rows: list[dict]) -> str:
                 f"| {' → '.join(filter(None, pair))} | {n} | " + " | ".join(shares)
                 + f" | {test:.3f} ± {se:.3f} | {best:.3f} | {_shown(retuned, len(retuned_rows), n, '.3f')}"
                 + f" | {_shown(kept, len(retuned_rows), n, '.2f')}"
-                + f" | {works} of {len(passed)} | {cost:.0%} |"
+                + f" | {works} of {len(passed)} | {cost:.0%} | {_compute(rows_)} |"
             )  # fmt: skip
         lines.append("")
     return "\n".join(lines)
@@ -227,13 +233,14 @@ def compared(all_rows: list[dict]) -> str:
                 "",
                 "Where the CSV holds several policies for the same source prompts (same pair, init, seed and",
                 "device): how many pass the gate at each stage, how many of those also beat the best baseline on",
-                "test, the migrated prompts' test accuracy (mean), compute against re-tuning (median) and the",
-                "optimiser steps the policy took (median; a full re-tuning takes the recipe's 800): seconds carry",
-                "the machine's load, steps do not.",
+                "test, the migrated prompts' test accuracy (mean), cost against re-tuning (median; seconds, and",
+                "compute in FLOPs) and the optimiser steps the policy took (median; a full re-tuning takes the",
+                "recipe's 800): seconds carry the machine's load, FLOPs and steps do not, and a step on longer",
+                "inputs computes more.",
                 "",
                 "| task | pair | policy | prompts | passed at recycle / refine / retune | passed and above the test "
-                "baseline | test: migrated | cost (median) | steps (median) |",
-                "|---|---|---|---|---|---|---|---|---|",
+                "baseline | test: migrated | cost (median) | compute (median) | steps (median) |",
+                "|---|---|---|---|---|---|---|---|---|---|",
             ]
         for label in labels:
             rows_ = [prompt[label] for prompt in shared]
@@ -244,9 +251,15 @@ def compared(all_rows: list[dict]) -> str:
             steps = statistics.median(sum(r[f"{stage}_steps"] for stage in STAGE_ORDER) for r in rows_)
             lines.append(
                 f"| {task} | {source} → {target} | `{label}` | {len(rows_)} | {stages} | {works} of {len(passed)}"
-                f" | {test:.3f} | {cost:.0%} | {steps:.0f} |"
+                f" | {test:.3f} | {cost:.0%} | {_compute(rows_)} | {steps:.0f} |"
             )
     return "\n".join(lines + ([""] if lines else []))
+
+
+def _compute(rows_: list[dict]) -> str:
+    """The median compute fraction over the rows that counted it."""
+    counted = [r["compute_fraction"] for r in rows_ if r["compute_fraction"] == r["compute_fraction"]]  # NaN: none
+    return _shown(statistics.median(counted) if counted else None, len(counted), len(rows_), ".0%")
 
 
 def _test_baseline(row: dict) -> float:

@@ -48,6 +48,7 @@ warnings.filterwarnings("ignore")
 
 from docs_update import bench_logging, in_processes, lock_csv, rows_by_device, update_section, write_rows  # noqa: E402
 
+from mlflow_recycle.compute import metered  # noqa: E402
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
 from mlflow_recycle.job import Context, data_module, task_spec, tune, with_recipe  # noqa: E402
@@ -185,7 +186,7 @@ class Matrix:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.cache = args, Cache(Path(args.cache))
         self.models: dict[str, LoadedModel] = {}
-        self._retune_seconds: dict[tuple[str, str], float] = {}
+        self._retune: dict[tuple[str, str], dict[str, float]] = {}
 
     def config(self, task: str, init: str = "vocab", seed: int = 0, model: str | None = None):
         """The job config the matrix tunes ``model`` with: the task's recipe, then the model's own
@@ -225,37 +226,52 @@ class Matrix:
         """What re-tuning a prompt from scratch on ``target`` costs in this process, on this device
         and under this load, the yardstick of every cost ratio (``cached``, the tuning's own
         recorded time, was measured elsewhere: on another device, or beside other processes;
-        ``--quick`` uses it, its recipe being shorter than the timing).
+        ``--quick`` uses it, its recipe being shorter than the timing)."""
+        return cached if self.args.quick else self._retune_cost(task, target)["seconds"]
 
-        A tuning's fixed cost and the recipe's ``max_steps`` at the seconds per step, from two
-        short tunings timed here (the difference of their times is the steps' own: on a GPU a
-        step is milliseconds and starting a trainer is seconds), plus its validations at the
-        seconds of one validation timed here. Measured once per target and process."""
-        if self.args.quick:
-            return cached
-        if (task, target) not in self._retune_seconds:
+    def retune_flops(self, task: str, target: str, cached: float) -> float:
+        """The model compute of re-tuning from scratch on ``target`` (as :meth:`retune_seconds`, counted:
+        the same on any device and under any load; ``cached``, the tuning's recorded FLOPs, for ``--quick``)."""
+        return cached if self.args.quick else self._retune_cost(task, target)["flops"]
+
+    def _retune_cost(self, task: str, target: str) -> dict[str, float]:
+        """A tuning's fixed cost and the recipe's ``max_steps`` at the seconds (and FLOPs) per step,
+        from two short tunings run here (the difference of their times is the steps' own: on a GPU a
+        step is milliseconds and starting a trainer is seconds), plus its validations at the cost of
+        one validation run here. Measured once per target and process."""
+        if (task, target) not in self._retune:
             cfg = self.config(task, model=target)
             steps, every = cfg.trainer.max_steps, cfg.trainer.val_check_interval
             side = self.model(target)
             data = data_module(side, task_spec(cfg.task), cfg)
             data.setup("fit")
+            prompt = torch.zeros(cfg.prompt.length, side.model.get_input_embeddings().weight.shape[1])
             start = time.perf_counter()
-            Evaluator(instantiate(cfg.trainer, _partial_=True), ("validation",), 0).accuracy(side, data, None, "timing")
+            with metered() as validation_compute:
+                Evaluator(instantiate(cfg.trainer, _partial_=True), ("validation",), 0).accuracy(
+                    side, data, prompt, "t"
+                )
             validation = time.perf_counter() - start
-            seconds = []
+            seconds, flops = [], []
             for calibration in CALIBRATION_STEPS:
                 short = cfg.copy()
                 short.trainer.max_steps, short.trainer.limit_val_batches = calibration, 0
                 ctx = Context(short)
                 tune(ctx, side, data, "timing")
                 seconds.append(ctx.seconds["timing_tune_seconds"])
+                flops.append(ctx.seconds["timing_tune_flops"])
             (few, many), (t_few, t_many) = CALIBRATION_STEPS, seconds
             per_step = max(t_many - t_few, 0.0) / (many - few)
             fixed = max(t_few - few * per_step, 0.0)
-            log.info("Re-tuning on %s here: %.1f s to start, %.3f s/step, %.1f s per validation", target, fixed,
-                     per_step, validation)  # fmt: skip
-            self._retune_seconds[task, target] = fixed + steps * per_step + (steps // every) * validation
-        return self._retune_seconds[task, target]
+            step_flops = flops[1] / many  # counted: no start-up cost to separate
+            log.info("Re-tuning on %s here: %.1f s to start, %.3f s/step, %.1f s per validation; %.3g FLOPs/step, "
+                     "%.3g per validation", target, fixed, per_step, validation, step_flops,
+                     validation_compute.flops)  # fmt: skip
+            self._retune[task, target] = {
+                "seconds": fixed + steps * per_step + (steps // every) * validation,
+                "flops": steps * step_flops + (steps // every) * validation_compute.flops,
+            }
+        return self._retune[task, target]
 
     def accuracy(self, task: str, model: str, prompt: torch.Tensor | None, seed: int = 0) -> float:
         cfg = self.config(task)

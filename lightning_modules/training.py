@@ -11,11 +11,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
+
+from mlflow_recycle.compute import Compute, metered
 
 from .callbacks import BestPrompt, ProgressLog, StepProgressBar, stop_above
 from .modules import TrainablePromptModule
@@ -33,6 +35,7 @@ class FitOutcome:
         prompt: the best validation prompt, or the last one when no validation ran.
         steps: optimizer steps taken (below the budget when the gate stopped it early).
         seconds: wall time of the run, validations included.
+        compute: the model passes it made (:mod:`mlflow_recycle.compute`), validations included.
         score: validation accuracy of ``prompt`` (None without validation).
         best_step: the step ``prompt`` was taken at (None without validation).
         stopped_early: the gate was passed before the budget ran out.
@@ -47,6 +50,7 @@ class FitOutcome:
     best_step: int | None
     stopped_early: bool
     plateaued: bool = False
+    compute: Compute = field(default_factory=Compute)
 
 
 def fit_prompt(
@@ -98,14 +102,15 @@ def fit_prompt(
         **trainer_kwargs,
     )
     start = time.perf_counter()
-    fit.fit(module, datamodule=datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders)
-    taken = fit.global_step
-    if eval_every and taken % min(eval_every, steps) and not fit.should_stop:
-        # the steps after the last validation (BestPrompt sees this validation too)
-        fit.validate(module, datamodule=datamodule, dataloaders=val_dataloaders, verbose=False)
+    with metered() as used:
+        fit.fit(module, datamodule=datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders)
+        taken = fit.global_step
+        if eval_every and taken % min(eval_every, steps) and not fit.should_stop:
+            # the steps after the last validation (BestPrompt sees this validation too)
+            fit.validate(module, datamodule=datamodule, dataloaders=val_dataloaders, verbose=False)
     seconds = time.perf_counter() - start
     if best.best_prompt is None:
-        return FitOutcome(module.tuned_prompt(), taken, seconds, None, None, False)
+        return FitOutcome(module.tuned_prompt(), taken, seconds, None, None, False, compute=used)
     stopped = stop_above_score is not None and best.best_score > stop_above_score
     plateaued = fit.should_stop and not stopped and taken < steps
-    return FitOutcome(best.best_prompt, taken, seconds, best.best_score, best.best_step, stopped, plateaued)
+    return FitOutcome(best.best_prompt, taken, seconds, best.best_score, best.best_step, stopped, plateaued, used)

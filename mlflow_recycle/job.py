@@ -258,6 +258,7 @@ def tune(
         logger=ctx.logger,
     )
     ctx.seconds[f"{name}_tune_seconds"] = outcome.seconds
+    ctx.seconds[f"{name}_tune_flops"] = outcome.compute.flops
     if outcome.best_step is not None:
         ctx.best_validation[name] = outcome.score
         log.info(
@@ -274,7 +275,12 @@ def tune(
         task_type="SEQ_2_SEQ_LM" if side.seq2seq else "CAUSAL_LM",
         init=cfg.prompt.init,
         task=data.encoder.task,
-        cost={"steps": outcome.steps, "seconds": outcome.seconds, "parameters": side.parameters},
+        cost={
+            "steps": outcome.steps,
+            "seconds": outcome.seconds,
+            "flops": outcome.compute.flops,
+            "parameters": side.parameters,
+        },
     )
     return ctx.tied(prompt, side)
 

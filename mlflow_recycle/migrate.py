@@ -232,6 +232,9 @@ class _Migration:
                 metrics["retune_reference/steps"] = reference["steps"]
                 metrics["retune_reference/seconds"] = reference["seconds"]
                 metrics["policy/cost_fraction"] = outcome.seconds / reference["seconds"]
+                if "flops" in reference:  # counted, so comparable across machines and loads (seconds are not)
+                    metrics["retune_reference/flops"] = reference["flops"]
+                    metrics["policy/compute_fraction"] = outcome.flops / reference["flops"]
             tags = {TAG_MIGRATION_KEY: key, **registry.outcome_tags(outcome)}
             mlflow.log_metrics(metrics)
             mlflow.set_tags(tags)
@@ -328,11 +331,14 @@ def _totals(prompts: list[MigratedPrompt]) -> dict[str, float]:
     created = [p for p in prompts if p.created]
     totals: dict[str, float] = {"migrated_prompts": len(created)}
     totals["passed_prompts"] = sum(p.gate == GATE_PASSED for p in created)
-    for name in sorted({k for p in created for k in p.metrics if k.endswith(("/steps", "/seconds"))}):
+    for name in sorted({k for p in created for k in p.metrics if k.endswith(("/steps", "/seconds", "/flops"))}):
         if name.startswith(("policy/", "retune_reference/")):
             totals[f"total/{name}"] = sum(p.metrics.get(name, 0.0) for p in created)
-    if totals.get("total/retune_reference/seconds"):
-        totals["total/cost_fraction"] = totals["total/policy/seconds"] / totals["total/retune_reference/seconds"]
+    for kind, fraction in (("seconds", "cost_fraction"), ("flops", "compute_fraction")):
+        compared = [p.metrics for p in created if p.metrics.get(f"retune_reference/{kind}")]  # prompts with a reference
+        if compared:
+            spent = sum(m[f"policy/{kind}"] for m in compared)
+            totals[f"total/{fraction}"] = spent / sum(m[f"retune_reference/{kind}"] for m in compared)
     return totals
 
 

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_modules import FitOutcome, PromptTuningModule, TrainerFactory, fit_prompt, read_examples
 
 from .anchors import DEFAULT_OFFSET, DEFAULT_SIZE, embedding_table
+from .compute import Compute, metered
 from .config import instantiate_partial
 from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, Gate, task_data
@@ -228,6 +229,7 @@ class StageRecord:
     score: float | None = None  # gate-split accuracy of the best prompt after the stage
     steps: int = 0
     seconds: float = 0.0
+    flops: float = 0.0  # model compute (mlflow_recycle.compute), its gate evaluations included
     reason: str = ""
     tried: dict[str, float] = field(default_factory=dict)  # recycle: each recycler's gate-split accuracy
 
@@ -258,9 +260,17 @@ class PolicyOutcome:
     def seconds(self) -> float:
         return sum(r.seconds for r in self.records)
 
+    @property
+    def flops(self) -> float:
+        return sum(r.flops for r in self.records)
+
     def metrics(self) -> dict[str, float]:
         """Per stage and in total: steps, seconds, the gate value after it; and the threshold."""
-        metrics: dict[str, float] = {"policy/steps": self.steps, "policy/seconds": self.seconds}
+        metrics: dict[str, float] = {
+            "policy/steps": self.steps,
+            "policy/seconds": self.seconds,
+            "policy/flops": self.flops,
+        }
         if self.threshold is not None:
             metrics["policy/gate_threshold"] = self.threshold
         if self.source_score is not None:
@@ -269,6 +279,7 @@ class PolicyOutcome:
             prefix = f"policy/{record.stage}"
             metrics[f"{prefix}/steps"] = record.steps
             metrics[f"{prefix}/seconds"] = record.seconds
+            metrics[f"{prefix}/flops"] = record.flops
             if record.score is not None:
                 metrics[f"{prefix}/gate_accuracy"] = record.score
             for method, score in record.tried.items():  # "linear+distill(100)" -> "linear_distill_100"
@@ -281,7 +292,8 @@ class PolicyOutcome:
         for r in self.records:
             value = f" {r.score:.3f}" if r.score is not None else ""
             why = f" ({r.reason})" if r.reason else ""
-            parts.append(f"{r.stage}[{r.method}] {r.status}{value}, {r.steps} steps, {r.seconds:.1f} s{why}")
+            cost = f"{r.steps} steps, {r.seconds:.1f} s, {r.flops:.2g} FLOPs"
+            parts.append(f"{r.stage}[{r.method}] {r.status}{value}, {cost}{why}")
         threshold = f" > {self.threshold:.3f}" if self.threshold is not None else ""
         return f"gate {self.gate}{threshold}: " + "; ".join(parts)
 
@@ -405,7 +417,15 @@ def run_policy(
     """Migrate ``prompt`` (on ``transfer.source``) to ``transfer.target`` under ``policy``.
 
     ``judge=False`` (evaluation off): the first applicable recycler's prompt, unevaluated.
+    Each stage's record says its steps, seconds and model compute (FLOPs, its gate evaluations included).
     """
+    with metered() as used:
+        return _run_policy(policy, transfer, prompt, recycled_from, judge, used)
+
+
+def _run_policy(
+    policy: Policy, transfer: Transfer, prompt: SoftPrompt, recycled_from: str | None, judge: bool, used: Compute
+) -> PolicyOutcome:
     source, target = transfer.source, transfer.target
     gate = policy.gate
     records: list[StageRecord] = []
@@ -444,7 +464,7 @@ def run_policy(
         return transfer.evaluator(gate.split, gate.metric).score(target, data, candidate.embeddings, name)[gate.split]
 
     for stage in policy.stages:
-        start = time.perf_counter()
+        start, flops_before = time.perf_counter(), used.flops
         if isinstance(stage, RecycleStage):
             record = StageRecord("recycle", FAILED)
             for choice in stage.recyclers:
@@ -530,10 +550,12 @@ def run_policy(
                 if outcome.score is not None and outcome.score > best_score:
                     retuned_config = {**best.recycler_config, "retune": asdict(stage)}
                     best = best.replace(
-                        embeddings=outcome.prompt, recycler=f"{best.recycler}+retune", recycler_config=retuned_config
+                        embeddings=outcome.prompt,
+                        recycler=f"{best.recycler}+retune",
+                        recycler_config=retuned_config,
                     )
                     best_score = outcome.score
-        record.seconds = time.perf_counter() - start
+        record.seconds, record.flops = time.perf_counter() - start, used.flops - flops_before
         if record.status != SKIPPED:
             record.score = best_score
             if data is None:
@@ -551,7 +573,11 @@ def run_policy(
         reason = f"best {gate.split} accuracy {best_score:.4f} does not beat {threshold:.4f} after every stage"
         skipped = [f"{r.stage}: {r.reason}" for r in records if r.status == SKIPPED]
         reason += f" ({'; '.join(skipped)})" if skipped else ""
-    cost = {"steps": sum(r.steps for r in records), "seconds": sum(r.seconds for r in records)}
+    cost = {
+        "steps": sum(r.steps for r in records),
+        "seconds": sum(r.seconds for r in records),
+        "flops": sum(r.flops for r in records),
+    }
     best = best.replace(cost={**cost, "parameters": target.parameters})
     outcome = PolicyOutcome(best, verdict, best_score, threshold, baselines, records, reason, on_source.get("score"))
     log.info("Policy for %s: %s", recycled_from or "the prompt", outcome.summary())
@@ -582,14 +608,17 @@ def _retune(
 def retune_reference(prompt: SoftPrompt, target: LoadedModel) -> dict[str, float] | None:
     """What re-tuning ``prompt`` from scratch on ``target`` would cost, from its recorded tuning cost.
 
-    Steps as recorded; seconds scaled by the models' parameter counts (a step's compute is
-    proportional to them). None when the prompt records no tuning cost.
+    Steps as recorded; seconds, and FLOPs where recorded, scaled by the models' parameter counts
+    (a step's compute is proportional to them). None when the prompt records no tuning cost.
     """
     cost = prompt.cost
     if not cost.get("steps") or not cost.get("seconds"):
         return None
     scale = target.parameters / cost["parameters"] if cost.get("parameters") else 1.0
-    return {"steps": float(cost["steps"]), "seconds": float(cost["seconds"]) * scale}
+    reference = {"steps": float(cost["steps"]), "seconds": float(cost["seconds"]) * scale}
+    if cost.get("flops"):
+        reference["flops"] = float(cost["flops"]) * scale
+    return reference
 
 
 __all__ = [

@@ -12,7 +12,8 @@ Position ids count only real tokens, so padding never shifts positions. The last
 logits of each row predict the verbalizer tokens (``K`` = longest verbalizer), so the
 model only computes ``K`` vocabulary projections per row (``logits_to_keep``). For
 encoder-decoder models the prompt goes in front of the (right-padded) encoder input and
-the verbalizer is the decoder target.
+the verbalizer is the decoder target. Every pass is counted in the open compute meters
+(:func:`mlflow_recycle.compute.metered`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compute import pass_compute, record
 from .errors import RecycleError
 from .task import TaskSpec
 
@@ -170,6 +172,14 @@ class PromptedLM(nn.Module):
         self.model = model
         self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # For the compute meters: the vocabulary head runs at the kept positions only, the input
+        # embedding is a lookup, every other parameter runs at every position.
+        vocab, dim = model.get_input_embeddings().weight.shape
+        head = model.get_output_embeddings()
+        untied = head is not None and head.weight is not model.get_input_embeddings().weight
+        total = sum(p.numel() for p in model.parameters())
+        self.head_parameters = int(vocab * dim)
+        self.body_parameters = int(total - vocab * dim - (head.weight.numel() if untied else 0))
 
     @property
     def dim(self) -> int:
@@ -197,11 +207,17 @@ class PromptedLM(nn.Module):
         if self.seq2seq:
             out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=decoder_targets)
             logits = out.logits
+            kept = logits.shape[0] * logits.shape[1]
         else:
             position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
             extra = {"logits_to_keep": keep} if self._keeps_logits else {}
             out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **extra)
             logits = out.logits[:, -keep:]
+            kept = embeds.shape[0] * keep
+        trains = prompt is not None and prompt.requires_grad and torch.is_grad_enabled()
+        record(
+            pass_compute(embeds.shape[0] * embeds.shape[1], kept, self.body_parameters, self.head_parameters, trains)
+        )
         return torch.log_softmax(logits.float(), dim=-1)
 
     @staticmethod

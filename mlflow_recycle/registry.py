@@ -282,7 +282,8 @@ def outcome_tags(outcome: Any, metrics: Mapping[str, float] | None = None) -> di
     tags = {TAG_GATE: outcome.gate, TAG_STAGE: outcome.stage or "none"}
     if outcome.reason:
         tags[TAG_GATE_REASON] = outcome.reason[:5000]
-    tags.update({f"{METRIC_TAG_PREFIX}{name}": f"{value:.4f}" for name, value in (metrics or {}).items()})
+    # six significant digits: accuracies and fractions as read, FLOPs (1e12 and up) without a row of zeros
+    tags.update({f"{METRIC_TAG_PREFIX}{name}": f"{value:.6g}" for name, value in (metrics or {}).items()})
     return tags
 
 

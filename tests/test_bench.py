@@ -134,6 +134,7 @@ def test_migration_policy_quick(tmp_path):
     assert row["gate"] in ("passed", "failed") and row["stage"] in ("recycle", "refine", "retune", "none")
     steps = [int(row[f"{stage}_steps"]) for stage in ("recycle", "refine", "retune")]
     assert all(0 <= n <= 2 for n in steps) and float(row["cost_fraction"]) > 0  # within the quick budgets
+    assert float(row["policy_flops"]) > 0 and float(row["compute_fraction"]) > 0  # counted, beside the seconds
     assert "| small-a-early → small-a | 1 |" in first.stdout
     kept = run("migration_policy.py", *args, cwd=tmp_path)  # a rerun keeps its row: nothing tuned or migrated
     assert "Tuning" not in kept.stderr and "Policy for" not in kept.stderr
@@ -259,21 +260,22 @@ def test_a_worker_stops_when_its_benchmark_process_is_killed(tmp_path):
 def test_the_policy_report_compares_policies_on_the_same_prompts_only():
     from migration_policy import compared
 
-    def row(policy, seed, stage, test, cost, device="cpu"):
+    def row(policy, seed, stage, test, cost, device="cpu", compute=float("nan")):
         gate = "passed" if stage != "none" else "failed"
         refine, retune = 50 * (stage != "recycle"), 200 * (stage == "retune")
         steps = {"recycle_steps": 0, "refine_steps": refine, "retune_steps": retune}
         return {"task": "sst2_plain", "source": "a", "target": "b", "policy": policy, "init": "vocab", "seed": seed,
                 "device": device, "gate": gate, "stage": stage, "test_accuracy": test, "test_zero_shot": 0.60,
-                "test_random_prompt": 0.58, "cost_fraction": cost, **steps}  # fmt: skip
+                "test_random_prompt": 0.58, "cost_fraction": cost, "compute_fraction": compute, **steps}  # fmt: skip
 
-    rows = [row("lenient", 0, "recycle", 0.55, 0.01), row("strict", 0, "refine", 0.66, 0.10)]
+    rows = [row("lenient", 0, "recycle", 0.55, 0.01), row("strict", 0, "refine", 0.66, 0.10, compute=0.08)]
     rows += [row("lenient", 1, "recycle", 0.70, 0.01), row("strict", 1, "recycle", 0.70, 0.01)]
     rows += [row("lenient", 2, "recycle", 0.50, 0.01)]  # no strict run of seed 2: not compared
     rows += [row("strict", 3, "retune", 0.64, 0.90, device="gpu")]  # nor a prompt of another device
     table = compared(rows)
-    assert "| sst2_plain | a → b | `lenient` | 2 | 2 / 0 / 0 | 1 of 2 | 0.625 | 1% | 0 |" in table
-    assert "| sst2_plain | a → b | `strict` | 2 | 1 / 1 / 0 | 2 of 2 | 0.680 | 6% | 25 |" in table  # median of 50, 0
+    assert "| sst2_plain | a → b | `lenient` | 2 | 2 / 0 / 0 | 1 of 2 | 0.625 | 1% | — | 0 |" in table
+    # medians of 50 and 0 steps; compute over the one row that counted it, saying so
+    assert "| sst2_plain | a → b | `strict` | 2 | 1 / 1 / 0 | 2 of 2 | 0.680 | 6% | 8% (1 of 2) | 25 |" in table
     assert compared([r for r in rows if r["policy"] == "strict"]) == ""  # one policy: nothing to compare
 
 

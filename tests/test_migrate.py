@@ -24,6 +24,8 @@ from mlflow_recycle.registry import TAG_RECYCLED_FROM, log_prompt, prompts_for, 
 
 PROMPT = Path(__file__).parent / "assets" / "sst2-prompt-small-a"
 SMALL = ["eval.limit_val=48", "eval.limit_test=48", "eval.random_prompt_draws=1", "alias=candidate"]
+#: what tuning the test prompt from scratch cost (its recorded FLOPs; tests/assets predates counting them)
+REFERENCE = 1e15
 SMALL += ["policy.gate.margin_se=0"]  # on 48 examples a standard error is 7 points: these tests check the stages
 #: the default policy with budgets a test can afford
 BUDGETS = ["policy.stages.1.steps=2", "policy.stages.1.eval_every=1", "policy.stages.1.texts=16"]
@@ -50,7 +52,7 @@ def registered(store, model_dir, data_dir):
     v2 = the same weights registered again (a re-export: identity recycles)."""
     v1 = register_base_model(str(model_dir("small-a")), "lm")
     good = SoftPrompt.load(PROMPT)
-    good = good.replace(task=good.task.replace(data=str(data_dir("sst2"))))
+    good = good.replace(task=good.task.replace(data=str(data_dir("sst2"))), cost={**good.cost, "flops": REFERENCE})
     versions = {
         "good": log_prompt(tie(good, v1), "prompt", "good-prompt"),
         "nodata": log_prompt(tie(good.replace(task=good.task.replace(data="/gone/sst2")), v1), "prompt", "nodata"),
@@ -107,6 +109,11 @@ def test_a_prompt_failing_every_stage_is_registered_failed_and_the_alias_stays(s
     assert version.tags[TAG_GATE] == "failed" and version.tags[TAG_RECYCLED_FROM] == failed.source
     assert float(version.tags["mlflow_recycle.metric.policy/refine/steps"]) == 2  # each stage spent its budget
     assert float(version.tags["mlflow_recycle.metric.policy/retune/steps"]) == 2
+    # compute against re-tuning from scratch (v1 and v2 have the same parameters: no scaling)
+    metric = {k.removeprefix("mlflow_recycle.metric."): float(v) for k, v in version.tags.items() if "metric." in k}
+    assert metric["policy/flops"] > metric["policy/retune/flops"] > 0
+    assert metric["retune_reference/flops"] == REFERENCE
+    assert metric["policy/compute_fraction"] == pytest.approx(metric["policy/flops"] / REFERENCE, rel=1e-4)
     assert client.get_model_version_by_alias("good-prompt", "candidate").version == passed  # not moved to it
     # the identity map fitted by the first migration was reused, not fitted again
     fits = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'fit identity'")

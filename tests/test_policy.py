@@ -287,6 +287,11 @@ def test_a_prompt_failing_every_stage_is_returned_with_the_reason(sides, good_pr
     metrics = outcome.metrics()
     assert metrics["policy/steps"] == 8 and metrics["policy/refine/steps"] == 4
     assert metrics["policy/seconds"] == pytest.approx(sum(r.seconds for r in outcome.records))
+    # compute, counted: the recycle stage's gate evaluations; refining (4 training steps of 8 texts and their teacher's
+    # passes) and re-tuning (4 of 8 examples), their validations too
+    recycle, refine, retune = (r.flops for r in outcome.records)
+    assert 0 < recycle < refine and 0 < retune < refine
+    assert metrics["policy/flops"] == outcome.prompt.cost["flops"] == recycle + refine + retune
 
 
 def test_without_labelled_train_data_refine_and_retune_are_skipped_with_reasons(sides, good_prompt, tmp_path):
@@ -306,6 +311,7 @@ def test_without_labelled_train_data_refine_and_retune_are_skipped_with_reasons(
     )
     assert "no labelled training data" in outcome.records[2].reason
     assert "retune: no labelled training data" in outcome.reason
+    assert [r.flops > 0 for r in outcome.records] == [True, False, False]  # a skipped stage computes nothing
 
 
 def test_refinement_is_skipped_when_its_teacher_does_not_pass_the_gate(sides, good_prompt):
