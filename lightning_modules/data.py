@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mlflow_recycle.errors import RecycleError
 from mlflow_recycle.prompted_lm import TaskEncoder
@@ -241,6 +241,24 @@ class TokenizedExamples(Dataset):
         return i, self.contexts[i], self.labels[i]
 
 
+class ByLength(Sampler[int]):
+    """Examples in order of their context length: evaluation batches pad to lengths alike.
+
+    A batch is padded to its longest row, so in a random order about a third of SST-2's
+    evaluation positions were padding (1.67x the real ones at 64 a batch, 1.07x sorted); the
+    scores are put back in example order (``RankClassificationModule``), so only the compute changes.
+    """
+
+    def __init__(self, dataset: TokenizedExamples) -> None:
+        self.order = sorted(range(len(dataset)), key=lambda i: len(dataset.contexts[i]))
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 def long_enough(task: TaskSpec, split: str, examples: list[tuple[str, int]], stage: str) -> list[tuple[str, int]]:
     """The examples of ``stage`` (``train`` or ``validation``) with at least the task's
     ``{stage}_min_words`` words (all of them when it is 0; test is never filtered)."""
@@ -345,6 +363,7 @@ class TextClassificationDataModule(L.LightningDataModule):
     def eval_dataloader(self, stage: str) -> DataLoader:
         return DataLoader(
             self.dataset(stage),
+            sampler=ByLength(self.dataset(stage)),
             batch_size=self.eval_batch_size,
             collate_fn=self._collate_eval,
             num_workers=self.num_workers,

@@ -125,6 +125,19 @@ def reference_scores(model, encoder, contexts, prompt, length_normalize):
     return torch.tensor(out)
 
 
+def test_evaluation_batches_pad_contexts_of_like_length(load_model, data_dir):
+    """Evaluation reads examples shortest first (scores go back to example order: the reference test below)."""
+    _, tokenizer = load_model("small-a")
+    data = TextClassificationDataModule(TaskEncoder(tokenizer, sst2(data_dir)), eval_batch_size=16, limit_test=128)
+    batches = list(data.test_dataloader())
+    length = {int(i): int(row.sum()) for b in batches for i, row in zip(b["index"], b["attention_mask"], strict=True)}
+    assert sorted(length) == list(range(128))  # every example, once
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    real = sum(length.values())
+    shuffled = sum(16 * max(length[j] for j in range(i, i + 16)) for i in range(0, 128, 16))  # batches in example order
+    assert padded < 1.15 * real and shuffled > 1.3 * real, (padded, real, shuffled)
+
+
 @pytest.mark.parametrize("length_normalize", [False, True])
 @pytest.mark.parametrize("with_prompt", [False, True])
 def test_rank_classification_matches_a_slow_reference(load_model, data_dir, length_normalize, with_prompt):
