@@ -428,8 +428,8 @@ def summary(cfg: DictConfig, s: Setup, metrics: dict[str, float], published: dic
         verdict = "success" if metrics["success"] else "failure"
         lines.append(f"  verdict on {list(cfg.eval.splits)[-1]}: {verdict} (recycled vs max(zero-shot, random prompt))")
     if "policy/steps" in metrics:
-        steps, seconds = int(metrics["policy/steps"]), metrics["policy/seconds"]
-        lines.append(f"  policy {s.policy.label}: {steps} steps, {seconds:.1f} s")
+        steps, seconds, flops = int(metrics["policy/steps"]), metrics["policy/seconds"], metrics["policy/flops"]
+        lines.append(f"  policy {s.policy.label}: {steps} steps, {seconds:.1f} s, {flops:.3g} FLOPs")
     lines += [f"  {name}: {uri}" for name, uri in published.items()]
     run = mlflow.active_run()
     if run is not None:

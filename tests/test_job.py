@@ -288,6 +288,9 @@ def test_main_job_runs_the_migration_policy_and_records_each_stage(tmp_path):
     metrics = run.data.metrics
     assert metrics["policy/refine/steps"] == 2 and metrics["policy/retune/steps"] == 2 and metrics["policy/steps"] == 4
     assert metrics["policy/gate_threshold"] > 1  # 100 points above the best baseline
+    stages = [metrics[f"policy/{stage}/flops"] for stage in ("recycle", "refine", "retune")]
+    assert min(stages) > 0 and metrics["policy/flops"] == pytest.approx(sum(stages))  # compute, counted
+    assert metrics["source_tune_flops"] > 0 and "FLOPs" in result.stdout + result.stderr
     assert metrics["anchors_used"] == 500 and metrics["anchors_found"] >= 4000  # every fit says what it fitted on
     (recycled,) = prompts_for("imdb-lm", 2)  # registered and tagged as a migration tags it
     assert (recycled.tags["mlflow_recycle.gate"], recycled.tags["mlflow_recycle.stage"]) == ("failed", "none")
