@@ -248,9 +248,8 @@ class Matrix:
             prompt = torch.zeros(cfg.prompt.length, side.model.get_input_embeddings().weight.shape[1])
             start = time.perf_counter()
             with metered() as validation_compute:
-                Evaluator(instantiate(cfg.trainer, _partial_=True), ("validation",), 0).accuracy(
-                    side, data, prompt, "t"
-                )
+                evaluator = Evaluator(instantiate(cfg.trainer, _partial_=True), ("validation",), 0)
+                evaluator.accuracy(side, data, prompt, "timing")
             validation = time.perf_counter() - start
             seconds, flops = [], []
             for calibration in CALIBRATION_STEPS:

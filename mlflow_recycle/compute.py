@@ -37,12 +37,6 @@ class Compute:
         self.backward += other.backward
         self.flops += other.flops
 
-    def __add__(self, other: Compute) -> Compute:
-        total = Compute()
-        total.add(self)
-        total.add(other)
-        return total
-
 
 def pass_compute(positions: int, kept: int, body_parameters: int, head_parameters: int, backward: bool) -> Compute:
     """A pass over ``positions`` through ``body_parameters``, and the head's ``head_parameters`` at ``kept`` of them."""

@@ -550,9 +550,7 @@ def _run_policy(
                 if outcome.score is not None and outcome.score > best_score:
                     retuned_config = {**best.recycler_config, "retune": asdict(stage)}
                     best = best.replace(
-                        embeddings=outcome.prompt,
-                        recycler=f"{best.recycler}+retune",
-                        recycler_config=retuned_config,
+                        embeddings=outcome.prompt, recycler=f"{best.recycler}+retune", recycler_config=retuned_config
                     )
                     best_score = outcome.score
         record.seconds, record.flops = time.perf_counter() - start, used.flops - flops_before
@@ -573,11 +571,7 @@ def _run_policy(
         reason = f"best {gate.split} accuracy {best_score:.4f} does not beat {threshold:.4f} after every stage"
         skipped = [f"{r.stage}: {r.reason}" for r in records if r.status == SKIPPED]
         reason += f" ({'; '.join(skipped)})" if skipped else ""
-    cost = {
-        "steps": sum(r.steps for r in records),
-        "seconds": sum(r.seconds for r in records),
-        "flops": sum(r.flops for r in records),
-    }
+    cost = {kind: sum(getattr(r, kind) for r in records) for kind in ("steps", "seconds", "flops")}
     best = best.replace(cost={**cost, "parameters": target.parameters})
     outcome = PolicyOutcome(best, verdict, best_score, threshold, baselines, records, reason, on_source.get("score"))
     log.info("Policy for %s: %s", recycled_from or "the prompt", outcome.summary())
