@@ -277,6 +277,10 @@ def long_enough(task: TaskSpec, split: str, examples: list[tuple[str, int]], sta
     return kept
 
 
+#: What a training batch may hold: LM rows (``lm``) or every class's scoring rows with labels (``classes``).
+TRAIN_BATCHES = ("lm", "classes")
+
+
 class TextClassificationDataModule(L.LightningDataModule):
     """Splits of one task tokenised for one model.
 
@@ -287,6 +291,10 @@ class TextClassificationDataModule(L.LightningDataModule):
         limit_train / limit_val / limit_test: use a seeded random subset of this many
             examples (for quick runs and for IMDB's 25,000 test reviews).
         seed: seeds the subsets and the shuffling.
+        train_batch: what a training batch holds, for the tuning objective
+            (``PromptTuningModule(objective=...)``, one ``prompt.objective`` setting for both):
+            ``lm``, each context followed by its label's verbalizer (the LM loss); ``classes``,
+            the rows that score every class, with the labels (the classification loss).
     """
 
     def __init__(
@@ -303,8 +311,13 @@ class TextClassificationDataModule(L.LightningDataModule):
         limit_test: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        train_batch: str = "lm",
     ) -> None:
         super().__init__()
+        if train_batch not in TRAIN_BATCHES:
+            raise RecycleError(
+                f"Unknown training batch {train_batch!r}: choose one of {', '.join(TRAIN_BATCHES)} (prompt.objective)."
+            )
         if encoder.task.data is None:
             raise RecycleError(
                 f"Task {encoder.task.name!r} has no data location (task.data): set it to a directory or file."
@@ -313,7 +326,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.splits = {"train": train_split, "validation": val_split, "test": test_split}
         self.limits = {"train": limit_train, "validation": limit_val, "test": limit_test}
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.train_batch = seed, num_workers, train_batch
         self.datasets: dict[str, TokenizedExamples] = {}
 
     def examples(self, stage: str) -> list[tuple[str, int]]:
@@ -339,6 +352,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             self.dataset(split)
 
     def _collate_train(self, items: list[tuple[int, list[int], int]]) -> dict[str, torch.Tensor]:
+        if self.train_batch == "classes":
+            return self._collate_eval(items)
         return self.encoder.training_batch([c for _, c, _ in items], [y for _, _, y in items])
 
     def _collate_eval(self, items: list[tuple[int, list[int], int]]) -> dict[str, torch.Tensor]:

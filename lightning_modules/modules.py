@@ -23,6 +23,8 @@ from torch import nn
 from mlflow_recycle.errors import RecycleError
 from mlflow_recycle.prompted_lm import PromptedLM
 
+from .data import TextClassificationDataModule
+
 log = logging.getLogger(__name__)
 # The frozen model is in eval mode on purpose (no dropout); Lightning warns about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
@@ -171,6 +173,9 @@ def macro_f1_of(confusion: torch.Tensor) -> float:
     return float(torch.where(both > 0, 2 * true_positive / both.clamp(min=1), 0.0).mean())
 
 
+#: How a prompt is tuned: the LM loss on the label's verbalizer, or cross-entropy among the classes.
+OBJECTIVES = ("lm", "classes")
+
 #: What a gate, an early stop or a best-prompt choice may watch (``{name}/validation_<metric>``).
 METRICS = ("accuracy", "macro_f1")
 
@@ -238,6 +243,10 @@ class PromptTuningModule(TrainablePromptModule):
             (e.g. ``partial(OneCycleLR, max_lr=0.1, total_steps=400)``), or None: constant lr.
         anchor, gamma: add ``gamma · mean‖pᵢ − anchorᵢ‖²`` to the loss, keeping the prompt
             near the anchor rows (see ``mlflow_recycle.prompt_init.regularization_anchor``).
+        objective: ``lm``, the LM loss on the label's verbalizer (the paper's); ``classes``,
+            cross-entropy among the classes' scores, what rank classification decides by (a
+            :class:`TextClassificationDataModule` given to ``fit`` is set to build its training
+            batches for it).
     """
 
     def __init__(
@@ -251,7 +260,10 @@ class PromptTuningModule(TrainablePromptModule):
         name: str = "tune",
         anchor: torch.Tensor | None = None,
         gamma: float = 0.0,
+        objective: str = "lm",
     ) -> None:
+        if objective not in OBJECTIVES:
+            raise RecycleError(f"Unknown tuning objective {objective!r}: choose one of {', '.join(OBJECTIVES)}.")
         super().__init__(
             model,
             initial_prompt,
@@ -260,12 +272,28 @@ class PromptTuningModule(TrainablePromptModule):
             length_normalize=length_normalize,
             name=name,
         )
+        self.objective = objective
         self.gamma = gamma if anchor is not None else 0.0
         if anchor is not None:
             self.register_buffer("anchor", anchor.detach().clone().float())
 
+    def setup(self, stage: str) -> None:
+        """The objective decides what a training batch holds: a task data module is told so."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and isinstance(datamodule, TextClassificationDataModule):
+            datamodule.train_batch = self.objective
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.lm.loss(self.prompt, batch)
+        if ("class_targets" in batch) != (self.objective == "classes"):
+            wanted = "every class's scoring rows" if self.objective == "classes" else "LM rows (context + verbalizer)"
+            raise RecycleError(
+                f"The {self.objective!r} objective trains on {wanted}, which this batch does not hold: build the data "
+                f"module with train_batch={self.objective!r} (both follow prompt.objective)."
+            )
+        if self.objective == "classes":
+            loss = self.lm.class_loss(self.prompt, batch, self.length_normalize)
+        else:
+            loss = self.lm.loss(self.prompt, batch)
         self.log(f"{self.name}/train_loss", loss, prog_bar=True)
         if self.gamma:
             penalty = ((self.prompt - self.anchor) ** 2).sum(-1).mean()

@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules import FitOutcome, PromptTuningModule, TrainerFactory, fit_prompt, read_examples
+from lightning_modules.modules import OBJECTIVES
 
 from .anchors import DEFAULT_OFFSET, DEFAULT_SIZE, embedding_table
 from .compute import Compute, metered
@@ -98,13 +99,15 @@ class RefineStage:
     next stage instead. ``patience``: stop after that many validations in a row that do not
     improve on the starting prompt's gate score (or the best since); None: the whole budget.
     ``train_like_validation``: refine on the inputs the gate's validation rule would keep
-    (the task's ``validation_min_words`` applied to its train split too)."""
+    (the task's ``validation_min_words`` applied to its train split too). ``skip``: turned off
+    (``policy.stages.1.skip=true``), recorded as skipped with that reason."""
 
     settings: DistillSettings
     eval_every: int = 25
     when: str | None = None
     patience: int | None = None
     train_like_validation: bool = False
+    skip: bool = False
     name: str = "refine"
 
 
@@ -112,15 +115,19 @@ class RefineStage:
 class RetuneStage:
     """Supervised tuning from the best prompt so far; ``optimizer`` is a ``_target_`` config
     (``conf/policy/default.yaml`` points it at ``prompt.optimizer``: the target's recipe), or
-    None: the tuning module's default (``lightning_modules.adamw()``). ``train_like_validation``:
-    tune on the train examples the gate's validation rule would keep (as :class:`RefineStage`)."""
+    None: the tuning module's default (``lightning_modules.adamw()``). ``objective``: ``lm`` or
+    ``classes`` (:class:`~lightning_modules.PromptTuningModule`). ``train_like_validation``:
+    tune on the train examples the gate's validation rule would keep (as :class:`RefineStage`).
+    ``skip``: turned off, as :class:`RefineStage`'s."""
 
     steps: int = 300
     eval_every: int = 50
     optimizer: Mapping[str, Any] | None = None
+    objective: str = "lm"
     batch_size: int = 32
     limit_train: int | None = None
     train_like_validation: bool = False
+    skip: bool = False
     name: str = "retune"
 
 
@@ -210,9 +217,15 @@ def _stage(entry: dict[str, Any], index: int) -> Stage:
             eval_every = entry.pop("eval_every", 25)
             patience = entry.pop("patience", None)
             like = bool(entry.pop("train_like_validation", False))
+            skip = bool(entry.pop("skip", False))
             when = _condition(entry.pop("when", None), REFINE_CONDITIONS, "refine")
             settings = DistillSettings.from_config(entry)
-            return RefineStage(settings, eval_every, when, patience, train_like_validation=like)
+            return RefineStage(settings, eval_every, when, patience, train_like_validation=like, skip=skip)
+        if entry.get("objective", "lm") not in OBJECTIVES:
+            raise RecycleError(
+                f"Bad settings for policy stage 'retune': objective={entry['objective']!r}; set "
+                f"policy.stages.{index}.objective to one of {', '.join(OBJECTIVES)}."
+            )
         return RetuneStage(**entry)
     except TypeError as exc:
         raise RecycleError(f"Bad settings for policy stage {kind!r}: {exc}.") from exc
@@ -463,7 +476,7 @@ def _run_policy(
     def score(candidate: SoftPrompt, name: str) -> float:
         return transfer.evaluator(gate.split, gate.metric).score(target, data, candidate.embeddings, name)[gate.split]
 
-    for stage in policy.stages:
+    for index, stage in enumerate(policy.stages):
         start, flops_before = time.perf_counter(), used.flops
         if isinstance(stage, RecycleStage):
             record = StageRecord("recycle", FAILED)
@@ -500,6 +513,8 @@ def _run_policy(
                     "No recycler of the policy's recycle stage applies to this model pair: "
                     "add one without `when` to policy.stages[0].recyclers."
                 )
+        elif stage.skip:
+            record = StageRecord(stage.name, SKIPPED, reason=f"the policy skips it (policy.stages.{index}.skip)")
         elif data is None:
             record = StageRecord(stage.name, SKIPPED, reason=problem)
         elif isinstance(stage, RefineStage):
@@ -590,6 +605,7 @@ def _retune(
         optimizer=instantiate_partial(stage.optimizer, "policy.stages[retune].optimizer"),
         length_normalize=start.task.length_normalize,
         name="retune",
+        objective=stage.objective,
     )
     L.seed_everything(transfer.seed, verbose=False)
     log.info("Re-tuning on %s from the recycled prompt: up to %d steps", target.name, stage.steps)

@@ -238,6 +238,16 @@ class PromptedLM(nn.Module):
         )
         return -self._gather(log_probs, targets).sum() / (targets != IGNORE).sum()
 
+    def class_loss(
+        self, prompt: torch.Tensor | None, batch: dict[str, torch.Tensor], length_normalize: bool = False
+    ) -> torch.Tensor:
+        """Cross-entropy of each example's label among the classes (a scoring batch with ``labels``).
+
+        The objective of the rank classification the prompt is judged by: it moves only what
+        separates the classes, where the LM loss also spends its gradient on raising the
+        verbalizers over the rest of the vocabulary."""
+        return nn.functional.cross_entropy(self.class_scores(prompt, batch, length_normalize), batch["labels"])
+
     def class_scores(
         self, prompt: torch.Tensor | None, batch: dict[str, torch.Tensor], length_normalize: bool = False
     ) -> torch.Tensor:

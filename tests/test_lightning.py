@@ -330,6 +330,37 @@ def test_distillation_moves_the_student_toward_the_teacher(load_model, data_dir)
     assert all(torch.equal(v, frozen[k]) for k, v in student.state_dict().items())
 
 
+def test_the_classes_objective_trains_on_the_classes_scores(load_model, data_dir):
+    """objective="classes": cross-entropy among the classes' scores, on batches the module asks its
+    data module for (one row per example when each verbalizer is one token, as an LM batch)."""
+    model, tokenizer = load_model("small-a")
+    data = TextClassificationDataModule(TaskEncoder(tokenizer, sst2(data_dir)), batch_size=8, limit_train=32)
+    data.setup("fit")
+    lm_batch = next(iter(data.train_dataloader()))
+    init = initial_prompt("random", model.get_input_embeddings().weight, 5, seed=0)
+    module = PromptTuningModule(model, init, optimizer=adamw(lr=0.05), objective="classes")
+    with pytest.raises(RecycleError, match=r"train_batch='classes' \(both follow prompt.objective\)"):
+        module.training_step(lm_batch, 0)
+    data.train_batch = "classes"
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape[0] == lm_batch["input_ids"].shape[0] == 8
+    assert batch["labels"].tolist() == [data.dataset("train")[i][2] for i in batch["index"].tolist()]
+    with torch.no_grad():
+        before = float(module.lm.class_loss(init, batch))
+        scores = module.lm.class_scores(init, batch)
+    expected = -scores.log_softmax(-1).gather(1, batch["labels"][:, None]).mean()
+    assert before == pytest.approx(float(expected), rel=1e-5)
+    data.train_batch = "lm"  # the module sets it when fit starts
+    trainer(max_steps=8, limit_val_batches=0).fit(module, datamodule=data)
+    assert data.train_batch == "classes"
+    with torch.no_grad():
+        assert float(module.lm.class_loss(module.tuned_prompt(), batch)) < before
+    with pytest.raises(RecycleError, match="Unknown tuning objective 'ce': choose one of lm, classes"):
+        PromptTuningModule(model, init, objective="ce")
+    with pytest.raises(RecycleError, match=r"choose one of lm, classes \(prompt.objective\)"):
+        TextClassificationDataModule(TaskEncoder(tokenizer, sst2(data_dir)), train_batch="ce")
+
+
 def test_regularizer_pulls_the_prompt_toward_its_anchor(load_model, data_dir):
     from mlflow_recycle.prompt_init import regularization_anchor
 

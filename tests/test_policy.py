@@ -150,7 +150,10 @@ def test_bad_policies_are_refused_with_the_setting_to_change():
         policy(RECYCLE, {**REFINE, "patience": 0})
     with pytest.raises(RecycleError, match=r"eval_every=-25; set policy\.stages\.2\.eval_every"):
         policy(RECYCLE, REFINE, {"stage": "retune", "eval_every": -25})
+    with pytest.raises(RecycleError, match=r"objective='ce'; set policy\.stages\.1\.objective to one of lm, classes"):
+        policy(RECYCLE, {**RETUNE, "objective": "ce"})
     assert policy(RECYCLE, {**REFINE, "patience": None}).stages[1].patience is None
+    assert policy(RECYCLE, {**RETUNE, "objective": "classes"}).stages[1].objective == "classes"
 
 
 def test_train_like_validation_hands_the_validation_rule_to_the_stages_training():
@@ -312,6 +315,23 @@ def test_without_labelled_train_data_refine_and_retune_are_skipped_with_reasons(
     assert "no labelled training data" in outcome.records[2].reason
     assert "retune: no labelled training data" in outcome.reason
     assert [r.flops > 0 for r in outcome.records] == [True, False, False]  # a skipped stage computes nothing
+
+
+def test_a_stage_the_policy_turns_off_is_skipped_and_says_so(sides, good_prompt):
+    outcome = run_policy(
+        policy(RECYCLE, {**REFINE, "skip": True}, {**RETUNE, "skip": True}, margin=100),
+        transfer(sides, "small-a", "small-b"),
+        good_prompt,
+    )
+    assert [(r.stage, r.status, r.steps, r.flops) for r in outcome.records[1:]] == [
+        ("refine", SKIPPED, 0, 0.0),
+        ("retune", SKIPPED, 0, 0.0),
+    ]
+    assert [r.reason for r in outcome.records[1:]] == [
+        "the policy skips it (policy.stages.1.skip)",
+        "the policy skips it (policy.stages.2.skip)",
+    ]
+    assert outcome.gate == FAILED and "policy.stages.2.skip" in outcome.reason
 
 
 def test_refinement_is_skipped_when_its_teacher_does_not_pass_the_gate(sides, good_prompt):
