@@ -306,7 +306,8 @@ class PolicyOutcome:
             value = f" {r.score:.3f}" if r.score is not None else ""
             why = f" ({r.reason})" if r.reason else ""
             cost = f"{r.steps} steps, {r.seconds:.1f} s, {r.flops:.2g} FLOPs"
-            parts.append(f"{r.stage}[{r.method}] {r.status}{value}, {cost}{why}")
+            name = f"{r.stage}[{r.method}]" if r.method else r.stage
+            parts.append(f"{name} {r.status}{value}, {cost}{why}")
         threshold = f" > {self.threshold:.3f}" if self.threshold is not None else ""
         return f"gate {self.gate}{threshold}: " + "; ".join(parts)
 
