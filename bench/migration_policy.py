@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from docs_update import bench_logging, in_processes, lock_csv, rows_by_device, update_section, write_rows  # noqa: E402
-from recycling_matrix import INITS, PAIRS, Matrix  # noqa: E402
+from recycling_matrix import INITS, MARGIN, PAIRS, PAPER_TASKS, ChartPoint, Matrix, success_cost_chart  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.job import data_module, task_spec  # noqa: E402
@@ -256,6 +256,29 @@ def compared(all_rows: list[dict]) -> str:
     return "\n".join(lines + ([""] if lines else []))
 
 
+def chart_points(all_rows: list[dict]) -> dict[str, list[ChartPoint]]:
+    """Issue 15's chart for the policies: the share of prompts whose migrated prompt beats the best
+    test baseline by the matrix's margin, against the median compute (counted FLOPs) as a share of
+    re-tuning, one point per policy with counted rows, a panel per paper-protocol task; the bars
+    span the pairs' rates."""
+    panels = {}
+    for task in (t for t in PAPER_TASKS if any(r["task"] == t for r in all_rows)):
+        points = []
+        for (policy,), group in _groups([r for r in all_rows if r["task"] == task], ("policy",)).items():
+            counted = [r for r in group if r["compute_fraction"] == r["compute_fraction"]]  # NaN: not counted
+            if not counted:
+                continue
+            rates = [100 * statistics.fmean(r["test_accuracy"] >= _test_baseline(r) + MARGIN for r in rows_)
+                     for rows_ in _groups(counted, ("source", "target")).values()]  # fmt: skip
+            works = statistics.fmean(r["test_accuracy"] >= _test_baseline(r) + MARGIN for r in counted)
+            cost = 100 * statistics.median(r["compute_fraction"] for r in counted)
+            short = policy.replace("policy.stages.", "stage ").replace("policy.", "")
+            points.append(ChartPoint(f"{short} (n={len(counted)})", cost, 100 * works, min(rates), max(rates)))
+        if points:
+            panels[task] = points
+    return panels
+
+
 def _compute(rows_: list[dict]) -> str:
     """The median compute fraction over the rows that counted it."""
     counted = [r["compute_fraction"] for r in rows_ if r["compute_fraction"] == r["compute_fraction"]]  # NaN: none
@@ -342,6 +365,9 @@ def main() -> None:
                      row["target"], row["init"], row["seed"], row["gate"], row["stage"],
                      100 * row["cost_fraction"])  # fmt: skip
     all_rows = load_rows(csv_path)
+    axis = "compute, % of re-tuning's FLOPs on the target (median; log scale)"
+    success_cost_chart(chart_points(all_rows), out / "migration_policy.png",
+                       "Migration policies: success against compute", axis, "the pairs' rates")  # fmt: skip
     markdown = "\n".join(filter(None, (report(all_rows), compared(all_rows))))
     print(markdown)
     if not args.quick:
@@ -359,6 +385,8 @@ def main() -> None:
 
         with mlflow.start_run(run_name="migration policy"):
             mlflow.log_artifact(str(csv_path))
+            if (out / "migration_policy.png").exists():
+                mlflow.log_artifact(str(out / "migration_policy.png"))
             mlflow.log_text(markdown, "migration_policy.md")
 
 

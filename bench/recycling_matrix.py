@@ -29,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 import warnings
 from collections import defaultdict
@@ -543,41 +544,66 @@ def heatmap(rows: list[dict], path: Path) -> None:
 PAPER_TASKS = ("sst2_plain", "imdb_plain")
 
 
-def tradeoff_chart(rows: list[dict], path: Path) -> None:
-    """Success with a margin against compute as a fraction of re-tuning, one point per recycler
-    (and refinement budget), a panel per paper-protocol task; the bars span the seeds' rates."""
+@dataclass(frozen=True)
+class ChartPoint:
+    """One method on a success-against-cost chart: ``cost`` (% of re-tuning), ``rate`` (% of prompts
+    succeeding with the margin) and the span of that rate over some grouping (``low``, ``high``)."""
+
+    label: str
+    cost: float
+    rate: float
+    low: float
+    high: float
+
+
+def success_cost_chart(panels: dict[str, list[ChartPoint]], path: Path, title: str, xlabel: str, bars: str) -> None:
+    """Success with a margin against compute, one point per method, a panel per task: the chart
+    of issue 15, drawn alike for the matrix's recyclers and the policy benchmark's policies."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in PAPER_TASKS if any(r["task"] == t for r in rows)]
-    if not tasks:
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False, layout="constrained")
-    for ax, task in zip(axes[0], tasks, strict=True):
-        task_rows = [r for r in rows if r["task"] == task]
-        for i, rec in enumerate(dict.fromkeys(r["recycler"] for r in task_rows)):
-            group = [r for r in task_rows if r["recycler"] == rec]
-            stats = summarise(group)
-            rates = [100 * rate for rate in stats["margin_seed_rates"]]
-            cost = max(100 * stats["cost_ratio"], 1e-3)
-            y = 100 * stats["margin_rate"]
-            ax.errorbar(cost, y, yerr=[[y - min(rates)], [max(rates) - y]], fmt="o", capsize=3, color=f"C{i % 10}")
-            ax.annotate(f"{rec} (n={len(group)})", (cost, y), textcoords="offset points", xytext=(5, 4 - 12 * (i % 3)),
-                        fontsize=8)  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6.4), squeeze=False, layout="constrained")
+    for ax, (task, points) in zip(axes[0], panels.items(), strict=True):
+        for i, point in enumerate(points):
+            cost = max(point.cost, 1e-3)
+            yerr = [[point.rate - point.low], [point.high - point.rate]]
+            ax.errorbar(cost, point.rate, yerr=yerr, fmt="o", capsize=3, color=f"C{i % 10}",
+                        label=textwrap.fill(point.label, 90))  # fmt: skip
         ax.axvline(5, color="grey", linestyle=":", linewidth=1)
         ax.axhline(80, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log")
         ax.set_ylim(-5, 105)
-        ax.set_xlabel("compute, % of re-tuning on the target (median; log scale)")
-        ax.set_ylabel(f"success with a margin, % (recycled ≥ best baseline + {100 * MARGIN:.0f} points)")
-        ax.set_title(f"{task.upper()}: bars span the seeds' rates; the aim: above and left of the dotted lines",
-                     fontsize=9)  # fmt: skip
-    fig.suptitle("Prompt recycling: success against cost")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"success with a margin, % (≥ best test baseline + {100 * MARGIN:.0f} points)")
+        ax.set_title(f"{task.upper()}: bars span {bars}; the aim: above and left of the dotted lines", fontsize=9)
+        ax.set_xlim(min(0.5, *(p.cost / 2 for p in points)), max(200, *(p.cost * 2 for p in points)))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.14), frameon=False)
+    fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def tradeoff_chart(rows: list[dict], path: Path) -> None:
+    """Success with a margin against compute as a fraction of re-tuning, one point per recycler
+    (and refinement budget), a panel per paper-protocol task; the bars span the seeds' rates."""
+    panels = {}
+    for task in (t for t in PAPER_TASKS if any(r["task"] == t for r in rows)):
+        task_rows = [r for r in rows if r["task"] == task]
+        panels[task] = []
+        for rec in dict.fromkeys(r["recycler"] for r in task_rows):
+            group = [r for r in task_rows if r["recycler"] == rec]
+            stats = summarise(group)
+            rates = [100 * rate for rate in stats["margin_seed_rates"]]
+            point = ChartPoint(f"{rec} (n={len(group)})", 100 * stats["cost_ratio"], 100 * stats["margin_rate"],
+                               min(rates), max(rates))  # fmt: skip
+            panels[task].append(point)
+    axis = "compute, % of re-tuning on the target (median of seconds; log scale)"
+    success_cost_chart(panels, path, "Prompt recycling: success against cost", axis, "the seeds' rates")
 
 
 def log_to_mlflow(rows: list[dict], csv_path: Path, png: Path, markdown: str) -> None:

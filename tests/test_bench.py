@@ -279,6 +279,22 @@ def test_the_policy_report_compares_policies_on_the_same_prompts_only():
     assert compared([r for r in rows if r["policy"] == "strict"]) == ""  # one policy: nothing to compare
 
 
+def test_the_policy_chart_plots_success_with_the_margin_against_counted_compute():
+    from migration_policy import chart_points
+
+    def row(policy, target, test, compute, task="sst2_plain"):
+        return {"task": task, "source": "a", "target": target, "policy": policy, "test_accuracy": test,
+                "test_zero_shot": 0.60, "test_random_prompt": 0.58, "compute_fraction": compute}  # fmt: skip
+
+    rows = [row("default", "b", 0.63, 0.05), row("default", "b", 0.61, 0.07), row("default", "c", 0.70, 0.30)]
+    rows += [row("old", "b", 0.70, float("nan")), row("default", "b", 0.90, 0.01, task="sst2")]
+    (point,) = chart_points(rows)["sst2_plain"]  # "old" counted no compute; sst2 is not a paper-protocol task
+    # 0.63 and 0.70 clear 0.60 + 2 points, 0.61 does not: 2 of 3; pair a->b 1 of 2, a->c 1 of 1
+    assert (point.label, point.low, point.high) == ("default (n=3)", 50.0, 100.0)
+    assert (point.cost, point.rate) == (pytest.approx(7.0), pytest.approx(200 / 3))  # the median compute, in %
+    assert chart_points([row("old", "b", 0.70, float("nan"))]) == {}
+
+
 def test_a_killed_run_loses_no_row_of_its_csv(tmp_path):
     """The benchmarks rewrite their CSV: kept rows reach the disk before any work, each new row as it comes."""
     from docs_update import write_rows

@@ -279,7 +279,7 @@ def test_main_job_runs_the_migration_policy_and_records_each_stage(tmp_path):
     """`policy=default` with a gate no prompt can pass: every stage runs its whole budget, and the run says so."""
     budgets = ["policy.stages.1.steps=2", "policy.stages.1.eval_every=1", "policy.stages.1.texts=16"]
     budgets += ["policy.stages.2.steps=2", "policy.stages.2.eval_every=1", "policy.gate.margin=100"]
-    budgets += ["policy.stages.1.skip=false", "policy.stages.1.when=null"]  # refine, though no teacher passes such a gate
+    budgets += ["policy.stages.1.skip=false", "policy.stages.1.when=null"]  # refine, though no teacher passes
     result = run_cli(tmp_path, *QUICK, "policy=default", *budgets)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs(tmp_path)
