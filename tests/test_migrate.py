@@ -101,7 +101,8 @@ def test_a_prompt_failing_every_stage_is_registered_failed_and_the_alias_stays(s
     client = MlflowClient()
     passed = client.get_model_version_by_alias("good-prompt", "candidate").version
     # another policy: a new migration; refining although the teacher cannot pass such a gate either
-    hopeless = migrate("lm", 2, cfg=config(store, "policy.gate.margin=100", "policy.stages.1.when=null"))
+    refining = ("policy.stages.1.skip=false", "policy.stages.1.when=null")
+    hopeless = migrate("lm", 2, cfg=config(store, "policy.gate.margin=100", *refining))
     (failed,) = [p for p in hopeless.prompts if p.source.startswith("models:/good-prompt")]
     assert failed.created and failed.gate == "failed" and failed.stage is None
     assert "does not beat" in failed.reason
