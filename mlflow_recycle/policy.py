@@ -147,6 +147,8 @@ class Policy:
         for stage in self.stages:
             if isinstance(stage, RecycleStage):
                 parts.append("/".join(choice.label for choice in stage.recyclers))
+            elif stage.skip:
+                continue
             elif isinstance(stage, RefineStage):
                 parts.append(f"refine({stage.settings.steps})")
             else:

@@ -332,6 +332,7 @@ def test_a_stage_the_policy_turns_off_is_skipped_and_says_so(sides, good_prompt)
         "the policy skips it (policy.stages.2.skip)",
     ]
     assert outcome.gate == FAILED and "policy.stages.2.skip" in outcome.reason
+    assert policy(RECYCLE, {**REFINE, "skip": True}, RETUNE).label == "identity/linear > retune(4)"  # what runs
 
 
 def test_refinement_is_skipped_when_its_teacher_does_not_pass_the_gate(sides, good_prompt):
