@@ -265,23 +265,32 @@ def chart_points(all_rows: list[dict]) -> dict[str, list[ChartPoint]]:
     for task in (t for t in PAPER_TASKS if any(r["task"] == t for r in all_rows)):
         points = []
         for (policy,), group in _groups([r for r in all_rows if r["task"] == task], ("policy",)).items():
-            counted = [r for r in group if r["compute_fraction"] == r["compute_fraction"]]  # NaN: not counted
+            counted = _counted(group)
             if not counted:
                 continue
-            rates = [100 * statistics.fmean(r["test_accuracy"] >= _test_baseline(r) + MARGIN for r in rows_)
-                     for rows_ in _groups(counted, ("source", "target")).values()]  # fmt: skip
-            works = statistics.fmean(r["test_accuracy"] >= _test_baseline(r) + MARGIN for r in counted)
+            rates = [100 * _working_share(rows_) for rows_ in _groups(counted, ("source", "target")).values()]
             cost = 100 * statistics.median(r["compute_fraction"] for r in counted)
             short = policy.replace("policy.stages.", "stage ").replace("policy.", "")
-            points.append(ChartPoint(f"{short} (n={len(counted)})", cost, 100 * works, min(rates), max(rates)))
+            rate = 100 * _working_share(counted)
+            points.append(ChartPoint(f"{short} (n={len(counted)})", cost, rate, min(rates), max(rates)))
         if points:
             panels[task] = points
     return panels
 
 
+def _working_share(rows_: list[dict]) -> float:
+    """The share of migrated prompts that beat the best test baseline by the matrix's margin."""
+    return statistics.fmean(r["test_accuracy"] >= _test_baseline(r) + MARGIN for r in rows_)
+
+
+def _counted(rows_: list[dict]) -> list[dict]:
+    """The rows that counted their compute (rows from before 2026-12-04 hold NaN)."""
+    return [r for r in rows_ if r["compute_fraction"] == r["compute_fraction"]]
+
+
 def _compute(rows_: list[dict]) -> str:
     """The median compute fraction over the rows that counted it."""
-    counted = [r["compute_fraction"] for r in rows_ if r["compute_fraction"] == r["compute_fraction"]]  # NaN: none
+    counted = [r["compute_fraction"] for r in _counted(rows_)]
     return _shown(statistics.median(counted) if counted else None, len(counted), len(rows_), ".0%")
 
 
