@@ -80,6 +80,7 @@ class Search:
         grid = itertools.product(*self.params.values())
         self.points = [dict(zip(self.params, values, strict=True)) for values in grid]
         self.extra = QUICK if args.quick else []
+        self.defaults = compose([f"experiment={EXPERIMENT}"])
 
     # ------------------------------------------------------------------ runs
     def runs(self, model: str) -> dict[str, float]:
@@ -104,10 +105,13 @@ class Search:
             scores[point_label(point)] = run.data.metrics[METRIC]
         return scores
 
-    @staticmethod
-    def point_value(params: dict[str, str], key: str) -> str:
-        """A point's value as the run logged it: a config value, or a group's pick (``prompt/scheduler``)."""
-        return params.get(f"choices.{key}" if "/" in key else key, "")
+    def point_value(self, params: dict[str, str], key: str) -> str:
+        """A point's value as the run logged it: a config value, or a group's pick (``prompt/scheduler``).
+        A run from before a setting existed ran at the setting's default (``prompt.objective``: lm)."""
+        logged = params.get(f"choices.{key}" if "/" in key else key)
+        if logged is None and "/" not in key:
+            return str(OmegaConf.select(self.defaults, key, default=""))
+        return logged or ""
 
     @property
     def experiment_name(self) -> str:

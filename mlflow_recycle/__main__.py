@@ -40,8 +40,12 @@ def expand_overrides(argv: list[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run the configured job; returns the success flag (for Hydra sweepers) when there is one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config import with_overridden
     from .job import run
 
+    with_overridden(cfg, HydraConfig.get().overrides.task)
     try:
         metrics = run(cfg)
     except RecycleError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -25,7 +25,21 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        return with_overridden(hydra_compose(config_name=config_name, overrides=list(overrides)), overrides)
+
+
+def with_overridden(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``cfg`` recording, as ``overridden``, the settings ``overrides`` name (a group pick such as
+    ``prompt/scheduler=one_cycle`` as ``prompt.scheduler``): what the user chose for this run,
+    which a model's ``recipe:`` block leaves as given (:func:`mlflow_recycle.job.with_recipe`)."""
+    keys = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        group, _, package = key.partition("@")
+        keys.append(package or group.replace("/", "."))
+    with open_dict(cfg):
+        cfg.overridden = keys
+    return cfg
 
 
 def instantiate_partial(config: DictConfig | dict | None, setting: str):

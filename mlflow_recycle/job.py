@@ -213,9 +213,16 @@ def with_recipe(cfg: DictConfig, model: DictConfig | None) -> DictConfig:
     unknown = set(recipe) - {"prompt", "trainer"}
     if unknown:
         raise RecycleError(f"Model {model.name!r}: recipe may set `prompt` and `trainer`, not {sorted(unknown)}.")
+    # What the run's overrides name stays as given (a sweep over prompt.optimizer.lr on a model
+    # whose recipe sets it sweeps it): the recipe is the model's default, not the user's choice.
+    given = tuple(cfg.get("overridden") or ())
     merged = cfg.copy()
-    for group in recipe:
-        merged[group] = OmegaConf.merge(cfg[group], recipe[group])
+    for key, value in flatten(OmegaConf.to_container(recipe)).items():
+        kept = next((g for g in given if key == g or key.startswith(f"{g}.")), None)
+        if kept is None:
+            OmegaConf.update(merged, key, value, merge=True, force_add=True)
+        else:
+            log.info("Model %s's recipe sets %s=%s; this run's override of %s is kept.", model.name, key, value, kept)
     return merged
 
 

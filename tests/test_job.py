@@ -301,7 +301,8 @@ def test_a_models_recipe_reaches_every_tuning_of_it():
     from mlflow_recycle.job import migration_policy, with_recipe
 
     # as a `recipe:` block in conf/model/large.yaml would set it
-    cfg = compose(["model@source=large", "model@target=small-a", "++source.recipe.prompt.optimizer.lr=0.05"])
+    recipe = ["model@source=large", "++source.recipe.prompt.optimizer.lr=0.05"]
+    cfg = compose([*recipe, "model@target=small-a"])
     default = cfg.prompt.optimizer.lr
     assert with_recipe(cfg, cfg.source).prompt.optimizer.lr == 0.05 and default != 0.05
     assert with_recipe(cfg, cfg.target) is cfg  # small-a has no recipe of its own
@@ -309,6 +310,17 @@ def test_a_models_recipe_reaches_every_tuning_of_it():
     flipped = compose(["model@target=large", "policy=default", "++target.recipe.prompt.optimizer.lr=0.05"])
     assert migration_policy(flipped).stages[-1].optimizer["lr"] == 0.05
     assert migration_policy(compose(["policy=default"])).stages[-1].optimizer["lr"] == default
+    # what the run's overrides name is the user's choice, kept over the recipe (a sweep over it sweeps it)
+    mine = compose([*recipe, "prompt.optimizer.lr=0.07", "++source.recipe.trainer.max_steps=9"])
+    assert mine.overridden == [
+        "source", "source.recipe.prompt.optimizer.lr", "prompt.optimizer.lr", "source.recipe.trainer.max_steps"
+    ]  # fmt: skip
+    tuned = with_recipe(mine, mine.source)
+    assert (tuned.prompt.optimizer.lr, tuned.trainer.max_steps) == (0.07, 9)
+    # a group pick (prompt/scheduler=...) keeps the whole group over the recipe's settings in it
+    picked = compose([*recipe, "prompt/scheduler=one_cycle", "++source.recipe.prompt.scheduler._partial_=false"])
+    assert "prompt.scheduler" in picked.overridden
+    assert with_recipe(picked, picked.source).prompt.scheduler._partial_ is True
     bad = compose(["model@source=large", "++source.recipe.optimizer.lr=1"])
     with pytest.raises(RecycleError, match="recipe may set `prompt` and `trainer`"):
         with_recipe(bad, bad.source)
