@@ -64,7 +64,10 @@ def sweep_params(grid: list[str]) -> dict[str, list[str]]:
     params = {key: str(values).split(",") for key, values in experiment.hydra.sweeper.params.items()}
     for item in grid:
         key, _, values = item.partition("=")
-        params[key] = values.split(",")
+        if values:
+            params[key] = values.split(",")
+        else:  # `key=`: off the grid, so each model runs it at its own recipe's value
+            params.pop(key, None)
     return params
 
 
@@ -127,7 +130,8 @@ class Search:
             sys.executable, "-m", "mlflow_recycle", "-m", f"experiment={EXPERIMENT}", f"model@source={model}",
             f"mlflow.tracking_uri={self.args.tracking_uri}", f"mlflow.experiment={self.experiment_name}",
             f"threads={self.args.threads}", f"hydra.sweep.dir={self.args.cache}/recipe_search/{model}",
-            *self.grid_overrides, *self.extra,
+            "hydra.sweeper.params=null", *(f"{key}={','.join(values)}" for key, values in self.params.items()),
+            *self.extra,
         ]  # fmt: skip
         subprocess.run(command, check=True, cwd=ROOT)
 
@@ -186,7 +190,10 @@ class Search:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--grid", nargs="*", default=[], help="key=a,b: replaces that entry of the experiment's grid")
+    parser.add_argument(
+        "--grid", nargs="*", default=[],
+        help="key=a,b replaces that entry of the experiment's grid; key= takes it off (each model's own value)",
+    )  # fmt: skip
     parser.add_argument("--cache", default=str(ROOT / "bench" / "cache"))
     parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///<cache>/recipe_search.db")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -329,7 +329,8 @@ def migrate_prompt(
 def log_config(cfg: DictConfig) -> None:
     if not is_rank_zero():
         return
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    # as the source prompt is tuned: its model's recipe applied, so `prompt.optimizer.lr` says what ran
+    resolved = OmegaConf.to_container(with_recipe(cfg, cfg.get("source")), resolve=True)
     # the experiment the run is in: `mlflow run` chooses it (--experiment-name), not mlflow.experiment
     run = mlflow.active_run()
     experiment = mlflow.get_experiment(run.info.experiment_id).name if run else resolved["mlflow"]["experiment"]

@@ -125,6 +125,15 @@ def test_recipe_search_quick(tmp_path):
     assert "every point of the grid has a finished run" in again.stderr
 
 
+def test_recipe_search_grid_entries_replace_or_leave_the_experiments_grid():
+    from recipe_search import sweep_params
+
+    assert sweep_params([]) == {"prompt.optimizer.lr": ["0.1", "0.3"], "prompt/scheduler": ["constant", "one_cycle"]}
+    # `key=` takes a setting off the grid: each model then runs its own recipe's value
+    grid = sweep_params(["prompt.optimizer.lr=", "prompt.objective=lm,classes"])
+    assert grid == {"prompt/scheduler": ["constant", "one_cycle"], "prompt.objective": ["lm", "classes"]}
+
+
 def test_migration_policy_quick(tmp_path):
     args = ("--out", str(tmp_path), "--cache", str(tmp_path / "cache"))
     first = run("migration_policy.py", *args, cwd=tmp_path)

@@ -59,7 +59,10 @@ def runs(tmp_path: Path):
 
 
 def test_mlflow_run_entry_point_end_to_end(tmp_path):
-    overrides = " ".join([*QUICK, "retune=true", *hydra_dirs(tmp_path)])
+    # a source model's recipe: block, and an override of one of its settings, which stays the user's
+    recipe = ["++source.recipe.prompt.gamma=0.5", "++source.recipe.prompt.optimizer.lr=0.05"]
+    recipe.append("prompt.optimizer.lr=0.07")
+    overrides = " ".join([*QUICK, "retune=true", *recipe, *hydra_dirs(tmp_path)])
     command = [
         sys.executable,
         "-m",
@@ -79,6 +82,7 @@ def test_mlflow_run_entry_point_end_to_end(tmp_path):
     assert run.info.status == "FINISHED"
     metrics, params = run.data.metrics, run.data.params
     assert params["recycler.name"] == "procrustes" and params["source.name"] == "small-a-early"
+    assert (params["prompt.gamma"], params["prompt.optimizer.lr"]) == ("0.5", "0.07")  # the settings that ran
     best = max(metrics["test/zero_shot_accuracy"], metrics["test/random_prompt_accuracy"])
     assert metrics["test/best_baseline_accuracy"] == best
     assert metrics["success"] == float(metrics["test/recycled_accuracy"] > best)
