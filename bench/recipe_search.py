@@ -78,8 +78,7 @@ def point_label(point: dict[str, str]) -> str:
 class Search:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.grid_overrides = list(args.grid)
-        self.params = sweep_params(self.grid_overrides)
+        self.params = sweep_params(args.grid)
         grid = itertools.product(*self.params.values())
         self.points = [dict(zip(self.params, values, strict=True)) for values in grid]
         self.extra = QUICK if args.quick else []

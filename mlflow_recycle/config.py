@@ -32,13 +32,11 @@ def with_overridden(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """``cfg`` recording, as ``overridden``, the settings ``overrides`` name (a group pick such as
     ``prompt/scheduler=one_cycle`` as ``prompt.scheduler``): what the user chose for this run,
     which a model's ``recipe:`` block leaves as given (:func:`mlflow_recycle.job.with_recipe`)."""
-    keys = []
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        group, _, package = key.partition("@")
-        keys.append(package or group.replace("/", "."))
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
     with open_dict(cfg):
-        cfg.overridden = keys
+        cfg.overridden = [o.package or o.key_or_group.replace("/", ".") for o in parsed]
     return cfg
 
 

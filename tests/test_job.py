@@ -60,8 +60,9 @@ def runs(tmp_path: Path):
 
 def test_mlflow_run_entry_point_end_to_end(tmp_path):
     # a source model's recipe: block, and an override of one of its settings, which stays the user's
-    recipe = ["++source.recipe.prompt.gamma=0.5", "++source.recipe.prompt.optimizer.lr=0.05"]
-    recipe.append("prompt.optimizer.lr=0.07")
+    recipe = [
+        "++source.recipe.prompt.gamma=0.5", "++source.recipe.prompt.optimizer.lr=0.05", "prompt.optimizer.lr=0.07"
+    ]  # fmt: skip
     overrides = " ".join([*QUICK, "retune=true", *recipe, *hydra_dirs(tmp_path)])
     command = [
         sys.executable,
