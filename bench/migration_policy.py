@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from docs_update import bench_logging, in_processes, lock_csv, rows_by_device, update_section, write_rows  # noqa: E402
-from recycling_matrix import INITS, MARGIN, PAIRS, PAPER_TASKS, ChartPoint, Matrix, success_cost_chart  # noqa: E402
+from recycling_matrix import INITS, MARGIN, PAIRS, PAPER_TASKS, ChartPoint, Matrix, success_cost_chart, table_title  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.job import data_module, task_spec  # noqa: E402
@@ -48,7 +48,7 @@ from mlflow_recycle.policy import Policy, Transfer, fitter, run_policy  # noqa: 
 log = logging.getLogger("bench.policy")
 
 COLUMNS = [
-    "task", "source", "target", "policy", "init", "seed", "gate", "stage", "threshold", "gate_accuracy",
+    "task", "objective", "source", "target", "policy", "init", "seed", "gate", "stage", "threshold", "gate_accuracy",
     "recycle_steps", "refine_steps", "retune_steps", "policy_seconds", "retune_seconds", "cost_fraction",
     "policy_flops", "retune_flops", "compute_fraction", "test_accuracy", "test_zero_shot", "test_random_prompt",
     "test_retuned", "test_source", "n_test", "device",
@@ -89,7 +89,9 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
     cfg = policy_config(args)
     policy = Policy.from_config(cfg.policy)
     source, target = pair.split(":")
-    todo = [(i, s) for i in args.inits for s in args.seeds if (task, source, target, label(args), i, s) not in done]
+    objective = matrix.objective(task, source)  # what the source prompts are tuned on
+    key = (task, objective, source, target, label(args))
+    todo = [(i, s) for i in args.inits for s in args.seeds if (*key, i, s) not in done]
     if not todo:
         return
     src, tgt = matrix.model(source), matrix.model(target)
@@ -116,7 +118,8 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
         zero_shot, random_prompt = matrix.baselines(task, target, prompt.length)
         steps = {r.stage: r.steps for r in outcome.records}
         yield {
-            "task": task, "source": source, "target": target, "policy": label(args), "init": init, "seed": seed,
+            "task": task, "objective": objective, "source": source, "target": target, "policy": label(args),
+            "init": init, "seed": seed,
             "gate": outcome.gate, "stage": outcome.stage or "none",
             "threshold": round(outcome.threshold, 4), "gate_accuracy": round(outcome.score, 4),
             **{f"{s}_steps": steps.get(s, 0) for s in STAGE_ORDER},
@@ -155,11 +158,12 @@ def load_rows(path: Path) -> list[dict]:
             row[key] = float(row[key]) if row.get(key) not in (None, "") else float("nan")
         row["seed"] = int(row["seed"])
         row["device"] = row.get("device") or "cpu"  # rows from before the column: all measured on the CPU
+        row["objective"] = row.get("objective") or "lm"  # rows from before the column: source prompts on the LM loss
     return out
 
 
 def row_key(row: dict) -> tuple:
-    return row["task"], row["source"], row["target"], row["policy"], row["init"], row["seed"]
+    return row["task"], row["objective"], row["source"], row["target"], row["policy"], row["init"], row["seed"]
 
 
 def standard_error(p: float, n: float) -> float:
@@ -169,8 +173,8 @@ def standard_error(p: float, n: float) -> float:
 
 def report(all_rows: list[dict]) -> str:
     lines = []
-    for (task, label), group in sorted(_groups(all_rows, ("task", "policy")).items()):
-        lines += [f"### {task.upper()}, policy `{label}`", ""]
+    for (task, objective, label), group in sorted(_groups(all_rows, ("task", "objective", "policy")).items()):
+        lines += [f"### {table_title(task, objective)}, policy `{label}`", ""]
         lines += [
             "Share of prompts passing the gate (validation) after each stage; test accuracy of the migrated",
             "prompt (mean ± one standard error) against the best baseline and the prompt re-tuned from",
@@ -210,7 +214,7 @@ def report(all_rows: list[dict]) -> str:
 
 
 #: What identifies one migrated prompt across policies: the same source prompt, target and device.
-PROMPT_KEY = ("task", "source", "target", "init", "seed", "device")
+PROMPT_KEY = ("task", "objective", "source", "target", "init", "seed", "device")
 
 
 def compared(all_rows: list[dict]) -> str:
@@ -218,12 +222,13 @@ def compared(all_rows: list[dict]) -> str:
     policy run on that pair has (same init, seed and device), how each got through and what it cost."""
     by_prompt = _groups(all_rows, PROMPT_KEY)
     lines = []
-    for (task, source, target), group in sorted(_groups(all_rows, ("task", "source", "target")).items()):
+    pairs = _groups(all_rows, PROMPT_KEY[:4])
+    for (task, objective, source, target), group in sorted(pairs.items()):
         labels = sorted({r["policy"] for r in group})
         shared = [
             {r["policy"]: r for r in rows_}
             for key, rows_ in sorted(by_prompt.items())
-            if key[:3] == (task, source, target) and {r["policy"] for r in rows_} >= set(labels)
+            if key[:4] == (task, objective, source, target) and {r["policy"] for r in rows_} >= set(labels)
         ]
         if len(labels) < 2 or not shared:
             continue
@@ -231,16 +236,17 @@ def compared(all_rows: list[dict]) -> str:
             lines += [
                 "### Policies compared on the same prompts",
                 "",
-                "Where the CSV holds several policies for the same source prompts (same pair, init, seed and",
-                "device): how many pass the gate at each stage, how many of those also beat the best baseline on",
+                "Where the CSV holds several policies for the same source prompts (same recipe, pair, init, seed",
+                "and device): how many pass the gate at each stage, how many of those also beat the best baseline on",
                 "test, the migrated prompts' test accuracy (mean), cost against re-tuning (median; seconds, and",
                 "compute in FLOPs) and the optimiser steps the policy took (median; a full re-tuning takes the",
                 "recipe's 800): seconds carry the machine's load, FLOPs and steps do not, and a step on longer",
                 "inputs computes more.",
                 "",
-                "| task | pair | policy | prompts | passed at recycle / refine / retune | passed and above the test "
-                "baseline | test: migrated | cost (median) | compute (median) | steps (median) |",
-                "|---|---|---|---|---|---|---|---|---|---|",
+                "| task | prompts tuned on | pair | policy | prompts | passed at recycle / refine / retune "
+                "| passed and above the test baseline | test: migrated | cost (median) | compute (median) "
+                "| steps (median) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
         for label in labels:
             rows_ = [prompt[label] for prompt in shared]
@@ -250,7 +256,8 @@ def compared(all_rows: list[dict]) -> str:
             cost = statistics.median(r["cost_fraction"] for r in rows_)
             steps = statistics.median(sum(r[f"{stage}_steps"] for stage in STAGE_ORDER) for r in rows_)
             lines.append(
-                f"| {task} | {source} → {target} | `{label}` | {len(rows_)} | {stages} | {works} of {len(passed)}"
+                f"| {task} | objective={objective} | {source} → {target} | `{label}` | {len(rows_)} | {stages}"
+                f" | {works} of {len(passed)}"
                 f" | {test:.3f} | {cost:.0%} | {_compute(rows_)} | {steps:.0f} |"
             )
     return "\n".join(lines + ([""] if lines else []))
@@ -264,7 +271,9 @@ def chart_points(all_rows: list[dict]) -> dict[str, list[ChartPoint]]:
     panels = {}
     for task in (t for t in PAPER_TASKS if any(r["task"] == t for r in all_rows)):
         points = []
-        for (policy,), group in _groups([r for r in all_rows if r["task"] == task], ("policy",)).items():
+        for (objective, policy), group in _groups(
+            [r for r in all_rows if r["task"] == task], ("objective", "policy")
+        ).items():
             counted = _counted(group)
             if not counted:
                 continue
@@ -272,7 +281,8 @@ def chart_points(all_rows: list[dict]) -> dict[str, list[ChartPoint]]:
             cost = 100 * statistics.median(r["compute_fraction"] for r in counted)
             short = policy.replace("policy.stages.", "stage ").replace("policy.", "")
             rate = 100 * _working_share(counted)
-            points.append(ChartPoint(f"{short} (n={len(counted)})", cost, rate, min(rates), max(rates)))
+            label_ = f"{short}, prompts on objective={objective} (n={len(counted)})"
+            points.append(ChartPoint(label_, cost, rate, min(rates), max(rates)))
         if points:
             panels[task] = points
     return panels
@@ -357,11 +367,12 @@ def main() -> None:
         Policy.from_config(policy_config(args).policy)  # a bad policy fails before any tuning
         lock = lock_csv(csv_path, "migration_policy.py")  # noqa: F841 (held until the process ends)
         kept = load_rows(csv_path) if csv_path.exists() else []
-        if args.recompute:  # the rows asked for are computed again, replacing the ones kept
-            asked = {(t, *p.split(":"), label(args), i, s) for t in args.tasks for p in args.pairs
-                     for i in args.inits for s in args.seeds}  # fmt: skip
-            kept = [row for row in kept if row_key(row) not in asked]
         matrix_args = argparse.Namespace(cache=args.cache, quick=args.quick, set=args.set)
+        if args.recompute:  # the rows asked for are computed again, replacing the ones kept
+            matrix = Matrix(matrix_args)
+            asked = {(t, matrix.objective(t, p.split(":")[0]), *p.split(":"), label(args), i, s)
+                     for t in args.tasks for p in args.pairs for i in args.inits for s in args.seeds}  # fmt: skip
+            kept = [row for row in kept if row_key(row) not in asked]
         done = set(map(row_key, kept))
         if args.workers > 1:
             pairs = [(task, pair, done) for task in args.tasks for pair in args.pairs]

@@ -62,8 +62,8 @@ from mlflow_recycle.refine import DistillSettings, distill, refined  # noqa: E40
 log = logging.getLogger("bench.matrix")
 
 COLUMNS = [
-    "task", "source", "target", "recycler", "init", "seed", "recycled_acc", "zero_shot_acc", "random_prompt_acc",
-    "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds", "device",
+    "task", "objective", "source", "target", "recycler", "init", "seed", "recycled_acc", "zero_shot_acc",
+    "random_prompt_acc", "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds", "device",
 ]  # fmt: skip
 #: source:target -> what changes between the two models (the paper's Base->Base', Base->Large, ...).
 PAIRS = {
@@ -198,6 +198,11 @@ class Matrix:
         cfg = compose([f"task={task}", f"prompt.init={init}", f"seed={seed}", *models, *COMMON, *recipe, *settings])
         return with_recipe(cfg, cfg.source) if model and not self.args.quick else cfg
 
+    def objective(self, task: str, model: str) -> str:
+        """What ``model``'s prompts for ``task`` are tuned on (``prompt.objective`` of its recipe): rows and
+        tables keep prompts of one recipe apart from those of another."""
+        return self.config(task, model=model).prompt.objective
+
     def model(self, name: str) -> LoadedModel:
         if name not in self.models:
             self.models[name] = load_model(compose([f"model@source={name}"]).source)
@@ -312,11 +317,13 @@ class Matrix:
         for pair in pairs:
             source, target = pair.split(":")
             src, tgt = self.model(source), self.model(target)
+            objective = self.objective(task, source)
             for spec in recyclers:
                 name, options, anchor_options, refine = parse_recycler(spec)
                 if name == "identity" and (src.dim != tgt.dim or src.fingerprint != tgt.fingerprint):
                     continue  # identity needs the same embedding space
-                todo = [(i, n) for i in inits for n in seeds if (task, source, target, spec, i, n) not in done]
+                key = (task, objective, source, target, spec)
+                todo = [(i, n) for i in inits for n in seeds if (*key, i, n) not in done]
                 if not todo:
                     continue
                 start = time.perf_counter()
@@ -339,8 +346,8 @@ class Matrix:
                     zero_shot, random_prompt = self.baselines(task, target, prompt.length)
                     recycled_acc = self.accuracy(task, target, recycled.embeddings)
                     yield {
-                        "task": task, "source": source, "target": target, "recycler": spec, "init": init,
-                        "seed": seed, "recycled_acc": recycled_acc, "zero_shot_acc": zero_shot,
+                        "task": task, "objective": objective, "source": source, "target": target, "recycler": spec,
+                        "init": init, "seed": seed, "recycled_acc": recycled_acc, "zero_shot_acc": zero_shot,
                         "random_prompt_acc": random_prompt,
                         "source_acc": self.accuracy(task, source, prompt.embeddings),
                         "retuned_acc": self.accuracy(task, target, retuned.embeddings),
@@ -391,12 +398,30 @@ def load_rows(path: Path) -> list[dict]:
         row["success"], row["seed"] = int(row["success"]), int(row["seed"])
         row["recycle_seconds"], row["retune_seconds"] = float(row["recycle_seconds"]), float(row["retune_seconds"])
         row["device"] = row.get("device") or "cpu"  # rows from before the column: all measured on the CPU
+        row["objective"] = row.get("objective") or "lm"  # rows from before the column: prompts tuned on the LM loss
     return rows
 
 
 def row_key(row: dict) -> tuple:
-    """What identifies a row: one recycled prompt."""
-    return row["task"], row["source"], row["target"], row["recycler"], row["init"], row["seed"]
+    """What identifies a row: one recycled prompt of one tuning recipe."""
+    return row["task"], row["objective"], row["source"], row["target"], row["recycler"], row["init"], row["seed"]
+
+
+def tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """(task, objective, rows) of each table, the paper's protocol first, the newer recipe first within a task."""
+    present = {(r["task"], r["objective"]) for r in rows}
+    order = [t for t in TASK_SETTINGS if any(t == task for task, _ in present)]
+    order += sorted({task for task, _ in present} - set(TASK_SETTINGS))
+    return [
+        (task, objective, [r for r in rows if r["task"] == task and r["objective"] == objective])
+        for task in order
+        for objective in sorted((o for t, o in present if t == task), key=lambda o: (o != "classes", o))
+    ]
+
+
+def table_title(task: str, objective: str) -> str:
+    """``SST2_PLAIN, prompts tuned on objective=classes``: the task and the recipe's objective."""
+    return f"{task.upper()}, prompts tuned on objective={objective}"
 
 
 def recovery(row: dict) -> float | None:
@@ -457,14 +482,13 @@ def report(rows: list[dict], out_dir: Path) -> str:
     """Markdown tables and a heatmap PNG of the rows; returns the markdown."""
     lines = []
     rows = canonical(rows)
-    present = {r["task"] for r in rows}
-    for task in [t for t in TASK_SETTINGS if t in present] + sorted(present - set(TASK_SETTINGS)):  # paper's first
-        task_rows = [r for r in rows if r["task"] == task]
+    for task, objective, task_rows in tables(rows):
         pairs = list(dict.fromkeys(f"{r['source']} → {r['target']}" for r in task_rows))
         recyclers = list(dict.fromkeys(r["recycler"] for r in task_rows))
         inits = list(dict.fromkeys(r["init"] for r in task_rows))
         pair_of = lambda r: f"{r['source']} → {r['target']}"  # noqa: E731
-        lines += [f"### {task.upper()}", "", "Baselines on each target (test accuracy) and the prompts themselves:", ""]
+        lines += [f"### {table_title(task, objective)}", ""]
+        lines += ["Baselines on each target (test accuracy) and the prompts themselves:", ""]
         lines += [
             "| pair | what changes | source prompt on source | zero-shot | random prompt | re-tuned on target "
             "| re-tuned − best baseline (points, min over prompts) |",
@@ -517,12 +541,13 @@ def heatmap(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = list(dict.fromkeys(f"{r['task']}\n{r['source']}→{r['target']}" for r in rows))
+    column = lambda r: f"{r['task']} ({r['objective']})\n{r['source']}→{r['target']}"  # noqa: E731
+    columns = list(dict.fromkeys(map(column, rows)))
     recyclers = list(dict.fromkeys(r["recycler"] for r in rows))
     grid = torch.full((len(recyclers), len(columns)), float("nan"))
     for i, rec in enumerate(recyclers):
         for j, col in enumerate(columns):
-            group = [r for r in rows if r["recycler"] == rec and f"{r['task']}\n{r['source']}→{r['target']}" == col]
+            group = [r for r in rows if r["recycler"] == rec and column(r) == col]
             if group:
                 grid[i, j] = statistics.fmean(r["success"] for r in group)
     fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.5 * len(recyclers) + 2), layout="constrained")
@@ -592,16 +617,17 @@ def tradeoff_chart(rows: list[dict], path: Path) -> None:
     """Success with a margin against compute as a fraction of re-tuning, one point per recycler
     (and refinement budget), a panel per paper-protocol task; the bars span the seeds' rates."""
     panels = {}
-    for task in (t for t in PAPER_TASKS if any(r["task"] == t for r in rows)):
-        task_rows = [r for r in rows if r["task"] == task]
-        panels[task] = []
+    for task, objective, task_rows in tables(rows):
+        if task not in PAPER_TASKS:
+            continue
+        points = panels.setdefault(task, [])
         for rec in dict.fromkeys(r["recycler"] for r in task_rows):
             group = [r for r in task_rows if r["recycler"] == rec]
             stats = summarise(group)
             rates = [100 * rate for rate in stats["margin_seed_rates"]]
-            point = ChartPoint(f"{rec} (n={len(group)})", 100 * stats["cost_ratio"], 100 * stats["margin_rate"],
-                               min(rates), max(rates))  # fmt: skip
-            panels[task].append(point)
+            label = f"{rec}, prompts on objective={objective} (n={len(group)})"
+            points.append(ChartPoint(label, 100 * stats["cost_ratio"], 100 * stats["margin_rate"], min(rates),
+                                     max(rates)))  # fmt: skip
     axis = "compute, % of re-tuning on the target (median of seconds; log scale)"
     success_cost_chart(panels, path, "Prompt recycling: success against cost", axis, "the seeds' rates")
 
@@ -618,10 +644,11 @@ def log_to_mlflow(rows: list[dict], csv_path: Path, png: Path, markdown: str) ->
         mlflow.log_text(markdown, "recycling_matrix.md")
         cells = defaultdict(list)
         for row in rows:
-            cells[(row["task"], row["source"], row["target"], row["recycler"])].append(row)
-        for (task, source, target, rec), group in cells.items():
-            with mlflow.start_run(run_name=f"{task} {source}->{target} {rec}", nested=True):
-                mlflow.log_params({"task": task, "source": source, "target": target, "recycler": rec})
+            cells[(row["task"], row["objective"], row["source"], row["target"], row["recycler"])].append(row)
+        for (task, objective, source, target, rec), group in cells.items():
+            with mlflow.start_run(run_name=f"{task} {source}->{target} {rec} ({objective})", nested=True):
+                params = {"task": task, "objective": objective, "source": source, "target": target, "recycler": rec}
+                mlflow.log_params(params)
                 stats = summarise(group)
                 mlflow.log_metrics({k: float(v) for k, v in stats.items() if v == v})
 
@@ -675,7 +702,11 @@ def main() -> None:
         # rows already in the CSV are kept and not recomputed, unless --recompute names their cells
         previous = load_rows(csv_path) if csv_path.exists() else []
         cells = {(t, p, r) for t in args.tasks for p in args.pairs for r in args.recyclers} if args.recompute else set()
-        kept = [r for r in previous if (r["task"], f"{r['source']}:{r['target']}", r["recycler"]) not in cells]
+        redo = lambda r: (  # noqa: E731  a recomputed cell's rows of the current recipe (others are kept)
+            (r["task"], f"{r['source']}:{r['target']}", r["recycler"]) in cells
+            and r["objective"] == matrix.objective(r["task"], r["source"])
+        )
+        kept = [r for r in previous if not redo(r)]
         done = frozenset(map(row_key, kept))
         if args.workers > 1:
             cells = [

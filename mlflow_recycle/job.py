@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import lightning as L
@@ -222,8 +222,14 @@ def with_recipe(cfg: DictConfig, model: DictConfig | None) -> DictConfig:
         if kept is None:
             OmegaConf.update(merged, key, value, merge=True, force_add=True)
         else:
-            log.info("Model %s's recipe sets %s=%s; this run's override of %s is kept.", model.name, key, value, kept)
+            _kept_override(model.name, key, str(value), kept)
     return merged
+
+
+@cache
+def _kept_override(model: str, key: str, value: str, kept: str) -> None:
+    """Say once per process (the recipe is applied wherever a prompt is tuned or a config logged)."""
+    log.info("Model %s's recipe sets %s=%s; this run's override of %s is kept.", model, key, value, kept)
 
 
 def tune(

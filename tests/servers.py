@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,42 @@ from mlflow_recycle.hook.queue import MigrationQueue
 
 T = TypeVar("T")
 BIN = Path(sys.executable).parent
+
+
+def run_watched(
+    command: Sequence[str], *, stall: float = 600, check: bool = False, **popen: Any
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True)`` that times out on silence, not on
+    the wall clock: the command is killed only after ``stall`` seconds without a line on its stdout
+    or stderr, so a loaded machine slows a test down without failing it, and a hung one still fails."""
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    )
+    out: list[str] = []
+    err: list[str] = []
+    heard = [time.monotonic()]
+
+    def pump(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
+            heard[0] = time.monotonic()
+
+    streams = ((process.stdout, out), (process.stderr, err))
+    pumps = [threading.Thread(target=pump, args=pair, daemon=True) for pair in streams]
+    for thread in pumps:
+        thread.start()
+    while process.poll() is None:
+        if time.monotonic() - heard[0] > stall:
+            process.kill()
+            process.wait()
+            raise subprocess.TimeoutExpired(command, stall, "".join(out), "".join(err))
+        time.sleep(0.2)
+    for thread in pumps:
+        thread.join()
+    result = subprocess.CompletedProcess(command, process.returncode, "".join(out), "".join(err))
+    if check:
+        result.check_returncode()
+    return result
 
 
 def free_port() -> int:
@@ -189,7 +226,7 @@ class Receiver:
     def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """``mlflow-recycle ARGS`` against this receiver's tracking server and secret."""
         command = [str(BIN / "mlflow-recycle"), *args]
-        return subprocess.run(command, env=env or self.env, capture_output=True, text=True, timeout=600)
+        return run_watched(command, env=env or self.env)
 
     def install_webhook(self, name: str | None = None) -> str:
         """``mlflow-recycle hook install`` pointing at this receiver (it checks it too); returns the webhook name."""

@@ -14,21 +14,16 @@ import pytest
 
 from mlflow_recycle.config import REPO_ROOT
 from mlflow_recycle.errors import RecycleError
+from tests.servers import run_watched
 
 BENCH = REPO_ROOT / "bench"
 sys.path.insert(0, str(BENCH))  # the scripts' helpers, for the tests that call them directly
 
 
-def run(script: str, *args: str, cwd, timeout: int = 600, quick: bool = True, ok: bool = True):
+def run(script: str, *args: str, cwd, quick: bool = True, ok: bool = True):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    result = subprocess.run(
-        [sys.executable, str(BENCH / script), *(["--quick"] if quick else []), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    command = [sys.executable, str(BENCH / script), *(["--quick"] if quick else []), *args]
+    result = run_watched(command, cwd=cwd, env=env)
     assert (result.returncode == 0) == ok, result.stderr[-3000:]
     return result
 
@@ -48,13 +43,16 @@ def test_recycling_matrix_quick(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["recycler"] for r in rows] == ["identity", "linear"]
     assert set(rows[0]) == {
-        "task", "source", "target", "recycler", "init", "seed", "recycled_acc", "zero_shot_acc", "random_prompt_acc",
-        "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds", "device",
+        "task", "objective", "source", "target", "recycler", "init", "seed", "recycled_acc", "zero_shot_acc",
+        "random_prompt_acc", "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds", "device",
     }  # fmt: skip
-    assert rows[0]["device"] == "cpu"
+    assert rows[0]["device"] == "cpu" and rows[0]["objective"] == "classes"  # the configs' recipe
     assert (tmp_path / "recycling_matrix.png").stat().st_size > 0 and "| identity |" in first.stdout
     assert (tmp_path / "success_vs_cost.png").stat().st_size > 0
-    assert "### SST2_PLAIN" in first.stdout and "Success with a margin (recycled ≥ best baseline + 2%)" in first.stdout
+    assert (
+        "### SST2_PLAIN, prompts tuned on objective=classes" in first.stdout
+        and "Success with a margin (recycled ≥ best baseline + 2%)" in first.stdout
+    )
     assert first.stderr.count("Tuning sst2") == 2  # on the source and on the target (re-tuned)
     # a rerun keeps the rows it has; --recompute recycles again, taking prompts and evaluations from the cache
     kept = run("recycling_matrix.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
@@ -162,6 +160,36 @@ def test_migration_latency_quick(tmp_path):
 
 
 @pytest.mark.slow  # ~20 s: a research benchmark
+def test_benchmark_rows_of_another_recipe_are_kept_apart(tmp_path):
+    """Rows written before the `objective` column (prompts tuned on the LM loss) stay in the CSV and in
+    their own tables; a row of the same cell under today's recipe is another row, not a duplicate."""
+    import migration_policy
+    import recycling_matrix
+
+    old = {"task": "sst2_plain", "source": "small-a", "target": "large", "recycler": "linear", "init": "vocab",
+           "seed": "0", "recycled_acc": "0.6", "zero_shot_acc": "0.62", "random_prompt_acc": "0.59",
+           "source_acc": "0.77", "retuned_acc": "0.72", "success": "0", "recycle_seconds": "0.1",
+           "retune_seconds": "100", "device": "cpu"}  # fmt: skip
+    new = {**old, "objective": "classes", "retuned_acc": "0.75", "recycled_acc": "0.65", "success": "1"}
+    path = tmp_path / "recycling_matrix.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=recycling_matrix.COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows([old, new])
+    rows = recycling_matrix.load_rows(path)
+    assert [r["objective"] for r in rows] == ["lm", "classes"]
+    assert len(set(map(recycling_matrix.row_key, rows))) == 2
+    markdown = recycling_matrix.report(rows, tmp_path)
+    first, second = markdown.split("### SST2_PLAIN, prompts tuned on objective=")[1:]
+    assert first.startswith("classes") and "| +13.0 (+13.0) |" in first  # today's recipe first, its own headroom
+    assert second.startswith("lm") and "| +10.0 (+10.0) |" in second
+
+    policy_row = {"task": "sst2_plain", "source": "small-a", "target": "large", "policy": "default", "init": "vocab",
+                  "seed": "0"}  # fmt: skip
+    keys = {migration_policy.row_key({**policy_row, "objective": o}) for o in ("lm", "classes")}
+    assert len(keys) == 2
+
+
 def test_warm_start_quick(tmp_path):
     out = run("warm_start.py", "--cache", str(tmp_path / "cache"), cwd=tmp_path).stdout
     assert "| small-a-early → small-a | 0 |" in out
@@ -273,18 +301,24 @@ def test_the_policy_report_compares_policies_on_the_same_prompts_only():
         gate = "passed" if stage != "none" else "failed"
         refine, retune = 50 * (stage != "recycle"), 200 * (stage == "retune")
         steps = {"recycle_steps": 0, "refine_steps": refine, "retune_steps": retune}
-        return {"task": "sst2_plain", "source": "a", "target": "b", "policy": policy, "init": "vocab", "seed": seed,
-                "device": device, "gate": gate, "stage": stage, "test_accuracy": test, "test_zero_shot": 0.60,
-                "test_random_prompt": 0.58, "cost_fraction": cost, "compute_fraction": compute, **steps}  # fmt: skip
+        return {"task": "sst2_plain", "objective": "classes", "source": "a", "target": "b", "policy": policy,
+                "init": "vocab", "seed": seed, "device": device, "gate": gate, "stage": stage, "test_accuracy": test,
+                "test_zero_shot": 0.60, "test_random_prompt": 0.58, "cost_fraction": cost, "compute_fraction": compute,
+                **steps}  # fmt: skip
 
     rows = [row("lenient", 0, "recycle", 0.55, 0.01), row("strict", 0, "refine", 0.66, 0.10, compute=0.08)]
     rows += [row("lenient", 1, "recycle", 0.70, 0.01), row("strict", 1, "recycle", 0.70, 0.01)]
     rows += [row("lenient", 2, "recycle", 0.50, 0.01)]  # no strict run of seed 2: not compared
     rows += [row("strict", 3, "retune", 0.64, 0.90, device="gpu")]  # nor a prompt of another device
     table = compared(rows)
-    assert "| sst2_plain | a → b | `lenient` | 2 | 2 / 0 / 0 | 1 of 2 | 0.625 | 1% | — | 0 |" in table
+    assert (
+        "| sst2_plain | objective=classes | a → b | `lenient` | 2 | 2 / 0 / 0 | 1 of 2 | 0.625 | 1% | — | 0 |" in table
+    )
     # medians of 50 and 0 steps; compute over the one row that counted it, saying so
-    assert "| sst2_plain | a → b | `strict` | 2 | 1 / 1 / 0 | 2 of 2 | 0.680 | 6% | 8% (1 of 2) | 25 |" in table
+    assert (
+        "| sst2_plain | objective=classes | a → b | `strict` | 2 | 1 / 1 / 0 | 2 of 2 | 0.680 | 6% | 8% (1 of 2) | 25 |"
+        in table
+    )
     assert compared([r for r in rows if r["policy"] == "strict"]) == ""  # one policy: nothing to compare
 
 
@@ -292,14 +326,15 @@ def test_the_policy_chart_plots_success_with_the_margin_against_counted_compute(
     from migration_policy import chart_points
 
     def row(policy, target, test, compute, task="sst2_plain"):
-        return {"task": task, "source": "a", "target": target, "policy": policy, "test_accuracy": test,
-                "test_zero_shot": 0.60, "test_random_prompt": 0.58, "compute_fraction": compute}  # fmt: skip
+        return {"task": task, "objective": "lm", "source": "a", "target": target, "policy": policy,
+                "test_accuracy": test, "test_zero_shot": 0.60, "test_random_prompt": 0.58,
+                "compute_fraction": compute}  # fmt: skip
 
     rows = [row("default", "b", 0.63, 0.05), row("default", "b", 0.61, 0.07), row("default", "c", 0.70, 0.30)]
     rows += [row("old", "b", 0.70, float("nan")), row("default", "b", 0.90, 0.01, task="sst2")]
     (point,) = chart_points(rows)["sst2_plain"]  # "old" counted no compute; sst2 is not a paper-protocol task
     # 0.63 and 0.70 clear 0.60 + 2 points, 0.61 does not: 2 of 3; pair a->b 1 of 2, a->c 1 of 1
-    assert (point.label, point.low, point.high) == ("default (n=3)", 50.0, 100.0)
+    assert (point.label, point.low, point.high) == ("default, prompts on objective=lm (n=3)", 50.0, 100.0)
     assert (point.cost, point.rate) == (pytest.approx(7.0), pytest.approx(200 / 3))  # the median compute, in %
     assert chart_points([row("old", "b", 0.70, float("nan"))]) == {}
 
@@ -321,3 +356,14 @@ def test_a_killed_run_loses_no_row_of_its_csv(tmp_path):
             pass
     lines = path.read_text().splitlines()
     assert len(lines) == 2 + len(kept) and lines[-1] == "new,1"
+
+
+def test_a_test_command_times_out_on_silence_not_on_the_wall_clock():
+    """run_watched: a command that keeps talking runs past `stall`; one that falls silent is killed."""
+    talking = "import time\nfor i in range(6):\n    print(i, flush=True)\n    time.sleep(0.5)"
+    result = run_watched([sys.executable, "-c", talking], stall=2)  # 3 s in all, never 2 s silent
+    assert result.returncode == 0 and result.stdout.split() == [str(i) for i in range(6)]
+    silent = "import time\nprint('started', flush=True)\ntime.sleep(60)"
+    with pytest.raises(subprocess.TimeoutExpired) as caught:
+        run_watched([sys.executable, "-c", silent], stall=2)
+    assert caught.value.output == "started\n"

@@ -188,8 +188,8 @@ def test_queue_path_is_absolute_and_defaults_under_the_data_home(tmp_path, monke
 def test_encryption_key_is_kept_in_a_private_file(tmp_path):
     key_file = tmp_path / "conf" / "webhook-encryption.key"
     run = [str(servers.BIN / "mlflow-recycle"), "hook", "encryption-key", "-o", f"hook.encryption_key_file={key_file}"]
-    first = servers.subprocess.run(run, capture_output=True, text=True, timeout=300, check=True).stdout.strip()
-    second = servers.subprocess.run(run, capture_output=True, text=True, timeout=300, check=True).stdout.strip()
+    first = servers.run_watched(run, check=True).stdout.strip()
+    second = servers.run_watched(run, check=True).stdout.strip()
     assert first == second and Fernet(first.encode())  # the same valid key every time: restarts reuse it
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
@@ -333,10 +333,10 @@ def test_the_migration_policy_end_to_end(receiver_factory, webhook, model_dir, d
     assert float(on_v3["lm-policy-good"]["mlflow_recycle.metric.policy/steps"]) == 0
     for tags in (on_v2["lm-policy-nodata"], on_v3["lm-policy-nodata"]):  # recycled, not judged, and why
         assert tags[TAG_GATE] == "unevaluated" and "'/gone/sst2' is not reachable" in tags["mlflow_recycle.gate_reason"]
-    again = servers.subprocess.run(
+    again = servers.run_watched(
         [str(servers.BIN / "mlflow-recycle"), "migrate", "lm-policy", "3", "--tracking-uri", mlflow.get_tracking_uri(),
          *[f"-o{o}" for o in [*SETTINGS, *POLICY]]],
-        capture_output=True, text=True, env={**os.environ, "MLFLOW_RECYCLE_WEBHOOK_SECRET": SECRET},
+        env={**os.environ, "MLFLOW_RECYCLE_WEBHOOK_SECRET": SECRET},
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert "0 new prompt versions" in again.stdout

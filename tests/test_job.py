@@ -29,6 +29,7 @@ from mlflow_recycle.registry import (
     base_versions,
     prompts_for,
 )
+from tests.servers import run_watched
 
 # experiment=quick registers nothing (smoke runs keep a registry clean); these tests check what
 # registration does, so they turn it on.
@@ -46,11 +47,9 @@ def hydra_dirs(tmp_path: Path) -> list[str]:
     return [f"hydra.run.dir={tmp_path}/hydra", f"hydra.sweep.dir={tmp_path}/sweep"]
 
 
-def run_cli(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "mlflow_recycle", *args, *hydra_dirs(tmp_path)]
-    return subprocess.run(
-        command, cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=timeout
-    )
+    return run_watched(command, cwd=tmp_path, env=clean_env(tmp_path))
 
 
 def runs(tmp_path: Path):
@@ -77,7 +76,7 @@ def test_mlflow_run_entry_point_end_to_end(tmp_path):
         "-P",
         f"overrides={overrides}",
     ]
-    result = subprocess.run(command, cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=600)
+    result = run_watched(command, cwd=tmp_path, env=clean_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs(tmp_path)  # the job resumed the run `mlflow run` created
     assert run.info.status == "FINISHED"
@@ -199,7 +198,7 @@ def test_a_smoke_run_registers_nothing_and_an_interrupted_run_registers_nothing(
 
 
 def test_ddp_on_two_cpu_processes_gives_one_run(tmp_path):
-    result = run_cli(tmp_path, "trainer=ddp_cpu", *QUICK, timeout=900)
+    result = run_cli(tmp_path, "trainer=ddp_cpu", *QUICK)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs(tmp_path)
     assert run.data.params["trainer.strategy"] == "ddp" and run.data.params["trainer.devices"] == "2"
