@@ -43,6 +43,7 @@ from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, Gate, task_data
 from .models import LoadedModel
 from .prompt import SoftPrompt
+from .prompt_init import INIT_METHODS, initial_prompt
 from .recycle import fit_recycler
 from .recyclers import Recycler, get_recycler
 from .refine import DistillSettings, distill, refined
@@ -50,6 +51,7 @@ from .refine import DistillSettings, distill, refined
 log = logging.getLogger(__name__)
 
 STAGES = ("recycle", "refine", "retune")
+STARTS = ("best", "best_or_init")  # of a retune stage
 CONDITIONS = ("same_space",)  # of a recycler
 REFINE_CONDITIONS = ("teacher_passes",)
 PASSED, FAILED, SKIPPED, UNEVALUATED = "passed", "failed", "skipped", "unevaluated"
@@ -118,6 +120,10 @@ class RetuneStage:
     None: the tuning module's default (``lightning_modules.adamw()``). ``objective``: ``lm`` or
     ``classes`` (:class:`~lightning_modules.PromptTuningModule`). ``train_like_validation``:
     tune on the train examples the gate's validation rule would keep (as :class:`RefineStage`).
+    ``start``: ``best``, the best prompt so far (a warm start); ``best_or_init``, the same unless
+    it reads under the target's random-token prompt on the gate split (the map lost the task and
+    more), then a fresh prompt initialised on the target as the source prompt was (its ``init``,
+    the transfer's seed): decided on baselines the gate measured anyway, at no cost.
     ``skip``: turned off, as :class:`RefineStage`'s."""
 
     steps: int = 300
@@ -127,6 +133,7 @@ class RetuneStage:
     batch_size: int = 32
     limit_train: int | None = None
     train_like_validation: bool = False
+    start: str = "best"
     skip: bool = False
     name: str = "retune"
 
@@ -227,6 +234,11 @@ def _stage(entry: dict[str, Any], index: int) -> Stage:
             raise RecycleError(
                 f"Bad settings for policy stage 'retune': objective={entry['objective']!r}; set "
                 f"policy.stages.{index}.objective to one of {', '.join(OBJECTIVES)}."
+            )
+        if entry.get("start", "best") not in STARTS:
+            raise RecycleError(
+                f"Bad settings for policy stage 'retune': start={entry['start']!r}; set "
+                f"policy.stages.{index}.start to one of {', '.join(STARTS)}."
             )
         return RetuneStage(**entry)
     except TypeError as exc:
@@ -563,10 +575,20 @@ def _run_policy(
             if labelled is not None:
                 record.status, record.reason = SKIPPED, f"no labelled training data: {labelled}"
             else:
-                outcome = _retune(stage, transfer, _trained_like_validation(best, stage), threshold, gate.metric)
+                fresh = None
+                random_prompt = baselines.random_prompt[gate.split]
+                if stage.start == "best_or_init" and best_score < random_prompt:
+                    fresh = prompt.init if prompt.init in INIT_METHODS else "vocab"
+                    record.reason = (
+                        f"started from a fresh {fresh} init: the best prompt so far read {best_score:.4f}, "
+                        f"under the random-token prompt's {random_prompt:.4f} (start: best_or_init)"
+                    )
+                warm = _trained_like_validation(best, stage)
+                outcome = _retune(stage, transfer, warm, threshold, gate.metric, fresh_init=fresh)
                 record.steps = outcome.steps
                 if outcome.score is not None and outcome.score > best_score:
-                    retuned_config = {**best.recycler_config, "retune": asdict(stage)}
+                    started = f"a fresh {fresh} init" if fresh else "the best prompt so far"
+                    retuned_config = {**best.recycler_config, "retune": asdict(stage), "retune_started_from": started}
                     best = best.replace(
                         embeddings=outcome.prompt, recycler=f"{best.recycler}+retune", recycler_config=retuned_config
                     )
@@ -597,21 +619,38 @@ def _run_policy(
 
 
 def _retune(
-    stage: RetuneStage, transfer: Transfer, start: SoftPrompt, threshold: float, metric: str = "accuracy"
+    stage: RetuneStage,
+    transfer: Transfer,
+    start: SoftPrompt,
+    threshold: float,
+    metric: str = "accuracy",
+    fresh_init: str | None = None,
 ) -> FitOutcome:
-    """Supervised tuning on the target from ``start``, stopping once the gate passes."""
+    """Supervised tuning on the target from ``start`` (or, with ``fresh_init``, from a prompt of
+    that init method drawn on the target with the transfer's seed), stopping once the gate passes."""
     target = transfer.target
     data = transfer.data(target, start, batch_size=stage.batch_size, limit_train=stage.limit_train)
+    initial = start.embeddings
+    if fresh_init is not None:
+        initial = initial_prompt(
+            fresh_init,
+            embedding_table(target.model),
+            start.length,
+            seed=transfer.seed,
+            class_token_ids=data.encoder.verbalizer_ids,
+            exclude_ids=target.tokenizer.all_special_ids,
+        )
     module = PromptTuningModule(
         target.model,
-        start.embeddings,
+        initial,
         optimizer=instantiate_partial(stage.optimizer, "policy.stages[retune].optimizer"),
         length_normalize=start.task.length_normalize,
         name="retune",
         objective=stage.objective,
     )
     L.seed_everything(transfer.seed, verbose=False)
-    log.info("Re-tuning on %s from the recycled prompt: up to %d steps", target.name, stage.steps)
+    begin = f"a fresh {fresh_init} init" if fresh_init else "the best prompt so far"
+    log.info("Re-tuning on %s from %s: up to %d steps", target.name, begin, stage.steps)
     return fit_prompt(
         module, transfer.trainer, steps=stage.steps, eval_every=stage.eval_every, stop_above_score=threshold,
         metric=metric, datamodule=data,

@@ -152,6 +152,8 @@ def test_bad_policies_are_refused_with_the_setting_to_change():
         policy(RECYCLE, REFINE, {"stage": "retune", "eval_every": -25})
     with pytest.raises(RecycleError, match=r"objective='ce'; set policy\.stages\.1\.objective to one of lm, classes"):
         policy(RECYCLE, {**RETUNE, "objective": "ce"})
+    with pytest.raises(RecycleError, match=r"start='init'; set policy\.stages\.1\.start to one of best, best_or_init"):
+        policy(RECYCLE, {**RETUNE, "start": "init"})
     assert policy(RECYCLE, {**REFINE, "patience": None}).stages[1].patience is None
     assert policy(RECYCLE, {**RETUNE, "objective": "classes"}).stages[1].objective == "classes"
 
@@ -413,6 +415,25 @@ def test_refinement_and_re_tuning_carry_a_failing_recycled_prompt_over_the_gate(
     passing = outcome.records[-1]
     assert passing.status == PASSED and passing.steps < 60 and passing.steps % 10 == 0  # stopped at the gate
     assert outcome.score > outcome.threshold
+
+
+def test_re_tuning_starts_afresh_only_from_a_prompt_worse_than_a_random_one(sides, good_prompt):
+    """start: best_or_init re-tunes from a fresh init on the target when the best prompt so far reads
+    under the target's random-token prompt (here a prompt scaled 1000x: it drowns the input), and
+    from the best prompt so far otherwise; the record says which and why."""
+    drowned = good_prompt.replace(embeddings=good_prompt.embeddings * 1000)
+    pair = transfer(sides, "small-a", "small-b")
+    afresh = run_policy(policy(RECYCLE, {**RETUNE, "start": "best_or_init"}), pair, drowned)
+    recycle, retune = afresh.records
+    assert recycle.score < afresh.baselines.random_prompt["validation"]
+    assert retune.reason.startswith("started from a fresh class_labels init: the best prompt so far read")
+    assert retune.score > recycle.score  # the fresh start is what re-tuning kept
+    assert afresh.prompt.recycler_config["retune_started_from"] == "a fresh class_labels init"
+    warm = run_policy(policy(RECYCLE, {**RETUNE, "start": "best_or_init"}), pair, good_prompt)
+    assert warm.records[0].score >= warm.baselines.random_prompt["validation"], warm.summary()
+    assert "fresh" not in warm.records[1].reason  # a start no worse than a random prompt is kept
+    kept = run_policy(policy(RECYCLE, RETUNE), pair, drowned)  # start: best (the default) keeps it regardless
+    assert "fresh" not in kept.records[1].reason
 
 
 # ---------------------------------------------------------------------- data for the gate
