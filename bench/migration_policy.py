@@ -282,7 +282,7 @@ def chart_points(all_rows: list[dict]) -> dict[str, list[ChartPoint]]:
             short = policy.replace("policy.stages.", "stage ").replace("policy.", "")
             rate = 100 * _working_share(counted)
             label_ = f"{short}, prompts on objective={objective} (n={len(counted)})"
-            points.append(ChartPoint(label_, cost, rate, min(rates), max(rates)))
+            points.append(ChartPoint(label_, cost, rate, min(rates), max(rates), policy, objective))
         if points:
             panels[task] = points
     return panels

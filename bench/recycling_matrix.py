@@ -572,13 +572,16 @@ PAPER_TASKS = ("sst2_plain", "imdb_plain")
 @dataclass(frozen=True)
 class ChartPoint:
     """One method on a success-against-cost chart: ``cost`` (% of re-tuning), ``rate`` (% of prompts
-    succeeding with the margin) and the span of that rate over some grouping (``low``, ``high``)."""
+    succeeding with the margin) and the span of that rate over some grouping (``low``, ``high``);
+    ``method`` picks the colour and ``recipe`` the marker, so one method keeps its colour across recipes."""
 
     label: str
     cost: float
     rate: float
     low: float
     high: float
+    method: str = ""
+    recipe: str = ""
 
 
 def success_cost_chart(panels: dict[str, list[ChartPoint]], path: Path, title: str, xlabel: str, bars: str) -> None:
@@ -591,12 +594,20 @@ def success_cost_chart(panels: dict[str, list[ChartPoint]], path: Path, title: s
 
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6.4), squeeze=False, layout="constrained")
+    longest = max(len(points) for points in panels.values())
+    size = (6.5 * len(panels), 5.0 + 0.22 * longest)  # room for a legend line per point
+    fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False, layout="constrained")
+    everything = [point for points in panels.values() for point in points]
+    methods = list(dict.fromkeys(point.method or point.label for point in everything))
+    recipes = list(dict.fromkeys(point.recipe for point in everything))
+    cmap = plt.get_cmap("tab20")
     for ax, (task, points) in zip(axes[0], panels.items(), strict=True):
-        for i, point in enumerate(points):
+        for point in points:
             cost = max(point.cost, 1e-3)
             yerr = [[point.rate - point.low], [point.high - point.rate]]
-            ax.errorbar(cost, point.rate, yerr=yerr, fmt="o", capsize=3, color=f"C{i % 10}",
+            colour = cmap(methods.index(point.method or point.label) % 20)
+            marker = "osD^v"[recipes.index(point.recipe) % 5]
+            ax.errorbar(cost, point.rate, yerr=yerr, fmt=marker, capsize=3, color=colour,
                         label=textwrap.fill(point.label, 90))  # fmt: skip
         ax.axvline(5, color="grey", linestyle=":", linewidth=1)
         ax.axhline(80, color="grey", linestyle=":", linewidth=1)
@@ -627,7 +638,7 @@ def tradeoff_chart(rows: list[dict], path: Path) -> None:
             rates = [100 * rate for rate in stats["margin_seed_rates"]]
             label = f"{rec}, prompts on objective={objective} (n={len(group)})"
             points.append(ChartPoint(label, 100 * stats["cost_ratio"], 100 * stats["margin_rate"], min(rates),
-                                     max(rates)))  # fmt: skip
+                                     max(rates), rec, objective))  # fmt: skip
     axis = "compute, % of re-tuning on the target (median of seconds; log scale)"
     success_cost_chart(panels, path, "Prompt recycling: success against cost", axis, "the seeds' rates")
 
