@@ -494,8 +494,8 @@ def report(rows: list[dict], out_dir: Path) -> str:
             "| re-tuned − best baseline (points, min over prompts) |",
             "|---|---|---|---|---|---|---|",
         ]
-        for pair in pairs:
-            group = [r for r in task_rows if pair_of(r) == pair]
+        for pair in pairs:  # one row per prompt (init, seed): every recycler's row repeats its baselines
+            group = list({(r["init"], r["seed"]): r for r in task_rows if pair_of(r) == pair}.values())
             means = [
                 statistics.fmean(r[k] for r in group)
                 for k in ("source_acc", "zero_shot_acc", "random_prompt_acc", "retuned_acc")

@@ -159,7 +159,6 @@ def test_migration_latency_quick(tmp_path):
     assert "| no evaluation | 2 |" in run("migration_latency.py", cwd=tmp_path).stdout
 
 
-@pytest.mark.slow  # ~20 s: a research benchmark
 def test_benchmark_rows_of_another_recipe_are_kept_apart(tmp_path):
     """Rows written before the `objective` column (prompts tuned on the LM loss) stay in the CSV and in
     their own tables; a row of the same cell under today's recipe is another row, not a duplicate."""
@@ -184,12 +183,32 @@ def test_benchmark_rows_of_another_recipe_are_kept_apart(tmp_path):
     assert first.startswith("classes") and "| +13.0 (+13.0) |" in first  # today's recipe first, its own headroom
     assert second.startswith("lm") and "| +10.0 (+10.0) |" in second
 
+    # the baseline table counts each prompt once, however many recyclers ran on it
+    other_seed = {**new, "seed": "1", "retuned_acc": "0.70"}
+    headroom = recycling_matrix.report(
+        recycling_matrix.load_rows(_written(tmp_path, [new, {**new, "recycler": "mlp"}, other_seed])), tmp_path
+    )
+    assert "| +10.5 (+8.0) |" in headroom  # (13 + 8) / 2, not (13 + 13 + 8) / 3
+
     policy_row = {"task": "sst2_plain", "source": "small-a", "target": "large", "policy": "default", "init": "vocab",
                   "seed": "0"}  # fmt: skip
     keys = {migration_policy.row_key({**policy_row, "objective": o}) for o in ("lm", "classes")}
     assert len(keys) == 2
 
 
+def _written(tmp_path, rows: list[dict]):
+    """A recycling-matrix CSV of ``rows`` (columns it lacks left empty)."""
+    import recycling_matrix
+
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=recycling_matrix.COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.mark.slow  # ~20 s: a research benchmark
 def test_warm_start_quick(tmp_path):
     out = run("warm_start.py", "--cache", str(tmp_path / "cache"), cwd=tmp_path).stdout
     assert "| small-a-early → small-a | 0 |" in out
