@@ -187,6 +187,7 @@ class Matrix:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.cache = args, Cache(Path(args.cache))
         self.models: dict[str, LoadedModel] = {}
+        self.objectives: dict[tuple[str, str], str] = {}
         self._retune: dict[tuple[str, str], dict[str, float]] = {}
 
     def config(self, task: str, init: str = "vocab", seed: int = 0, model: str | None = None):
@@ -200,8 +201,10 @@ class Matrix:
 
     def objective(self, task: str, model: str) -> str:
         """What ``model``'s prompts for ``task`` are tuned on (``prompt.objective`` of its recipe): rows and
-        tables keep prompts of one recipe apart from those of another."""
-        return self.config(task, model=model).prompt.objective
+        tables keep prompts of one recipe apart from those of another. Composed once per task and model."""
+        if (task, model) not in self.objectives:
+            self.objectives[task, model] = self.config(task, model=model).prompt.objective
+        return self.objectives[task, model]
 
     def model(self, name: str) -> LoadedModel:
         if name not in self.models:

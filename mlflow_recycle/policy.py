@@ -230,16 +230,12 @@ def _stage(entry: dict[str, Any], index: int) -> Stage:
             when = _condition(entry.pop("when", None), REFINE_CONDITIONS, "refine")
             settings = DistillSettings.from_config(entry)
             return RefineStage(settings, eval_every, when, patience, train_like_validation=like, skip=skip)
-        if entry.get("objective", "lm") not in OBJECTIVES:
-            raise RecycleError(
-                f"Bad settings for policy stage 'retune': objective={entry['objective']!r}; set "
-                f"policy.stages.{index}.objective to one of {', '.join(OBJECTIVES)}."
-            )
-        if entry.get("start", "best") not in STARTS:
-            raise RecycleError(
-                f"Bad settings for policy stage 'retune': start={entry['start']!r}; set "
-                f"policy.stages.{index}.start to one of {', '.join(STARTS)}."
-            )
+        for key, allowed in (("objective", OBJECTIVES), ("start", STARTS)):
+            if key in entry and entry[key] not in allowed:
+                raise RecycleError(
+                    f"Bad settings for policy stage 'retune': {key}={entry[key]!r}; set "
+                    f"policy.stages.{index}.{key} to one of {', '.join(allowed)}."
+                )
         return RetuneStage(**entry)
     except TypeError as exc:
         raise RecycleError(f"Bad settings for policy stage {kind!r}: {exc}.") from exc
