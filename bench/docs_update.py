@@ -48,6 +48,18 @@ def lock_csv(path: Path, script: str):
     return lock
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a benchmark CSV as strings, with the columns added since the first rows were
+    written filled in: ``device`` (rows from before it were all measured on the CPU) and
+    ``objective`` (prompts tuned on the LM loss, the recipe before ``classes``)."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["device"] = row.get("device") or "cpu"
+        row["objective"] = row.get("objective") or "lm"
+    return rows
+
+
 def write_rows(path: Path, columns: list[str], kept: Iterable[dict], found: Iterable[dict]) -> Iterator[dict]:
     """Rewrite the CSV at ``path``: the ``kept`` rows at once, then each row of ``found`` as it
     comes, yielded once it is on disk. A run killed at any point loses no row it had written."""

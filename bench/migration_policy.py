@@ -21,7 +21,6 @@ are computed), the summary to docs/benchmarks.md and, with ``--mlflow``, to one 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import platform
@@ -38,7 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docs_update import bench_logging, in_processes, lock_csv, rows_by_device, update_section, write_rows  # noqa: E402
+from docs_update import (  # noqa: E402
+    bench_logging,
+    in_processes,
+    lock_csv,
+    read_rows,
+    rows_by_device,
+    update_section,
+    write_rows,
+)
 from recycling_matrix import INITS, MARGIN, PAIRS, PAPER_TASKS, ChartPoint, Matrix, success_cost_chart, table_title  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
@@ -151,14 +158,11 @@ def _pair(work: tuple) -> list[dict]:
 
 # ---------------------------------------------------------------------- report
 def load_rows(path: Path) -> list[dict]:
-    with path.open() as f:
-        out = list(csv.DictReader(f))
+    out = read_rows(path)
     for row in out:
         for key in NUMBERS:  # rows from before a column was added: NaN (shown as "—")
             row[key] = float(row[key]) if row.get(key) not in (None, "") else float("nan")
         row["seed"] = int(row["seed"])
-        row["device"] = row.get("device") or "cpu"  # rows from before the column: all measured on the CPU
-        row["objective"] = row.get("objective") or "lm"  # rows from before the column: source prompts on the LM loss
     return out
 
 

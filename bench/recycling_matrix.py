@@ -21,7 +21,6 @@ determines them), so a rerun only computes what changed, e.g. a new recycler.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import logging
@@ -47,7 +46,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-from docs_update import bench_logging, in_processes, lock_csv, rows_by_device, update_section, write_rows  # noqa: E402
+from docs_update import (  # noqa: E402
+    bench_logging,
+    in_processes,
+    lock_csv,
+    read_rows,
+    rows_by_device,
+    update_section,
+    write_rows,
+)
 
 from mlflow_recycle.compute import metered  # noqa: E402
 from mlflow_recycle.config import compose  # noqa: E402
@@ -393,15 +400,12 @@ def _cell(cell: tuple) -> list[dict]:
 
 # ---------------------------------------------------------------------- report
 def load_rows(path: Path) -> list[dict]:
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(path)
     for row in rows:
         for key in ("recycled_acc", "zero_shot_acc", "random_prompt_acc", "source_acc", "retuned_acc"):
             row[key] = float(row[key])
         row["success"], row["seed"] = int(row["success"]), int(row["seed"])
         row["recycle_seconds"], row["retune_seconds"] = float(row["recycle_seconds"]), float(row["retune_seconds"])
-        row["device"] = row.get("device") or "cpu"  # rows from before the column: all measured on the CPU
-        row["objective"] = row.get("objective") or "lm"  # rows from before the column: prompts tuned on the LM loss
     return rows
 
 
