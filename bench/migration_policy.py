@@ -46,7 +46,17 @@ from docs_update import (  # noqa: E402
     update_section,
     write_rows,
 )
-from recycling_matrix import INITS, MARGIN, PAIRS, PAPER_TASKS, ChartPoint, Matrix, success_cost_chart, table_title  # noqa: E402
+from recycling_matrix import (  # noqa: E402
+    INITS,
+    MARGIN,
+    PAIRS,
+    PAPER_TASKS,
+    TASK_SETTINGS,
+    ChartPoint,
+    Matrix,
+    success_cost_chart,
+    table_title,
+)
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.job import data_module, task_spec  # noqa: E402
@@ -335,7 +345,10 @@ def _groups(rows_: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["sst2"])
+    parser.add_argument(
+        "--tasks", nargs="+", default=list(TASK_SETTINGS), choices=list(TASK_SETTINGS),
+        help="the matrix's tasks: the paper's protocol (*_plain) first, then the cue protocol",
+    )  # fmt: skip
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="source:target model names (conf/model)")
     parser.add_argument("--inits", nargs="+", default=INITS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
