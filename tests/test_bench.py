@@ -170,12 +170,7 @@ def test_benchmark_rows_of_another_recipe_are_kept_apart(tmp_path):
            "source_acc": "0.77", "retuned_acc": "0.72", "success": "0", "recycle_seconds": "0.1",
            "retune_seconds": "100", "device": "cpu"}  # fmt: skip
     new = {**old, "objective": "classes", "retuned_acc": "0.75", "recycled_acc": "0.65", "success": "1"}
-    path = tmp_path / "recycling_matrix.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=recycling_matrix.COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows([old, new])
-    rows = recycling_matrix.load_rows(path)
+    rows = recycling_matrix.load_rows(_written(tmp_path, [old, new]))
     assert [r["objective"] for r in rows] == ["lm", "classes"]
     assert len(set(map(recycling_matrix.row_key, rows))) == 2
     markdown = recycling_matrix.report(rows, tmp_path)
