@@ -207,10 +207,14 @@ class Matrix:
         return with_recipe(cfg, cfg.source) if model and not self.args.quick else cfg
 
     def objective(self, task: str, model: str) -> str:
-        """What ``model``'s prompts for ``task`` are tuned on (``prompt.objective`` of its recipe): rows and
-        tables keep prompts of one recipe apart from those of another. Composed once per task and model."""
+        """What ``model``'s prompts for ``task`` are tuned on: ``prompt.objective`` of its recipe, and its
+        regulariser when it has one (``classes+norm:0.01``, from ``--set prompt.regularizer=norm
+        prompt.gamma=0.01``): rows and tables keep prompts of one recipe apart from those of another.
+        Composed once per task and model."""
         if (task, model) not in self.objectives:
-            self.objectives[task, model] = self.config(task, model=model).prompt.objective
+            prompt = self.config(task, model=model).prompt
+            penalty = f"+{prompt.regularizer}:{prompt.gamma:g}" if prompt.regularizer != "none" else ""
+            self.objectives[task, model] = prompt.objective + penalty
         return self.objectives[task, model]
 
     def model(self, name: str) -> LoadedModel:

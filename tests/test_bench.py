@@ -221,6 +221,22 @@ def test_recycling_matrix_model_recipe_applies_to_its_model_only(tmp_path, monke
     assert matrix.config("sst2").prompt.length == 20  # evaluations (no model to tune on) keep the default
 
 
+def test_recycling_matrix_labels_a_regularised_recipe_apart(tmp_path):
+    """`--set prompt.regularizer=...` tunes another prompt family: its rows carry it in `objective`."""
+    from argparse import Namespace
+
+    import recycling_matrix
+
+    plain = recycling_matrix.Matrix(Namespace(cache=str(tmp_path), quick=False))
+    penalised = recycling_matrix.Matrix(
+        Namespace(cache=str(tmp_path), quick=False, set=["prompt.regularizer=norm", "prompt.gamma=0.01"])
+    )
+    assert plain.objective("sst2_plain", "small-a") == "classes"
+    assert penalised.objective("sst2_plain", "small-a") == "classes+norm:0.01"
+    where = ("sst2_plain", "small-a", "vocab", 0)
+    assert penalised.prompt_path(*where) != plain.prompt_path(*where)  # and its own prompts in the cache
+
+
 @pytest.mark.slow  # ~17 s: log_model is covered by test_flavor
 def test_log_cost_compares_logging_with_and_without_the_serving_check(tmp_path):
     result = run("log_cost.py", "--repeats", "1", "--no-docs", cwd=tmp_path, quick=False)
