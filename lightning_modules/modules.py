@@ -122,10 +122,11 @@ class RankClassificationModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._outputs = []
 
-    def _finish(self, stage: str) -> None:
-        if not self._outputs:  # an empty split: nothing to score on any rank
-            self.results[stage] = {"accuracy": float("nan")}
-            return
+    def _gathered(self) -> dict[str, Any] | None:
+        """The scored examples so far (all ranks, deduplicated, by example index): accuracy, macro-F1,
+        predictions; None when there are none (an empty split on every rank)."""
+        if not self._outputs:
+            return None
         local = torch.cat(self._outputs)
         self._outputs = []
         gathered = self.all_gather(local)
@@ -138,17 +139,33 @@ class RankClassificationModule(L.LightningModule):
         rows = rows[first].cpu()
         labels, scores = rows[:, 1].long(), rows[:, 2:]
         predictions = scores.argmax(1)
-        accuracy = float((predictions == labels).float().mean())
-        macro_f1 = macro_f1_of(confusion_counts(labels, predictions, scores.shape[1]))
-        self.results[stage] = {
-            "accuracy": accuracy,
-            "macro_f1": macro_f1,
+        return {
+            "accuracy": float((predictions == labels).float().mean()),
+            "macro_f1": macro_f1_of(confusion_counts(labels, predictions, scores.shape[1])),
             "index": index[first].cpu(),
             "predictions": predictions,
             "labels": labels,
             "scores": scores,
         }
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any] | None:
+        """Score every batch of ``batches`` (a split's whole loader) outside Lightning's loops, as
+        ``_gathered`` returns it: what a callback uses to check a prompt on more examples than the
+        trainer's ``limit_val_batches`` validates on. Every rank calls it (it gathers)."""
+        self._outputs = []
+        for batch in batches:
+            self._score(self.trainer.strategy.batch_to_device(batch))
+        return self._gathered()
+
+    def _finish(self, stage: str) -> None:
+        result = self._gathered()
+        if result is None:  # an empty split: nothing to score on any rank
+            self.results[stage] = {"accuracy": float("nan")}
+            return
+        self.results[stage] = result
         # Every rank holds the same deduplicated value: no further reduction needed.
+        accuracy, macro_f1 = result["accuracy"], result["macro_f1"]
         self.log(f"{self.name}/{stage}_accuracy", accuracy, prog_bar=True, sync_dist=False, rank_zero_only=False)
         self.log(f"{self.name}/{stage}_macro_f1", macro_f1, sync_dist=False, rank_zero_only=False)
 

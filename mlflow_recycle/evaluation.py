@@ -44,6 +44,7 @@ def task_data(
     limit_val: int | None = None,
     limit_test: int | None = None,
     seed: int = 0,
+    screen: int = 0,
     datamodule: Callable[..., TextClassificationDataModule] | None = None,
 ) -> TextClassificationDataModule:
     """The task tokenised for ``side``, checked against its context window.
@@ -67,6 +68,7 @@ def task_data(
         limit_val=limit_val,
         limit_test=limit_test,
         seed=seed,
+        screen=screen,
     )
 
 
@@ -116,6 +118,12 @@ class Gate:
     at least that fraction of the source prompt's gain over the source model's own best
     baseline; all in ``metric`` (``accuracy``, or ``macro_f1`` for a multi-class task where
     one class dominates; its standard error is approximated by the same formula).
+
+    ``screen``: check a prompt on that many examples of the split first (a seeded random draw,
+    rounded up to whole evaluation batches), and on the whole split only when the screen reads
+    above the threshold: a prompt passes on the whole split as without a screen, and a prompt
+    the screen turns away costs a fraction of a check (its score is then the screen's). None:
+    every check on the whole split.
     """
 
     split: str = "validation"
@@ -123,6 +131,7 @@ class Gate:
     margin_se: float = 0.0
     keep_gain: float | None = None
     metric: str = "accuracy"
+    screen: int | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -135,6 +144,9 @@ class Gate:
             raise RecycleError(f"gate.keep_gain is a fraction between 0 and 1 (or null), got {self.keep_gain}.")
         if self.margin_se < 0:
             raise RecycleError(f"gate.margin_se is a number of standard errors, 0 or more, got {self.margin_se}.")
+        if self.screen is not None and (isinstance(self.screen, bool) or not isinstance(self.screen, int)
+                                        or self.screen <= 0):  # fmt: skip
+            raise RecycleError(f"gate.screen is a number of examples, 1 or more, or null; got {self.screen!r}.")
 
     def threshold(self, baselines: Baselines, source_gain: float | None = None) -> float:
         """The accuracy a prompt must exceed on ``split``."""
@@ -260,22 +272,35 @@ class Evaluator:
         return {split: report.accuracy for split, report in self.report(side, data, prompt, name).items()}
 
     def score(
-        self, side: LoadedModel, data: TextClassificationDataModule, prompt: torch.Tensor | None, name: str
+        self,
+        side: LoadedModel,
+        data: TextClassificationDataModule,
+        prompt: torch.Tensor | None,
+        name: str,
+        limit_batches: int | None = None,
     ) -> dict[str, float]:
-        """``metric`` of ``prompt`` (None: zero-shot) on each split."""
-        return {split: report.value(self.metric) for split, report in self.report(side, data, prompt, name).items()}
+        """``metric`` of ``prompt`` (None: zero-shot) on each split (its first ``limit_batches`` batches)."""
+        reports = self.report(side, data, prompt, name, limit_batches)
+        return {split: report.value(self.metric) for split, report in reports.items()}
 
     def report(
-        self, side: LoadedModel, data: TextClassificationDataModule, prompt: torch.Tensor | None, name: str
+        self,
+        side: LoadedModel,
+        data: TextClassificationDataModule,
+        prompt: torch.Tensor | None,
+        name: str,
+        limit_batches: int | None = None,
     ) -> dict[str, ClassReport]:
-        """``prompt`` (None: zero-shot) on each split, class by class."""
+        """``prompt`` (None: zero-shot) on each split, class by class; with ``limit_batches``, on
+        the first that many batches of each (a gate's screen: ``data``'s ``screen`` examples)."""
         module = RankClassificationModule(
             side.model, prompt, length_normalize=data.encoder.task.length_normalize, name=name
         )
         reports = {}
         for split in self.splits:
-            # every example of the split, whatever the trainer config limits for training-time validation
-            trainer: L.Trainer = self.trainer(logger=False, limit_val_batches=1.0, limit_test_batches=1.0)
+            # every example of the split (or the screen), whatever the trainer config limits for training
+            limit = 1.0 if limit_batches is None else limit_batches
+            trainer: L.Trainer = self.trainer(logger=False, limit_val_batches=limit, limit_test_batches=limit)
             run = trainer.test if split == "test" else trainer.validate
             run(module, datamodule=data, verbose=False)
             result = module.results[split]
@@ -284,7 +309,8 @@ class Evaluator:
                 reports[split] = ClassReport.of(result["labels"], result["predictions"], classes)
             else:  # an empty split
                 reports[split] = ClassReport(float("nan"), tuple(classes), ())
-            log.info("%s on %s/%s: %.4f", name, side.name, split, reports[split].accuracy)
+            screen = "" if limit_batches is None else f" (screen: {reports[split].examples} examples)"
+            log.info("%s on %s/%s%s: %.4f", name, side.name, split, screen, reports[split].accuracy)
         return reports
 
     def baselines(self, side: LoadedModel, data: TextClassificationDataModule, prompt_length: int) -> Baselines:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -124,7 +125,9 @@ class RetuneStage:
     it reads under the target's random-token prompt on the gate split (the map lost the task and
     more), then a fresh prompt initialised on the target as the source prompt was (its ``init``,
     the transfer's seed): decided on baselines the gate measured anyway, at no cost.
-    ``skip``: turned off, as :class:`RefineStage`'s."""
+    ``skip``: turned off, as :class:`RefineStage`'s. With the gate's ``screen``, each check
+    (every ``eval_every`` steps) reads the screen and the whole split only when the screen reads
+    above the gate (:class:`~lightning_modules.ScreenedGate`)."""
 
     steps: int = 300
     eval_every: int = 50
@@ -173,7 +176,8 @@ class Policy:
             gate = Gate(**(values.get("gate") or {}))
         except TypeError as exc:
             raise RecycleError(
-                f"Bad policy.gate {values.get('gate')}: {exc} (keys: split, margin, margin_se, keep_gain, metric)."
+                f"Bad policy.gate {values.get('gate')}: {exc} "
+                "(keys: split, margin, margin_se, keep_gain, metric, screen)."
             ) from exc
         stages = [_stage(dict(stage), i) for i, stage in enumerate(values.get("stages") or [])]
         if not stages or not isinstance(stages[0], RecycleStage):
@@ -249,7 +253,8 @@ class StageRecord:
     stage: str
     status: str  # passed | failed | skipped | unevaluated
     method: str = ""
-    score: float | None = None  # gate-split accuracy of the best prompt after the stage
+    score: float | None = None  # gate-split accuracy of the best prompt after the stage (a screen's, when
+    # the gate's screen turned every prompt so far away: policy.gate.screen)
     steps: int = 0
     seconds: float = 0.0
     flops: float = 0.0  # model compute (mlflow_recycle.compute), its gate evaluations included
@@ -269,6 +274,9 @@ class PolicyOutcome:
     records: list[StageRecord]
     reason: str = ""
     source_score: float | None = None  # the source prompt on its own model, on the gate split (when measured)
+    # Measuring the gate (the target's baselines on the gate's draw; the source's with keep_gain): paid by
+    # the first prompt of a transfer to need that draw, shared by the rest (0 for them); not in `flops`.
+    gate_flops: float = 0.0
 
     @property
     def stage(self) -> str | None:
@@ -298,6 +306,7 @@ class PolicyOutcome:
             metrics["policy/gate_threshold"] = self.threshold
         if self.source_score is not None:
             metrics["policy/source_gate_accuracy"] = self.source_score
+        metrics["policy/gate_flops"] = self.gate_flops
         for record in self.records:
             prefix = f"policy/{record.stage}"
             metrics[f"{prefix}/steps"] = record.steps
@@ -348,7 +357,14 @@ class Transfer:
     def evaluator(self, split: str, metric: str = "accuracy") -> Evaluator:
         return Evaluator(self.trainer, (split,), self.random_draws, self.seed, metric)
 
-    def data(self, side: LoadedModel, prompt: SoftPrompt, **limits: Any):
+    def screen_batches(self, screen: int | None) -> int | None:
+        """Whole evaluation batches holding ``screen`` examples (None: no screen)."""
+        return None if not screen else math.ceil(screen / self.eval_batch_size)
+
+    def data(self, side: LoadedModel, prompt: SoftPrompt, screen: int | None = None, **limits: Any):
+        """The task on ``side`` with the gate's draw of validation; with a ``screen``, its first
+        whole batches a seeded random draw of it (:class:`~lightning_modules.data.ByLength`)."""
+        batches = self.screen_batches(screen)
         return task_data(
             side,
             prompt.task,
@@ -356,6 +372,7 @@ class Transfer:
             eval_batch_size=self.eval_batch_size,
             limit_val=self.limit_val,
             seed=self.seed,
+            screen=0 if batches is None else batches * self.eval_batch_size,
             **limits,
         )
 
@@ -469,8 +486,9 @@ def _run_policy(
             on_source["score"] = evaluator.score(source, source_data(), prompt.embeddings, "source")[gate.split]
         return on_source["score"]
 
+    gate_flops_before = used.flops
     if problem is None:
-        data = transfer.data(target, prompt)
+        data = transfer.data(target, prompt, gate.screen)
         baselines = transfer.baselines(target, prompt, gate.split, data, gate.metric)
         source_gain = None
         if gate.keep_gain is not None:
@@ -481,11 +499,36 @@ def _run_policy(
     else:
         log.warning("Cannot gate %s: %s; recycling without a gate", recycled_from or "the prompt", problem)
 
+    gate_flops = used.flops - gate_flops_before
     best: SoftPrompt | None = None
     best_score: float | None = None
+    best_whole = True  # best_score is the whole split's (False: a gate screen's, which turned it away)
 
-    def score(candidate: SoftPrompt, name: str) -> float:
-        return transfer.evaluator(gate.split, gate.metric).score(target, data, candidate.embeddings, name)[gate.split]
+    def score(candidate: SoftPrompt, name: str, limit_batches: int | None = None) -> float:
+        evaluator = transfer.evaluator(gate.split, gate.metric)
+        return evaluator.score(target, data, candidate.embeddings, name, limit_batches)[gate.split]
+
+    def check(candidate: SoftPrompt, name: str) -> tuple[float, bool]:
+        """The gate's check: the candidate's score and whether it is the whole split's (with a
+        screen, the screen's when it does not read above the threshold)."""
+        screen_batches = transfer.screen_batches(gate.screen)
+        if screen_batches is not None:
+            value = score(candidate, f"{name}_screen", screen_batches)
+            if value <= threshold:
+                return value, False
+        return score(candidate, name), True
+
+    def whole_best() -> float:
+        """The best prompt's score on the whole split (one a screen turned away is read now)."""
+        nonlocal best_score, best_whole
+        if not best_whole:
+            best_score, best_whole = score(best, "best_so_far"), True
+        return best_score
+
+    def improves(value: float | None) -> bool:
+        """Whether a whole-split ``value`` beats the best prompt so far: one above the gate does
+        (the best so far is not, or the policy would have stopped), at no extra check."""
+        return value is not None and (value > threshold or value > whole_best())
 
     for index, stage in enumerate(policy.stages):
         start, flops_before = time.perf_counter(), used.flops
@@ -513,10 +556,10 @@ def _run_policy(
                 if data is None:  # nothing to judge by: the first applicable recycler's prompt
                     best, record.method = candidate, choice.label
                     break
-                value = score(candidate, choice.label)
-                record.tried[choice.label] = value
+                value, whole = check(candidate, choice.label)
+                record.tried[choice.label if whole else f"{choice.label} (screen)"] = value
                 if best_score is None or value > best_score:
-                    best, best_score, record.method = candidate, value, choice.label
+                    best, best_score, best_whole, record.method = candidate, value, whole, choice.label
                 if value > threshold:
                     break
             if best is None:
@@ -552,7 +595,7 @@ def _run_policy(
                     eval_every=stage.eval_every,
                     stop_above=threshold,
                     patience=stage.patience,
-                    start_score=best_score,
+                    start_score=whole_best(),
                     metric=gate.metric,
                 )
                 record.steps = outcome.steps
@@ -563,7 +606,7 @@ def _run_policy(
                         f"stopped after {outcome.steps} of {stage.settings.steps} steps: {stage.patience} validations "
                         f"in a row did not improve on {bar} (the refine stage's `patience` in policy.stages)"
                     )
-                if outcome.score is not None and outcome.score > best_score:
+                if improves(outcome.score):
                     best, best_score = refined(best, outcome, stage.settings), outcome.score
         else:
             record = StageRecord("retune", FAILED, method="retune")
@@ -580,9 +623,9 @@ def _run_policy(
                         f"under the random-token prompt's {random_prompt:.4f} (start: best_or_init)"
                     )
                 warm = _trained_like_validation(best, stage)
-                outcome = _retune(stage, transfer, warm, threshold, gate.metric, fresh_init=fresh)
+                outcome = _retune(stage, transfer, warm, threshold, gate.metric, fresh_init=fresh, screen=gate.screen)
                 record.steps = outcome.steps
-                if outcome.score is not None and outcome.score > best_score:
+                if improves(outcome.score):
                     started = f"a fresh {fresh} init" if fresh else "the best prompt so far"
                     retuned_config = {**best.recycler_config, "retune": asdict(stage), "retune_started_from": started}
                     best = best.replace(
@@ -609,7 +652,9 @@ def _run_policy(
         reason += f" ({'; '.join(skipped)})" if skipped else ""
     cost = {kind: sum(getattr(r, kind) for r in records) for kind in ("steps", "seconds", "flops")}
     best = best.replace(cost={**cost, "parameters": target.parameters})
-    outcome = PolicyOutcome(best, verdict, best_score, threshold, baselines, records, reason, on_source.get("score"))
+    outcome = PolicyOutcome(
+        best, verdict, best_score, threshold, baselines, records, reason, on_source.get("score"), gate_flops
+    )
     log.info("Policy for %s: %s", recycled_from or "the prompt", outcome.summary())
     return outcome
 
@@ -621,11 +666,14 @@ def _retune(
     threshold: float,
     metric: str = "accuracy",
     fresh_init: str | None = None,
+    screen: int | None = None,
 ) -> FitOutcome:
     """Supervised tuning on the target from ``start`` (or, with ``fresh_init``, from a prompt of
-    that init method drawn on the target with the transfer's seed), stopping once the gate passes."""
+    that init method drawn on the target with the transfer's seed), stopping once the gate passes;
+    with ``screen`` (the gate's), each check reads that many examples first."""
     target = transfer.target
-    data = transfer.data(target, start, batch_size=stage.batch_size, limit_train=stage.limit_train)
+    screen_batches = transfer.screen_batches(screen)
+    data = transfer.data(target, start, screen, batch_size=stage.batch_size, limit_train=stage.limit_train)
     initial = start.embeddings
     if fresh_init is not None:
         initial = initial_prompt(
@@ -646,10 +694,11 @@ def _retune(
     )
     L.seed_everything(transfer.seed, verbose=False)
     begin = f"a fresh {fresh_init} init" if fresh_init else "the best prompt so far"
-    log.info("Re-tuning on %s from %s: up to %d steps", target.name, begin, stage.steps)
+    screened = f", each check on {data.screen} validation examples first" if screen_batches else ""
+    log.info("Re-tuning on %s from %s: up to %d steps%s", target.name, begin, stage.steps, screened)
     return fit_prompt(
         module, transfer.trainer, steps=stage.steps, eval_every=stage.eval_every, stop_above_score=threshold,
-        metric=metric, datamodule=data,
+        metric=metric, screen_batches=screen_batches, datamodule=data,
     )  # fmt: skip
 
 

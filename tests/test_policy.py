@@ -21,6 +21,7 @@ from lightning_modules import (
     fit_prompt,
     read_examples,
 )
+from lightning_modules.data import ByLength
 from mlflow_recycle import RecycleError, SoftPrompt, TaskSpec
 from mlflow_recycle.evaluation import Baselines, Evaluator, Gate
 from mlflow_recycle.models import LoadedModel
@@ -172,11 +173,13 @@ def test_train_like_validation_hands_the_validation_rule_to_the_stages_training(
 
 
 # ---------------------------------------------------------------------- stop rules
-def tuning_module(load_model, data_dir, lr=0.05):
+def tuning_module(load_model, data_dir, lr=0.05, screen=0):
     model, tokenizer = load_model("small-a")
     prompt = SoftPrompt.load(PROMPT)
     encoder = TaskEncoder(tokenizer, prompt.task.replace(data=str(data_dir("sst2"))))
-    data = TextClassificationDataModule(encoder, batch_size=8, limit_train=96, limit_val=32)
+    data = TextClassificationDataModule(
+        encoder, batch_size=8, limit_train=96, limit_val=32, eval_batch_size=8 if screen else 64, screen=screen
+    )
     init = initial_prompt("vocab", model.get_input_embeddings().weight, 8, seed=0)
     return PromptTuningModule(model, init, optimizer=adamw(lr), name="t"), data
 
@@ -188,6 +191,39 @@ def test_fit_stops_at_the_first_validation_above_the_gate(load_model, data_dir):
     module, data = tuning_module(load_model, data_dir)
     never = fit_prompt(module, trainer, steps=6, eval_every=3, stop_above_score=2.0, datamodule=data)
     assert (never.steps, never.stopped_early) == (6, False)
+
+
+def test_a_screened_gate_checks_on_a_few_batches_and_decides_on_the_whole_split(load_model, data_dir):
+    """screen_batches: validations run on the first batches (a seeded random draw of the split, not
+    its shortest rows); only a screen above the gate, or the last validation, is checked on all of
+    it, so the returned score is the whole split's and the checks cost a fraction of full ones."""
+    module, data = tuning_module(load_model, data_dir, screen=8)
+    order = ByLength(data.dataset("validation"), lead=8, seed=0).order
+    lengths = [len(data.dataset("validation").contexts[i]) for i in order]
+    assert sorted(order) == list(range(32)) and lengths[8:] == sorted(lengths[8:])
+    assert lengths[:8] != sorted(lengths)[:8], "the screen is a random draw, not the shortest rows"
+
+    def whole_split(prompt):
+        side = LoadedModel("small-a", "", module.lm.model, None)
+        return Evaluator(trainer, ("validation",)).accuracy(side, data, prompt, "whole")["validation"]
+
+    never = fit_prompt(module, trainer, steps=6, eval_every=2, stop_above_score=2.0, screen_batches=1, datamodule=data)
+    assert (never.steps, never.stopped_early, never.best_step) == (6, False, 6)  # only the last one is checked
+    assert never.score == pytest.approx(whole_split(never.prompt))
+    module, data = tuning_module(load_model, data_dir, screen=8)
+    full = fit_prompt(module, trainer, steps=6, eval_every=2, stop_above_score=2.0, datamodule=data)
+    trained = full.compute.backward
+    assert never.compute.backward == trained  # the same training; validations: 3 screens + 1 whole split
+    whole = (full.compute.forward - trained) / 3  # positions one validation on the whole split reads
+    screen = ((never.compute.forward - trained) - whole) / 3
+    assert 0 < screen < whole / 2  # a screen of 8 of the 32 examples
+    module, data = tuning_module(load_model, data_dir, screen=8)
+    passed = fit_prompt(module, trainer, steps=6, eval_every=2, stop_above_score=-1.0, screen_batches=1,
+                        datamodule=data)  # fmt: skip
+    assert (passed.steps, passed.stopped_early) == (2, True)
+    assert passed.score == pytest.approx(whole_split(passed.prompt))
+    with pytest.raises(ValueError, match="needs eval_every and stop_above_score, and no patience"):
+        fit_prompt(module, trainer, steps=2, eval_every=2, screen_batches=1, datamodule=data)
 
 
 def test_patience_stops_a_fit_that_does_not_improve_on_its_start(load_model, data_dir):
@@ -243,6 +279,30 @@ def test_recycle_stops_at_the_first_recycler_that_passes(sides, good_prompt):
     assert len(outcome.records) == 1 and outcome.steps == 0  # no training once the gate passed
     assert outcome.score > outcome.threshold == outcome.baselines.best("validation")
     assert outcome.baselines.examples == {"validation": 48}  # the gate split's draw (limit_val)
+
+
+def test_a_gate_screen_turns_prompts_away_cheaply_and_passes_them_on_the_whole_split(sides, good_prompt):
+    """gate.screen: a recycled prompt is read on a few examples first; one that reads above the
+    threshold there is judged on the whole split (its score that split's), one that does not is
+    turned away at a screen's cost, recorded as a screen; re-tuning's checks are screened too."""
+    with pytest.raises(RecycleError, match="gate.screen is a number of examples, 1 or more, or null; got 0"):
+        Gate(screen=0)
+    pair = transfer(sides, "small-a", "small-b", eval_batch_size=16)
+    data = pair.data(pair.target, good_prompt)
+    passes = run_policy(policy(RECYCLE, RETUNE, margin=-100, screen=16), pair, good_prompt)
+    assert passes.stage == "recycle" and list(passes.records[0].tried) == ["linear"]
+    whole = pair.evaluator("validation").score(pair.target, data, passes.prompt.embeddings, "whole")["validation"]
+    assert passes.score == pytest.approx(whole)
+    unscreened = run_policy(policy(RECYCLE, RETUNE, margin=-100), pair, good_prompt)
+    assert unscreened.score == pytest.approx(passes.score)  # the same verdict and score, plus a screen's cost
+    # the gate's baselines: measured (and charged) for the first prompt of the transfer, shared by the next
+    assert passes.metrics()["policy/gate_flops"] > 0 == unscreened.gate_flops
+    never = run_policy(policy(RECYCLE, RETUNE, margin=100, screen=16), pair, good_prompt)
+    recycle, retune = never.records
+    assert list(recycle.tried) == ["linear (screen)"] and recycle.flops < unscreened.records[0].flops / 2
+    assert never.gate == FAILED and retune.steps == 4  # the budget's last check reads the whole split
+    trained = pair.evaluator("validation").score(pair.target, data, never.prompt.embeddings, "whole")["validation"]
+    assert never.score == pytest.approx(trained)  # the better of the two on the whole split, whichever it is
 
 
 def test_baselines_are_those_of_the_draw_a_prompt_is_judged_on(sides, good_prompt):
