@@ -47,6 +47,7 @@ from docs_update import (  # noqa: E402
     write_rows,
 )
 from recycling_matrix import (  # noqa: E402
+    CROSS_PAIRS,
     INITS,
     MARGIN,
     PAIRS,
@@ -280,26 +281,35 @@ def compared(all_rows: list[dict]) -> str:
 def chart_points(all_rows: list[dict]) -> dict[str, list[ChartPoint]]:
     """Issue 15's chart for the policies: the share of prompts whose migrated prompt beats the best
     test baseline by the matrix's margin, against the median compute (counted FLOPs) as a share of
-    re-tuning, one point per policy with counted rows, a panel per paper-protocol task; the bars
-    span the pairs' rates."""
+    re-tuning, one point per policy with counted rows. Per paper-protocol task, a panel over every
+    pair (the bars span the pairs' rates) and one over the pairs across seeds and sizes, the issue's
+    criterion (the bars span the seeds' rates and median compute)."""
     panels = {}
     for task in (t for t in PAPER_TASKS if any(r["task"] == t for r in all_rows)):
-        points = []
-        for (objective, policy), group in _groups(
-            [r for r in all_rows if r["task"] == task], ("objective", "policy")
-        ).items():
-            counted = _counted(group)
-            if not counted:
-                continue
-            rates = [100 * _working_share(rows_) for rows_ in _groups(counted, ("source", "target")).values()]
-            cost = 100 * statistics.median(r["compute_fraction"] for r in counted)
-            short = policy.replace("policy.stages.", "stage ").replace("policy.", "")
-            rate = 100 * _working_share(counted)
-            label_ = f"{short}, prompts on objective={objective} (n={len(counted)})"
-            points.append(ChartPoint(label_, cost, rate, min(rates), max(rates), policy, objective))
-        if points:
-            panels[task] = points
+        task_rows = [r for r in all_rows if r["task"] == task]
+        across = [r for r in task_rows if f"{r['source']}:{r['target']}" in CROSS_PAIRS]
+        for title, rows_, by in (
+            (f"{task.upper()}, every pair", task_rows, ("source", "target")),
+            (f"{task.upper()}, across seeds and sizes", across, ("seed",)),
+        ):
+            points = [_chart_point(objective, policy, counted, by)
+                      for (objective, policy), group in _groups(rows_, ("objective", "policy")).items()
+                      if (counted := _counted(group))]  # fmt: skip
+            if points:
+                panels[title] = points
     return panels
+
+
+def _chart_point(objective: str, policy: str, counted: list[dict], by: tuple[str, ...]) -> ChartPoint:
+    """One policy's point: its rate and median compute, with their spans over the groups ``by``."""
+    groups = list(_groups(counted, by).values())
+    rates = [100 * _working_share(rows_) for rows_ in groups]
+    costs = [100 * statistics.median(r["compute_fraction"] for r in rows_) for rows_ in groups]
+    short = policy.replace("policy.stages.", "stage ").replace("policy.", "")
+    label_ = f"{short}, prompts on objective={objective} (n={len(counted)})"
+    cost = 100 * statistics.median(r["compute_fraction"] for r in counted)
+    spread = {"cost_low": min(costs), "cost_high": max(costs)} if by == ("seed",) else {}
+    return ChartPoint(label_, cost, 100 * _working_share(counted), min(rates), max(rates), policy, objective, **spread)
 
 
 def _working_share(rows_: list[dict]) -> float:
@@ -403,8 +413,8 @@ def main() -> None:
                      100 * row["cost_fraction"])  # fmt: skip
     all_rows = load_rows(csv_path)
     axis = "compute, % of re-tuning's FLOPs on the target (median; log scale)"
-    success_cost_chart(chart_points(all_rows), out / "migration_policy.png",
-                       "Migration policies: success against compute", axis, "the pairs' rates")  # fmt: skip
+    title = "Migration policies: success against compute"
+    success_cost_chart(chart_points(all_rows), out / "migration_policy.png", title, axis, "the pairs' or seeds' values")
     markdown = "\n".join(filter(None, (report(all_rows), compared(all_rows))))
     print(markdown)
     if not args.quick:

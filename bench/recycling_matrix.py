@@ -81,6 +81,8 @@ PAIRS = {
     "small-a:small-c": "other tokenizer",
     "small-c:small-a": "other tokenizer",
 }
+# Issue 15's criterion: the pairs across seeds and sizes (no shared lineage, the same tokenizer).
+CROSS_PAIRS = ("small-a:small-b", "small-a:large", "large:small-a")
 PAPER_RECYCLERS = ["linear", "lincomb", "mlp"]
 RECYCLERS = [
     "identity", *PAPER_RECYCLERS, "procrustes", "procrustes:match_norm=true", "linear:ridge=auto", "relative",
@@ -584,7 +586,8 @@ PAPER_TASKS = ("sst2_plain", "imdb_plain")
 class ChartPoint:
     """One method on a success-against-cost chart: ``cost`` (% of re-tuning), ``rate`` (% of prompts
     succeeding with the margin) and the span of that rate over some grouping (``low``, ``high``);
-    ``method`` picks the colour and ``recipe`` the marker, so one method keeps its colour across recipes."""
+    ``method`` picks the colour and ``recipe`` the marker, so one method keeps its colour across recipes;
+    ``cost_low``/``cost_high``, when given, the span of the cost over the same grouping."""
 
     label: str
     cost: float
@@ -593,11 +596,14 @@ class ChartPoint:
     high: float
     method: str = ""
     recipe: str = ""
+    cost_low: float | None = None
+    cost_high: float | None = None
 
 
 def success_cost_chart(panels: dict[str, list[ChartPoint]], path: Path, title: str, xlabel: str, bars: str) -> None:
-    """Success with a margin against compute, one point per method, a panel per task: the chart
-    of issue 15, drawn alike for the matrix's recyclers and the policy benchmark's policies."""
+    """Success with a margin against compute, one point per method, a panel per key of ``panels``
+    (its title): the chart of issue 15, drawn alike for the matrix's recyclers and the policy
+    benchmark's policies."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -616,9 +622,12 @@ def success_cost_chart(panels: dict[str, list[ChartPoint]], path: Path, title: s
         for point in points:
             cost = max(point.cost, 1e-3)
             yerr = [[point.rate - point.low], [point.high - point.rate]]
+            xerr = None
+            if point.cost_low is not None and point.cost_high is not None:
+                xerr = [[cost - max(point.cost_low, 1e-3)], [max(point.cost_high, 1e-3) - cost]]
             colour = cmap(methods.index(point.method or point.label) % 20)
             marker = "osD^v"[recipes.index(point.recipe) % 5]
-            ax.errorbar(cost, point.rate, yerr=yerr, fmt=marker, capsize=3, color=colour,
+            ax.errorbar(cost, point.rate, yerr=yerr, xerr=xerr, fmt=marker, capsize=3, color=colour,
                         label=textwrap.fill(point.label, 90))  # fmt: skip
         ax.axvline(5, color="grey", linestyle=":", linewidth=1)
         ax.axhline(80, color="grey", linestyle=":", linewidth=1)
@@ -626,10 +635,10 @@ def success_cost_chart(panels: dict[str, list[ChartPoint]], path: Path, title: s
         ax.set_ylim(-5, 105)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"success with a margin, % (≥ best test baseline + {100 * MARGIN:.0f} points)")
-        ax.set_title(f"{task.upper()}: bars span {bars}; the aim: above and left of the dotted lines", fontsize=9)
+        ax.set_title(f"{task}\nbars span {bars}", fontsize=9)
         ax.set_xlim(min(0.5, *(p.cost / 2 for p in points)), max(200, *(p.cost * 2 for p in points)))
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.14), frameon=False)
-    fig.suptitle(title)
+    fig.suptitle(f"{title} (the aim: above and left of the dotted lines)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -642,7 +651,7 @@ def tradeoff_chart(rows: list[dict], path: Path) -> None:
     for task, objective, task_rows in tables(rows):
         if task not in PAPER_TASKS:
             continue
-        points = panels.setdefault(task, [])
+        points = panels.setdefault(task.upper(), [])
         for rec in dict.fromkeys(r["recycler"] for r in task_rows):
             group = [r for r in task_rows if r["recycler"] == rec]
             stats = summarise(group)

@@ -355,18 +355,30 @@ def test_the_policy_report_compares_policies_on_the_same_prompts_only():
 def test_the_policy_chart_plots_success_with_the_margin_against_counted_compute():
     from migration_policy import chart_points
 
-    def row(policy, target, test, compute, task="sst2_plain"):
-        return {"task": task, "objective": "lm", "source": "a", "target": target, "policy": policy,
-                "test_accuracy": test, "test_zero_shot": 0.60, "test_random_prompt": 0.58,
+    def row(policy, target, test, compute, task="sst2_plain", seed=0):
+        return {"task": task, "objective": "lm", "source": "small-a", "target": target, "policy": policy,
+                "seed": seed, "test_accuracy": test, "test_zero_shot": 0.60, "test_random_prompt": 0.58,
                 "compute_fraction": compute}  # fmt: skip
 
-    rows = [row("default", "b", 0.63, 0.05), row("default", "b", 0.61, 0.07), row("default", "c", 0.70, 0.30)]
-    rows += [row("old", "b", 0.70, float("nan")), row("default", "b", 0.90, 0.01, task="sst2")]
-    (point,) = chart_points(rows)["sst2_plain"]  # "old" counted no compute; sst2 is not a paper-protocol task
+    rows = [row("default", "small-b", 0.63, 0.05), row("default", "small-b", 0.61, 0.07, seed=1)]
+    rows += [row("default", "small-c", 0.70, 0.30)]
+    rows += [row("old", "small-b", 0.70, float("nan")), row("default", "small-b", 0.90, 0.01, task="sst2")]
+    panels = chart_points(rows)  # "old" counted no compute; sst2 is not a paper-protocol task
+    assert list(panels) == ["SST2_PLAIN, every pair", "SST2_PLAIN, across seeds and sizes"]
+    (point,) = panels["SST2_PLAIN, every pair"]
     # 0.63 and 0.70 clear 0.60 + 2 points, 0.61 does not: 2 of 3; pair a->b 1 of 2, a->c 1 of 1
     assert (point.label, point.low, point.high) == ("default, prompts on objective=lm (n=3)", 50.0, 100.0)
     assert (point.cost, point.rate) == (pytest.approx(7.0), pytest.approx(200 / 3))  # the median compute, in %
-    assert chart_points([row("old", "b", 0.70, float("nan"))]) == {}
+    assert point.cost_low is None  # spans over pairs: the rate's only
+    # across seeds and sizes: small-a -> small-b only (small-c has another tokenizer), spans over the seeds
+    (across,) = panels["SST2_PLAIN, across seeds and sizes"]
+    assert (across.rate, across.low, across.high) == (50.0, 0.0, 100.0)
+    assert (across.cost, across.cost_low, across.cost_high) == (
+        pytest.approx(6.0),
+        pytest.approx(5.0),
+        pytest.approx(7.0),
+    )
+    assert chart_points([row("old", "small-b", 0.70, float("nan"))]) == {}
 
 
 def test_a_killed_run_loses_no_row_of_its_csv(tmp_path):
