@@ -612,13 +612,17 @@ def success_cost_chart(panels: dict[str, list[ChartPoint]], path: Path, title: s
     if not panels:
         return
     longest = max(len(points) for points in panels.values())
-    size = (6.5 * len(panels), 5.0 + 0.22 * longest)  # room for a legend line per point
-    fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False, layout="constrained")
+    columns = min(2, len(panels))  # two panels a row: a task's every pair and across seeds and sizes
+    rows = -(-len(panels) // columns)
+    size = (6.5 * columns, (5.0 + 0.22 * longest) * rows)  # room for a legend line per point
+    fig, axes = plt.subplots(rows, columns, figsize=size, squeeze=False, layout="constrained")
+    for unused in axes.flat[len(panels) :]:
+        unused.set_visible(False)
     everything = [point for points in panels.values() for point in points]
     methods = list(dict.fromkeys(point.method or point.label for point in everything))
     recipes = list(dict.fromkeys(point.recipe for point in everything))
     cmap = plt.get_cmap("tab20")
-    for ax, (task, points) in zip(axes[0], panels.items(), strict=True):
+    for ax, (task, points) in zip(axes.flat, panels.items(), strict=False):
         for point in points:
             cost = max(point.cost, 1e-3)
             yerr = [[point.rate - point.low], [point.high - point.rate]]
