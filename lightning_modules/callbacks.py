@@ -80,7 +80,11 @@ class BestPrompt(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
-        self._consider(trainer, pl_module, float(trainer.callback_metrics[self.monitor]))
+        self._validated(trainer, pl_module, float(trainer.callback_metrics[self.monitor]))
+
+    def _validated(self, trainer: L.Trainer, pl_module: L.LightningModule, score: float) -> None:
+        """A validation's ``monitor`` value, once per validation (a subclass may check it further)."""
+        self._consider(trainer, pl_module, score)
 
     def _consider(self, trainer: L.Trainer, pl_module: L.LightningModule, score: float) -> None:
         if score == score and self._better(score):  # NaN (an empty split) never counts
@@ -98,24 +102,17 @@ class ScreenedGate(BestPrompt):
     A screen only decides whether a confirmation is worth its compute; the gate itself is decided
     on the whole split as without one. A screen that misses a prompt that would pass costs the
     steps to the next validation; one that lets a prompt through costs one confirmation.
-    ``screens`` and ``confirmations`` count what ran.
     """
 
     def __init__(self, monitor: str, threshold: float, metric: str = "accuracy") -> None:
         super().__init__(monitor)
         self.threshold, self.metric = threshold, metric
-        self.screens = self.confirmations = 0
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
-            return
-        self.screens += 1
-        screen = float(trainer.callback_metrics[self.monitor])
+    def _validated(self, trainer: L.Trainer, pl_module: L.LightningModule, screen: float) -> None:
         if not (screen > self.threshold or trainer.global_step >= trainer.max_steps):
             return
         result = pl_module.evaluate(trainer.val_dataloaders)
         score = float("nan") if result is None else float(result[self.metric])
-        self.confirmations += 1
         log.info(
             "%s: step %d, screen %s %.4f, on the whole split %.4f (gate > %.4f)",
             getattr(pl_module, "name", "training"), trainer.global_step, self.metric, screen, score, self.threshold,
