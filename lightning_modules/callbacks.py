@@ -94,9 +94,8 @@ class BestPrompt(L.Callback):
 
 class ScreenedGate(BestPrompt):
     """A gate checked on a screen first: the trainer validates on its ``limit_val_batches`` (the
-    first batches of the split, the screen), and only a screen strictly above ``confirm_above``
-    (default: ``threshold``), or the budget's last validation, is checked on the whole split (the
-    confirmation). The best
+    first batches of the split, the screen), and only a screen strictly above ``threshold``, or
+    the budget's last validation, is checked on the whole split (the confirmation). The best
     *confirmed* prompt is kept (a screen's score is on other examples: not comparable) and
     training stops at the first confirmation above ``threshold``.
 
@@ -105,15 +104,12 @@ class ScreenedGate(BestPrompt):
     steps to the next validation; one that lets a prompt through costs one confirmation.
     """
 
-    def __init__(
-        self, monitor: str, threshold: float, metric: str = "accuracy", confirm_above: float | None = None
-    ) -> None:
+    def __init__(self, monitor: str, threshold: float, metric: str = "accuracy") -> None:
         super().__init__(monitor)
         self.threshold, self.metric = threshold, metric
-        self.confirm_above = threshold if confirm_above is None else confirm_above
 
     def _validated(self, trainer: L.Trainer, pl_module: L.LightningModule, screen: float) -> None:
-        if not (screen > self.confirm_above or trainer.global_step >= trainer.max_steps):
+        if not (screen > self.threshold or trainer.global_step >= trainer.max_steps):
             return
         result = pl_module.evaluate(trainer.val_dataloaders)
         score = float("nan") if result is None else float(result[self.metric])

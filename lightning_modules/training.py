@@ -64,7 +64,6 @@ def fit_prompt(
     start_score: float | None = None,
     metric: str = "accuracy",
     screen_batches: int | None = None,
-    screen_above: float | None = None,
     datamodule: L.LightningDataModule | None = None,
     train_dataloaders: Any = None,
     val_dataloaders: Any = None,
@@ -81,8 +80,8 @@ def fit_prompt(
     validation runs and the last prompt is returned.
 
     With ``screen_batches`` (and ``stop_above_score``), each validation runs on the first that
-    many batches of the validation data, and only a screen above ``screen_above`` (default: the
-    gate), or the last validation, is checked on all of it (:class:`~lightning_modules.callbacks.ScreenedGate`):
+    many batches of the validation data, and only a screen above the gate, or the last
+    validation, is checked on all of it (:class:`~lightning_modules.callbacks.ScreenedGate`):
     the gate is decided on the whole split as without a screen, for the compute of a few
     batches per validation. The returned prompt and score are the best checked on all of it.
     """
@@ -97,7 +96,7 @@ def fit_prompt(
         if not eval_every or stop_above_score is None or patience is not None:
             raise ValueError("screen_batches screens validations for a gate: it needs eval_every and "
                              "stop_above_score, and no patience (a screen's scores are not comparable)")  # fmt: skip
-        best = ScreenedGate(monitor, stop_above_score, metric, confirm_above=screen_above)
+        best = ScreenedGate(monitor, stop_above_score, metric)
         callbacks.append(best)
         validation = {"val_check_interval": min(eval_every, steps), "limit_val_batches": screen_batches}
     elif eval_every:

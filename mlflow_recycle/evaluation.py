@@ -123,11 +123,7 @@ class Gate:
     rounded up to whole evaluation batches), and on the whole split only when the screen reads
     above the threshold: a prompt passes on the whole split as without a screen, and a prompt
     the screen turns away costs a fraction of a check (its score is then the screen's). None:
-    every check on the whole split. ``screen_slack_se``: the screen lets a prompt through to the
-    whole split already when it reads above the threshold minus that many standard errors of a
-    screen at the threshold (``sqrt(t(1 - t) / n)``, n the screen's examples): a screen is a
-    small sample, and one that reads a prompt just above the bar under it costs that prompt the
-    steps to the next check; 0 confirms only screens above the threshold itself.
+    every check on the whole split.
     """
 
     split: str = "validation"
@@ -136,7 +132,6 @@ class Gate:
     keep_gain: float | None = None
     metric: str = "accuracy"
     screen: int | None = None
-    screen_slack_se: float = 0.0
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -152,15 +147,6 @@ class Gate:
         if self.screen is not None and (isinstance(self.screen, bool) or not isinstance(self.screen, int)
                                         or self.screen <= 0):  # fmt: skip
             raise RecycleError(f"gate.screen is a number of examples, 1 or more, or null; got {self.screen!r}.")
-        if self.screen_slack_se < 0:
-            raise RecycleError(
-                f"gate.screen_slack_se is a number of standard errors, 0 or more, got {self.screen_slack_se}."
-            )
-
-    def screen_bar(self, threshold: float, examples: int) -> float:
-        """What a screen of ``examples`` must read above for the whole split to be checked."""
-        spread = math.sqrt(max(threshold * (1 - threshold), 0.0) / examples) if examples else 0.0
-        return threshold - self.screen_slack_se * spread
 
     def threshold(self, baselines: Baselines, source_gain: float | None = None) -> float:
         """The accuracy a prompt must exceed on ``split``."""

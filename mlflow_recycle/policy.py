@@ -177,7 +177,7 @@ class Policy:
         except TypeError as exc:
             raise RecycleError(
                 f"Bad policy.gate {values.get('gate')}: {exc} "
-                "(keys: split, margin, margin_se, keep_gain, metric, screen, screen_slack_se)."
+                "(keys: split, margin, margin_se, keep_gain, metric, screen)."
             ) from exc
         stages = [_stage(dict(stage), i) for i, stage in enumerate(values.get("stages") or [])]
         if not stages or not isinstance(stages[0], RecycleStage):
@@ -514,7 +514,7 @@ def _run_policy(
         screen_batches = transfer.screen_batches(gate.screen)
         if screen_batches is not None:
             value = score(candidate, f"{name}_screen", screen_batches)
-            if value <= gate.screen_bar(threshold, data.screen):
+            if value <= threshold:
                 return value, False
         return score(candidate, name), True
 
@@ -623,7 +623,7 @@ def _run_policy(
                         f"under the random-token prompt's {random_prompt:.4f} (start: best_or_init)"
                     )
                 warm = _trained_like_validation(best, stage)
-                outcome = _retune(stage, transfer, warm, threshold, gate, fresh_init=fresh)
+                outcome = _retune(stage, transfer, warm, threshold, gate.metric, fresh_init=fresh, screen=gate.screen)
                 record.steps = outcome.steps
                 if improves(outcome.score):
                     started = f"a fresh {fresh} init" if fresh else "the best prompt so far"
@@ -664,15 +664,16 @@ def _retune(
     transfer: Transfer,
     start: SoftPrompt,
     threshold: float,
-    gate: Gate,
+    metric: str = "accuracy",
     fresh_init: str | None = None,
+    screen: int | None = None,
 ) -> FitOutcome:
     """Supervised tuning on the target from ``start`` (or, with ``fresh_init``, from a prompt of
     that init method drawn on the target with the transfer's seed), stopping once the gate passes;
-    with the gate's ``screen``, each check reads that many examples first."""
+    with ``screen`` (the gate's), each check reads that many examples first."""
     target = transfer.target
-    screen_batches = transfer.screen_batches(gate.screen)
-    data = transfer.data(target, start, gate.screen, batch_size=stage.batch_size, limit_train=stage.limit_train)
+    screen_batches = transfer.screen_batches(screen)
+    data = transfer.data(target, start, screen, batch_size=stage.batch_size, limit_train=stage.limit_train)
     initial = start.embeddings
     if fresh_init is not None:
         initial = initial_prompt(
@@ -697,8 +698,7 @@ def _retune(
     log.info("Re-tuning on %s from %s: up to %d steps%s", target.name, begin, stage.steps, screened)
     return fit_prompt(
         module, transfer.trainer, steps=stage.steps, eval_every=stage.eval_every, stop_above_score=threshold,
-        metric=gate.metric, screen_batches=screen_batches, datamodule=data,
-        screen_above=gate.screen_bar(threshold, data.screen) if screen_batches else None,
+        metric=metric, screen_batches=screen_batches, datamodule=data,
     )  # fmt: skip
 
 
