@@ -317,15 +317,24 @@ def load_reference(reference: dict[str, Any], name: str = "the base model") -> t
     return model, tokenizer
 
 
-@functools.lru_cache(maxsize=4)
 def load_base_model(uri: str) -> tuple[Any, Any]:
     """``(model, tokenizer)`` in float32 for a base-model URI, cached per process.
 
     ``models:/``, ``runs:/`` and ``mlflow-artifacts:/`` URIs are ``mlflow.transformers``
     models or references (:class:`BaseModelReference`); anything else is a local
-    directory or hub id.
+    directory or hub id. An MLflow URI is cached per tracking and registry store: ``models:/lm/2``
+    of one store is not that of another.
     """
     if uri.startswith(MLFLOW_URI_SCHEMES):
+        import mlflow
+
+        return _load_base_model(uri, (mlflow.get_tracking_uri(), mlflow.get_registry_uri()))
+    return _load_base_model(uri, None)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_base_model(uri: str, store: tuple[str, str] | None) -> tuple[Any, Any]:
+    if store is not None:
         import mlflow
         from mlflow.models import Model
 
@@ -339,6 +348,9 @@ def load_base_model(uri: str) -> tuple[Any, Any]:
         model, tokenizer = load_pretrained(uri)
     log.info("Loaded base model %s", uri)
     return model, tokenizer
+
+
+load_base_model.cache_clear = _load_base_model.cache_clear  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------- process settings

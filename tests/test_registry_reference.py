@@ -67,3 +67,20 @@ def test_local_directories_are_still_copied_by_default(store, model_dir, tmp_pat
     assert "transformers" in mlflow.models.Model.load(uri).flavors
     assert artifact_bytes(uri, tmp_path / "dl") > (model_dir("small-a-early") / "model.safetensors").stat().st_size
     assert load_base_model(uri)[1].bos_token is None  # the copied tokenizer keeps the bos setting
+
+
+def test_the_same_model_uri_in_another_store_is_another_model(model_dir, tmp_path):
+    """``models:/lm/1`` names a model of one registry: a process that works with two stores (a
+    migration after another, a test suite) gets each store's own."""
+    previous = mlflow.get_tracking_uri()
+    try:
+        loaded = {}
+        for name in ("small-a", "small-b"):
+            mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/{name}.db")
+            mlflow.set_experiment(name)  # not the experiment a module fixture made active in its own store
+            register_base_model(str(model_dir(name)), "lm", copy_weights=False)
+            loaded[name] = load_base_model("models:/lm/1")[0]
+        first, second = (model.get_input_embeddings().weight for model in loaded.values())
+        assert not torch.equal(first, second)
+    finally:
+        mlflow.set_tracking_uri(previous)
