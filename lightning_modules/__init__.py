@@ -2,7 +2,7 @@
 
 from .callbacks import BestPrompt, ProgressLog, ScreenedGate, stop_above
 from .data import TextClassificationDataModule, long_enough, read_examples
-from .distillation import PromptDistillationModule, UnlabelledPairDataModule
+from .distillation import MapDistillationModule, PromptDistillationModule, UnlabelledPairDataModule
 from .modules import (
     OptimizerFactory,
     PromptTuningModule,
@@ -11,11 +11,13 @@ from .modules import (
     TrainablePromptModule,
     adamw,
 )
-from .training import FitOutcome, TrainerFactory, fit_prompt
+from .training import FitOutcome, MapFitOutcome, TrainerFactory, fit_map, fit_prompt
 
 __all__ = [
     "BestPrompt",
     "FitOutcome",
+    "MapDistillationModule",
+    "MapFitOutcome",
     "OptimizerFactory",
     "ProgressLog",
     "PromptDistillationModule",
@@ -28,6 +30,7 @@ __all__ = [
     "TrainerFactory",
     "UnlabelledPairDataModule",
     "adamw",
+    "fit_map",
     "fit_prompt",
     "long_enough",
     "read_examples",

@@ -20,6 +20,7 @@ import torch
 from mlflow_recycle.compute import Compute, metered
 
 from .callbacks import BestPrompt, ProgressLog, ScreenedGate, StepProgressBar, stop_above
+from .distillation import MapDistillationModule
 from .modules import TrainablePromptModule
 
 #: Builds a Lightning trainer; keyword arguments override its configured ones. At the entry
@@ -51,6 +52,58 @@ class FitOutcome:
     stopped_early: bool
     plateaued: bool = False
     compute: Compute = field(default_factory=Compute)
+
+
+def progress(trainer: TrainerFactory) -> list[L.Callback]:
+    """How a training run shows its progress: a step-counted bar in a terminal, log lines
+    elsewhere (a log file or CI, where a bar writes nothing readable), none when the trainer
+    config turns the bar off."""
+    if not sys.stderr.isatty():
+        return [ProgressLog()]
+    return [StepProgressBar()] if getattr(trainer, "keywords", {}).get("enable_progress_bar", True) else []
+
+
+@dataclass(frozen=True)
+class MapFitOutcome:
+    """What training a map on behaviour produced (:func:`fit_map`) and what it cost.
+
+    Attributes:
+        state: the trained tensors (:meth:`MapDistillationModule.trained_state`).
+        steps, seconds, compute: as :class:`FitOutcome`'s.
+        agreement: the share of the last batch on which student and teacher agreed.
+    """
+
+    state: dict[str, torch.Tensor]
+    steps: int
+    seconds: float
+    agreement: float | None
+    compute: Compute = field(default_factory=Compute)
+
+
+def fit_map(
+    module: MapDistillationModule, trainer: TrainerFactory, *, steps: int, train_dataloaders: Any
+) -> MapFitOutcome:
+    """Train ``module``'s map for ``steps`` optimizer steps (no validation: a map serves every
+    prompt of its task, and each recycled prompt is judged by the policy's gate)."""
+    fit: L.Trainer = trainer(
+        max_steps=steps,
+        check_val_every_n_epoch=None,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=progress(trainer),
+    )
+    start = time.perf_counter()
+    with metered() as used:
+        fit.fit(module, train_dataloaders=train_dataloaders)
+    agreement = fit.callback_metrics.get(f"{module.name}/agreement")
+    return MapFitOutcome(
+        module.trained_state(),
+        fit.global_step,
+        time.perf_counter() - start,
+        None if agreement is None else float(agreement),
+        used,
+    )
 
 
 def fit_prompt(
@@ -86,11 +139,7 @@ def fit_prompt(
     batches per validation. The returned prompt and score are the best checked on all of it.
     """
     monitor = f"{module.name}/validation_{metric}"
-    callbacks: list[L.Callback] = list(trainer_kwargs.pop("callbacks", None) or [])
-    if not sys.stderr.isatty():  # a log file or CI: a progress bar writes nothing readable there
-        callbacks.append(ProgressLog())
-    elif getattr(trainer, "keywords", {}).get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar())
+    callbacks: list[L.Callback] = list(trainer_kwargs.pop("callbacks", None) or []) + progress(trainer)
     best = BestPrompt(monitor)
     if screen_batches is not None:
         if not eval_every or stop_above_score is None or patience is not None:

@@ -307,7 +307,10 @@ def transfer(ctx: Context, source: LoadedModel, target: LoadedModel) -> Transfer
         ctx.seconds.update({f"anchors_{key}": float(value) for key, value in stats.items()})
 
     anchors = ctx.cfg.anchors
-    fit = fitter(source, target, anchor_offset=anchors.offset, anchor_size=anchors.size, on_fit=record)
+    fit = fitter(
+        source, target, anchor_offset=anchors.offset, anchor_size=anchors.size, on_fit=record,
+        trainer=ctx.trainer, seed=ctx.cfg.seed,
+    )  # fmt: skip
     task = ctx.cfg.task
     return Transfer(
         source,
@@ -503,7 +506,7 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     pair = transfer(ctx, s.source, s.target)
     for choice in s.policy.stages[0].recyclers:  # before tuning: a pair a recycler cannot map fails fast
         if choice.when is None:
-            pair.fit(choice)
+            pair.fit(choice, None)
     if s.prompt is not None and str(s.prompt_uri).startswith("models:/"):
         source_prompt, source_uri = s.prompt, s.prompt_uri  # already registered
     else:

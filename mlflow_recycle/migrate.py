@@ -23,13 +23,14 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from . import registry
@@ -38,8 +39,10 @@ from .errors import RecycleError
 from .evaluation import verdict_metrics
 from .models import LoadedModel, configure_threads, load_base_model
 from .policy import Policy, PolicyOutcome, RecyclerChoice, Transfer, retune_reference, run_policy
+from .prompt import SoftPrompt
 from .recycle import fit_recycler
 from .recyclers import Recycler, get_recycler, load_recycler
+from .refine import distill_map
 from .tracking import configure
 
 log = logging.getLogger(__name__)
@@ -141,13 +144,16 @@ def _move_alias(client: MlflowClient, version: ModelVersion, alias: str | None) 
 class _Migration:
     """One (base, from, to, policy) migration: loads both versions once, fits each recycler once."""
 
-    def __init__(self, cfg: DictConfig, base_model: str, from_version: str, to_version: str) -> None:
+    def __init__(
+        self, cfg: DictConfig, base_model: str, from_version: str, to_version: str, sources: Sequence[ModelVersion]
+    ) -> None:
         from hydra.utils import instantiate
 
         self.cfg, self.base_model, self.from_version, self.to_version = cfg, base_model, from_version, to_version
         self.client = MlflowClient()
         self.policy = Policy.from_config(cfg.policy)
         self._fitted: dict[str, Recycler] = {}
+        self._prompts: dict[str, SoftPrompt] = {}
         self.transfer = Transfer(
             self._side(from_version),
             self._side(to_version),
@@ -157,22 +163,68 @@ class _Migration:
             eval_batch_size=cfg.eval.eval_batch_size,
             random_draws=cfg.eval.random_prompt_draws,
             seed=cfg.seed,
+            # every prompt of from_version, those migrated before a crash too: a map trained on behaviour learns
+            # from the same prompts on a retry, so it is found (reused) rather than trained again
+            prompts=[prompt for prompt in map(self._loaded, sources) if prompt is not None],
         )
+
+    def _loaded(self, source: ModelVersion) -> SoftPrompt | None:
+        """:meth:`prompt`, or None (logged) when it cannot be read: migrating it then says why."""
+        try:
+            return self.prompt(source)
+        except (RecycleError, MlflowException, OSError) as exc:
+            log.warning("Cannot read %s v%s: %s", source.name, source.version, exc)
+            return None
 
     def _side(self, version: str) -> LoadedModel:
         uri = registry.model_uri(self.base_model, version)
         model, tokenizer = load_base_model(uri)
         return LoadedModel(f"{self.base_model} v{version}", uri, model, tokenizer, self.base_model)
 
-    def fitted_recycler(self, choice: RecyclerChoice) -> Recycler:
-        """The map for this pair: reused from an earlier migration's run when one logged it."""
-        if choice.map_key in self._fitted:
-            return self._fitted[choice.map_key]
+    def prompt(self, source: ModelVersion) -> SoftPrompt:
+        """A source prompt version's prompt, loaded once per migration."""
+        uri = registry.model_uri(source.name, source.version)
+        if uri not in self._prompts:
+            self._prompts[uri] = registry.load_prompt(uri)
+        return self._prompts[uri]
+
+    def fitted_recycler(self, choice: RecyclerChoice, prompts: Sequence[SoftPrompt] | None = None) -> Recycler:
+        """The map for this pair (with ``train_map`` and ``prompts``, trained on their behaviour): reused
+        from an earlier migration's run when one logged it, else fitted (trained) and logged in a nested run."""
         anchors = OmegaConf.to_container(self.cfg.anchors, resolve=True)
-        key = _digest(
-            {"base": self.base_model, "from": self.from_version, "to": self.to_version}
-            | {"recycler": choice.name, "options": dict(choice.options), "anchors": anchors}
-        )
+        pair = {"base": self.base_model, "from": self.from_version, "to": self.to_version, "anchors": anchors}
+        source, target = self.transfer.source, self.transfer.target
+
+        def fit() -> tuple[Recycler, dict[str, float]]:
+            recycler = fit_recycler(
+                get_recycler(choice.name, **choice.options), source.model, source.tokenizer, target.model,
+                target.tokenizer, anchor_offset=self.cfg.anchors.offset, anchor_size=self.cfg.anchors.size,
+            )  # fmt: skip
+            stats = getattr(recycler, "anchor_stats", None) or {}
+            return recycler, {f"anchors_{key}": float(value) for key, value in stats.items()}
+
+        key = _digest(pair | {"recycler": choice.name, "options": dict(choice.options)})
+        fitted = self._logged(key, f"fit {choice.name}", fit)
+        if choice.train_map is None or not prompts:
+            return fitted
+
+        def train() -> tuple[Recycler, dict[str, float]]:
+            trained, outcome = distill_map(
+                source, prompts, target, fitted, choice.train_map, self.transfer.trainer, seed=self.cfg.seed
+            )
+            costs = {"map_steps": outcome.steps, "map_seconds": outcome.seconds, "map_flops": outcome.compute.flops}
+            return trained, costs | ({"map_agreement": outcome.agreement} if outcome.agreement is not None else {})
+
+        task = prompts[0].task.to_dict() if prompts[0].task else None
+        digests = sorted(registry.prompt_digest(p) for p in prompts)
+        key = _digest(pair | {"trained": choice.trained_key, "task": task, "prompts": digests})
+        return self._logged(key, f"train {choice.label} map on {len(prompts)} prompts", train)
+
+    def _logged(self, key: str, run_name: str, make: Callable[[], tuple[Recycler, dict[str, float]]]) -> Recycler:
+        """The recycler logged under ``key`` by an earlier run, or ``make()``'s, logged now in a nested run
+        with its metrics (what fitting or training it cost), the run tagged with ``key`` last."""
+        if key in self._fitted:
+            return self._fitted[key]
         earlier = mlflow.search_runs(
             search_all_experiments=True, filter_string=f"tags.`{TAG_RECYCLER_KEY}` = '{key}'", output_format="list"
         )
@@ -181,26 +233,18 @@ class _Migration:
                 path = mlflow.artifacts.download_artifacts(
                     run_id=earlier[0].info.run_id, artifact_path="recycler", dst_path=tmp
                 )
-                log.info("Reusing the fitted %s recycler of run %s", choice.name, earlier[0].info.run_id)
                 recycler = load_recycler(path)
+            log.info("Reusing the %s recycler of run %s (%s)", recycler.name, earlier[0].info.run_id, run_name)
         else:
-            source, target = self.transfer.source, self.transfer.target
-            with mlflow.start_run(run_name=f"fit {choice.name}", nested=True):
-                recycler = fit_recycler(
-                    get_recycler(choice.name, **choice.options),
-                    source.model,
-                    source.tokenizer,
-                    target.model,
-                    target.tokenizer,
-                    anchor_offset=self.cfg.anchors.offset,
-                    anchor_size=self.cfg.anchors.size,
-                )
-                stats = getattr(recycler, "anchor_stats", None) or {}
-                mlflow.log_metrics({f"anchors_{key}": float(value) for key, value in stats.items()})
+            with mlflow.start_run(run_name=run_name, nested=True):
+                recycler, metrics = make()
+                mlflow.log_metrics(metrics)
+                if recycler.behaviour is not None:
+                    mlflow.log_dict(recycler.behaviour, "behaviour.json")
                 with tempfile.TemporaryDirectory() as tmp:
                     mlflow.log_artifacts(str(recycler.save(tmp)), "recycler")
                 mlflow.set_tag(TAG_RECYCLER_KEY, key)  # after the artifact: a tagged run always has it
-        self._fitted[choice.map_key] = recycler
+        self._fitted[key] = recycler
         return recycler
 
     def report_test(self, outcome: PolicyOutcome) -> dict[str, float]:
@@ -215,7 +259,7 @@ class _Migration:
 
     def migrate_one(self, source: ModelVersion, key: str) -> MigratedPrompt:
         source_uri = registry.model_uri(source.name, source.version)
-        prompt = registry.load_prompt(source_uri)
+        prompt = self.prompt(source)
         target_base = self.client.get_model_version(self.base_model, self.to_version)
         with mlflow.start_run(
             run_name=f"{source.name} v{source.version} -> {self.base_model} v{self.to_version}", nested=True
@@ -309,7 +353,7 @@ def migrate(
         with mlflow.start_run(run_name=f"migrate {base_model} v{from_version} -> v{to_version}", tags=tags):
             # "migrated_from": the resolved version (an MLproject run already logged the requested one)
             params = {"base_model": base_model, "to_version": to_version, "migrated_from": from_version}
-            migration = _Migration(cfg, base_model, from_version, to_version)
+            migration = _Migration(cfg, base_model, from_version, to_version, [s for s, _ in keyed])
             mlflow.log_params({**params, "policy": migration.policy.label})
             mlflow.log_dict(migration.policy.to_dict(), "policy.json")
             for source, key in todo:
@@ -335,9 +379,10 @@ def _totals(prompts: list[MigratedPrompt]) -> dict[str, float]:
         if name.startswith(("policy/", "retune_reference/")):
             totals[f"total/{name}"] = sum(p.metrics.get(name, 0.0) for p in created)
     for kind, fraction in (("seconds", "cost_fraction"), ("flops", "compute_fraction")):
+        totals[f"total/policy/map_{kind}"] = sum(p.metrics.get(f"policy/map_{kind}", 0.0) for p in created)
         compared = [p.metrics for p in created if p.metrics.get(f"retune_reference/{kind}")]  # prompts with a reference
-        if compared:
-            spent = sum(m[f"policy/{kind}"] for m in compared)
+        if compared:  # the maps' fits and trainings included: they are paid for these prompts
+            spent = sum(m[f"policy/{kind}"] + m.get(f"policy/map_{kind}", 0.0) for m in compared)
             totals[f"total/{fraction}"] = spent / sum(m[f"retune_reference/{kind}"] for m in compared)
     return totals
 

@@ -6,7 +6,8 @@ validation split; each stage starts from the best prompt so far:
 
 - ``recycle``: recyclers tried in order (training-free maps, each fitted once per model
   pair by the caller's ``fit`` and reused), e.g. ``identity`` when the new version kept its
-  embedding space, then ``linear``.
+  embedding space, then ``linear``; or a map trained, label-free, on the behaviour of the
+  transfer's prompts of the task (``train_map``), once per pair and task.
 - ``refine``: label-free teacher–student refinement (:func:`mlflow_recycle.refine.distill`),
   validated every ``eval_every`` steps, stopping as soon as the gate passes.
 - ``retune``: supervised tuning on the target from the best prompt so far (a warm start),
@@ -25,7 +26,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,14 @@ from .models import LoadedModel
 from .prompt import SoftPrompt
 from .prompt_init import INIT_METHODS, initial_prompt
 from .recycle import fit_recycler
-from .recyclers import Recycler, get_recycler
-from .refine import DistillSettings, distill, refined
+from .recyclers import Recycler, available_recyclers, get_recycler, recycler_class
+from .refine import DistillSettings, distill, distill_map, refined
 
 log = logging.getLogger(__name__)
 
 STAGES = ("recycle", "refine", "retune")
 STARTS = ("best", "best_or_init")  # of a retune stage
-CONDITIONS = ("same_space",)  # of a recycler
+CONDITIONS = ("same_space", "enough_prompts")  # of a recycler
 REFINE_CONDITIONS = ("teacher_passes",)
 PASSED, FAILED, SKIPPED, UNEVALUATED = "passed", "failed", "skipped", "unevaluated"
 
@@ -66,9 +67,15 @@ class RecyclerChoice:
     Args:
         name, options: the recycler (``conf/recycler/<name>.yaml`` shape).
         refine: a fixed refinement that is part of the method (``conf/recycler/distill.yaml``).
+        train_map: train the fitted map itself on the behaviour of the transfer's prompts of
+            the prompt's task (:func:`~mlflow_recycle.refine.distill_map`,
+            ``conf/recycler/linear_behaviour.yaml``): once per model pair and task, its cost
+            recorded as the map's (:attr:`PolicyOutcome.map_flops`), not the prompt's.
         when: ``same_space``: only try it when both models share the tokenizer and dim and
             their anchor embeddings have a mean cosine similarity of at least ``min_cosine``
-            (``identity`` for an update that kept its embedding space).
+            (``identity`` for an update that kept its embedding space); ``enough_prompts``: only
+            when the transfer migrates at least ``min_prompts`` prompts of the prompt's task (a
+            map trained on behaviour costs about one re-tuning, worth it only spread over many).
     """
 
     name: str
@@ -76,16 +83,25 @@ class RecyclerChoice:
     refine: DistillSettings | None = None
     when: str | None = None
     min_cosine: float = 0.9
+    train_map: DistillSettings | None = None
+    min_prompts: int = 1
 
     @property
     def label(self) -> str:
-        """``linear``, ``linear+distill(100)``: what the method is, for runs and tags."""
-        return self.name + (f"+{self.refine.method}({self.refine.steps})" if self.refine else "")
+        """``linear``, ``linear+distill(100)``, ``linear+map(600)``: what the method is, for runs and tags."""
+        trained = f"+map({self.train_map.steps})" if self.train_map else ""
+        return self.name + trained + (f"+{self.refine.method}({self.refine.steps})" if self.refine else "")
 
     @property
     def map_key(self) -> str:
-        """What determines the fitted map (name and options; not the refinement): one fit per key."""
+        """What determines the map fitted on anchors (name and options; not the refinement, nor the
+        training on behaviour): one fit per key."""
         return json.dumps({"name": self.name, "options": dict(self.options)}, sort_keys=True)
+
+    @property
+    def trained_key(self) -> str:
+        """What determines a map trained on behaviour, besides the task and its prompts."""
+        return json.dumps({"map": self.map_key, "train_map": asdict(self.train_map or DistillSettings())})
 
 
 @dataclass(frozen=True)
@@ -194,16 +210,29 @@ def _condition(when: str | None, allowed: tuple[str, ...], what: str) -> str | N
 
 def _choice(entry: Mapping[str, Any]) -> RecyclerChoice:
     entry = dict(entry)
-    refine = entry.pop("refine", None)
+    refine, train_map = entry.pop("refine", None), entry.pop("train_map", None)
     when = _condition(entry.pop("when", None), CONDITIONS, "recycler")
     if "name" not in entry:
         raise RecycleError(f"A recycler of policy.stages[].recyclers needs a name, got {entry}.")
+    if train_map and not recycler_class(entry["name"]).trainable:
+        trainable = [name for name in available_recyclers() if recycler_class(name).trainable]
+        raise RecycleError(
+            f"The {entry['name']!r} recycler's map cannot be trained on behaviour: remove its train_map block, "
+            f"or use one of {', '.join(trainable)} (recycler=linear_behaviour)."
+        )
+    min_prompts = entry.get("min_prompts", 1)
+    if isinstance(min_prompts, bool) or not isinstance(min_prompts, int) or min_prompts < 1:
+        raise RecycleError(
+            f"Bad min_prompts={min_prompts!r} for recycler {entry['name']!r}: a number of prompts, 1 or more."
+        )
     return RecyclerChoice(
         name=entry["name"],
         options=entry.get("options") or {},
         refine=DistillSettings.from_config(refine) if refine else None,
         when=when,
         min_cosine=entry.get("min_cosine", 0.9),
+        train_map=DistillSettings.from_config(train_map) if train_map else None,
+        min_prompts=min_prompts,
     )
 
 
@@ -277,6 +306,10 @@ class PolicyOutcome:
     # Measuring the gate (the target's baselines on the gate's draw; the source's with keep_gain): paid by
     # the first prompt of a transfer to need that draw, shared by the rest (0 for them); not in `flops`.
     gate_flops: float = 0.0
+    # Fitting the recycle stage's maps (on anchors; on behaviour with train_map): paid by the first prompt
+    # of a transfer (and task) to need a map, shared by the rest (0 for them); not in `flops`/`seconds`.
+    map_flops: float = 0.0
+    map_seconds: float = 0.0
 
     @property
     def stage(self) -> str | None:
@@ -307,6 +340,8 @@ class PolicyOutcome:
         if self.source_score is not None:
             metrics["policy/source_gate_accuracy"] = self.source_score
         metrics["policy/gate_flops"] = self.gate_flops
+        metrics["policy/map_flops"] = self.map_flops
+        metrics["policy/map_seconds"] = self.map_seconds
         for record in self.records:
             prefix = f"policy/{record.stage}"
             metrics[f"{prefix}/steps"] = record.steps
@@ -339,20 +374,32 @@ class Transfer:
     Args:
         source, target: the two loaded models.
         trainer: builds Lightning trainers (``instantiate(cfg.trainer, _partial_=True)``).
-        fit: a fitted recycler for a :class:`RecyclerChoice` (the caller fits once per pair
-            and may reuse one logged earlier).
+        fit: the map of a :class:`RecyclerChoice`: fitted on anchors, or with ``train_map``
+            trained on the behaviour of the prompts given (:meth:`peers`); the caller fits once
+            per pair, trains once per pair and task, and may reuse one logged earlier (:func:`fitter`).
+        prompts: the prompts this transfer migrates (a migration's, a benchmark pair's): maps
+            trained on behaviour learn from those of a prompt's task, ``when: enough_prompts``
+            counts them.
         limit_val, eval_batch_size, random_draws, seed: evaluation settings.
     """
 
     source: LoadedModel
     target: LoadedModel
     trainer: TrainerFactory
-    fit: Callable[[RecyclerChoice], Recycler]
+    fit: Callable[[RecyclerChoice, Sequence[SoftPrompt] | None], Recycler]
     limit_val: int | None = 500
     eval_batch_size: int = 64
     random_draws: int = 3
     seed: int = 0
+    prompts: Sequence[SoftPrompt] = ()
     _baselines: dict[tuple[Any, ...], Baselines] = field(default_factory=dict, repr=False)
+
+    def peers(self, prompt: SoftPrompt) -> list[SoftPrompt]:
+        """The transfer's prompts of ``prompt``'s task, ``prompt`` among them (added when it is not)."""
+        same = [p for p in self.prompts if p.task == prompt.task]
+        if not any(p.length == prompt.length and torch.equal(p.embeddings, prompt.embeddings) for p in same):
+            same.append(prompt)
+        return same
 
     def evaluator(self, split: str, metric: str = "accuracy") -> Evaluator:
         return Evaluator(self.trainer, (split,), self.random_draws, self.seed, metric)
@@ -406,12 +453,16 @@ def fitter(
     anchor_offset: int = DEFAULT_OFFSET,
     anchor_size: int = DEFAULT_SIZE,
     on_fit: Callable[[Recycler, float], None] | None = None,
-) -> Callable[[RecyclerChoice], Recycler]:
-    """A :attr:`Transfer.fit` that fits each distinct recycler (name and options) once on this pair,
-    calling ``on_fit(recycler, seconds)`` after each fit."""
-    fitted: dict[str, Recycler] = {}
+    trainer: TrainerFactory | None = None,
+    seed: int = 0,
+) -> Callable[[RecyclerChoice, Sequence[SoftPrompt] | None], Recycler]:
+    """A :attr:`Transfer.fit` that fits each distinct recycler (name and options) once on this pair
+    and, given prompts for a choice with ``train_map``, trains that map on their behaviour once per
+    task (with ``trainer``, seeded with ``seed``), calling ``on_fit(recycler, seconds)`` after each
+    fit and training."""
+    fitted: dict[Any, Recycler] = {}
 
-    def fit(choice: RecyclerChoice) -> Recycler:
+    def fit(choice: RecyclerChoice, prompts: Sequence[SoftPrompt] | None = None) -> Recycler:
         if choice.map_key not in fitted:
             start = time.perf_counter()
             recycler = get_recycler(choice.name, **choice.options)
@@ -421,7 +472,19 @@ def fitter(
             )  # fmt: skip
             if on_fit is not None:
                 on_fit(fitted[choice.map_key], time.perf_counter() - start)
-        return fitted[choice.map_key]
+        if choice.train_map is None or not prompts:
+            return fitted[choice.map_key]
+        key = (choice.trained_key, prompts[0].task)
+        if key not in fitted:
+            if trainer is None:
+                raise RecycleError(f"{choice.label} trains its map: give the fitter a trainer.")
+            start = time.perf_counter()
+            fitted[key], _ = distill_map(
+                source, prompts, target, fitted[choice.map_key], choice.train_map, trainer, seed=seed
+            )
+            if on_fit is not None:
+                on_fit(fitted[key], time.perf_counter() - start)
+        return fitted[key]
 
     return fit
 
@@ -500,6 +563,7 @@ def _run_policy(
         log.warning("Cannot gate %s: %s; recycling without a gate", recycled_from or "the prompt", problem)
 
     gate_flops = used.flops - gate_flops_before
+    map_seconds = map_flops = 0.0  # the maps' fits and trainings (shared by the transfer's prompts)
     best: SoftPrompt | None = None
     best_score: float | None = None
     best_whole = True  # best_score is the whole split's (False: a gate screen's, which turned it away)
@@ -540,7 +604,16 @@ def _run_policy(
                     if not same:
                         log.info("Not trying %s: %s", choice.label, why)
                         continue
-                candidate = _on_target(transfer.fit(choice).transform(prompt, recycled_from), target)
+                learn_from = transfer.peers(prompt) if choice.train_map or choice.when == "enough_prompts" else None
+                if choice.when == "enough_prompts" and len(learn_from) < choice.min_prompts:
+                    log.info("Not trying %s: %d prompts of the task, fewer than its min_prompts %d",
+                             choice.label, len(learn_from), choice.min_prompts)  # fmt: skip
+                    continue
+                fit_start, flops_at_fit = time.perf_counter(), used.flops
+                recycler = transfer.fit(choice, learn_from if choice.train_map else None)
+                map_seconds += time.perf_counter() - fit_start
+                map_flops += used.flops - flops_at_fit
+                candidate = _on_target(recycler.transform(prompt, recycled_from), target)
                 if choice.refine is not None:
                     outcome = distill(
                         source,
@@ -633,6 +706,8 @@ def _run_policy(
                     )
                     best_score = outcome.score
         record.seconds, record.flops = time.perf_counter() - start, used.flops - flops_before
+        if isinstance(stage, RecycleStage):  # the maps' cost is the transfer's, recorded apart
+            record.seconds, record.flops = record.seconds - map_seconds, record.flops - map_flops
         if record.status != SKIPPED:
             record.score = best_score
             if data is None:
@@ -653,8 +728,9 @@ def _run_policy(
     cost = {kind: sum(getattr(r, kind) for r in records) for kind in ("steps", "seconds", "flops")}
     best = best.replace(cost={**cost, "parameters": target.parameters})
     outcome = PolicyOutcome(
-        best, verdict, best_score, threshold, baselines, records, reason, on_source.get("score"), gate_flops
-    )
+        best, verdict, best_score, threshold, baselines, records, reason, on_source.get("score"), gate_flops,
+        map_flops, map_seconds,
+    )  # fmt: skip
     log.info("Policy for %s: %s", recycled_from or "the prompt", outcome.summary())
     return outcome
 

@@ -6,12 +6,18 @@ classify unlabelled task inputs the way the source did with the original prompt
 (teacher-student distillation, :mod:`lightning_modules.distillation`). It needs the
 task's inputs (its ``train`` split, labels dropped) but no labels, and it never trains
 either model. Enabled by a recycler config's ``refine`` block (``conf/recycler/distill.yaml``).
+
+:func:`distill_map` trains the recycler's map instead, on the behaviour of several prompts of
+one task at once (a recycler config's ``train_map`` block, ``conf/recycler/linear_behaviour.yaml``):
+paid once per model pair and task, after which each prompt of that task costs a transform.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,11 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules import (
     FitOutcome,
+    MapDistillationModule,
+    MapFitOutcome,
     PromptDistillationModule,
     TextClassificationDataModule,
     TrainerFactory,
     UnlabelledPairDataModule,
     adamw,
+    fit_map,
     fit_prompt,
     long_enough,
     read_examples,
@@ -35,6 +44,7 @@ from .errors import RecycleError
 from .models import LoadedModel
 from .prompt import SoftPrompt
 from .prompted_lm import TaskEncoder
+from .recyclers import Recycler
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +85,9 @@ def unlabelled_texts(prompt: SoftPrompt, split: str, limit: int, seed: int) -> l
     task = prompt.task
     if task is None or not task.data:
         raise RecycleError(
-            "Refinement needs unlabelled inputs of the prompt's task, but the prompt records no task data: "
-            "log prompts with their TaskSpec (data=...) or use a recycler without refine."
+            "Refinement and maps trained on behaviour need unlabelled inputs of the prompt's task, but the prompt "
+            "records no task data: log prompts with their TaskSpec (data=...) or use a recycler without refine "
+            "or train_map."
         )
     examples = read_examples(task, split)
     texts = [text for text, _ in (long_enough(task, split, examples, "train") if split == "train" else examples)]
@@ -150,6 +161,59 @@ def distill(
     )
 
 
+def distill_map(
+    source: LoadedModel,
+    prompts: Sequence[SoftPrompt],
+    target: LoadedModel,
+    recycler: Recycler,
+    settings: DistillSettings,
+    trainer: TrainerFactory,
+    *,
+    seed: int = 0,
+) -> tuple[Recycler, MapFitOutcome]:
+    """A copy of the fitted ``recycler`` whose map is trained, label-free, so that ``target`` reading
+    each mapped prompt classifies the task's unlabelled inputs as ``source`` does reading the prompt.
+
+    ``prompts`` are prompts of one task on ``source`` (a migration's of that task); the map then
+    recycles every prompt of the task, those it never saw included (docs/benchmarks.md, section 6).
+    The trained copy records how it was trained in its config (``behaviour``), hence in the
+    lineage of every prompt it recycles.
+    """
+    if not prompts:
+        raise RecycleError("Training a map on behaviour needs at least one prompt of the task.")
+    task = prompts[0].task
+    if any(prompt.task != task for prompt in prompts):
+        raise RecycleError("A map is trained on the prompts of one task: group the prompts by task first.")
+    texts = unlabelled_texts(prompts[0], settings.split, settings.texts, seed)
+    if not texts:
+        raise RecycleError(f"The {settings.split!r} split of {task.data} has no inputs to train the map on.")
+    data = UnlabelledPairDataModule(
+        texts,
+        TaskEncoder(source.tokenizer, task, seq2seq=source.seq2seq),
+        TaskEncoder(target.tokenizer, task, seq2seq=target.seq2seq),
+        batch_size=min(settings.batch_size, len(texts)),
+        seed=seed,
+    )
+    trained = copy.deepcopy(recycler)  # the fitted map stays as it is, for other tasks
+    module = MapDistillationModule(
+        source.model,
+        [prompt.embeddings for prompt in prompts],
+        target.model,
+        trained,
+        temperature=settings.temperature,
+        optimizer=adamw(settings.lr, weight_decay=0.0),
+        length_normalize=task.length_normalize,
+    )
+    log.info(
+        "Training the %s map %s -> %s on the behaviour of %d %s prompts: %d steps on %d unlabelled inputs",
+        recycler.name, source.name, target.name, len(prompts), task.name, settings.steps, len(texts),
+    )  # fmt: skip
+    L.seed_everything(seed, verbose=False)
+    outcome = fit_map(module, trainer, steps=settings.steps, train_dataloaders=data.train_dataloader())
+    trained.load_trained(outcome.state, {**asdict(settings), "prompts": len(prompts), "task": task.name})
+    return trained, outcome
+
+
 def refined(recycled: SoftPrompt, outcome: FitOutcome, settings: DistillSettings) -> SoftPrompt:
     """``recycled`` with the refined tensor and the refinement in its lineage."""
     return recycled.replace(
@@ -165,4 +229,4 @@ def refine_settings(recycler_cfg: DictConfig) -> DistillSettings | None:
     return DistillSettings.from_config(block) if block else None
 
 
-__all__ = ["DistillSettings", "distill", "refine_settings", "refined", "unlabelled_texts"]
+__all__ = ["DistillSettings", "distill", "distill_map", "refine_settings", "refined", "unlabelled_texts"]

@@ -162,3 +162,42 @@ def test_a_prompt_whose_run_broke_is_not_migrated_nor_pending(store, registered)
     report = migrate("lm", 2, cfg=config(store))
     assert report.created == 2 and "broken-prompt" not in by_name()
     assert pending_migrations(["lm"]) == []
+
+
+def test_a_map_trained_on_behaviour_learns_from_every_prompt_of_the_task_once(store, model_dir, data_dir):
+    """v1 = small-a with two prompts of one task, v2 = small-b (another seed): `recycler=linear_behaviour`
+    trains linear's map once, on both prompts, in its own run; the migration's totals include its
+    compute; a later migration of the same pair and prompts reuses the logged map."""
+    from mlflow_recycle.registry import load_prompt, model_uri
+
+    v1 = register_base_model(str(model_dir("small-a")), "lm")
+    good = SoftPrompt.load(PROMPT)
+    good = good.replace(task=good.task.replace(data=str(data_dir("sst2"))), cost={**good.cost, "flops": REFERENCE})
+    second = good.replace(embeddings=good.embeddings.flip(0))  # the same task, another prompt
+    log_prompt(tie(good, v1), "prompt", "first")
+    log_prompt(tie(second, v1), "prompt", "second")
+    register_base_model(str(model_dir("small-b")), "lm")
+    trained = ["recycler=linear_behaviour", "recycler.train_map.steps=3", "recycler.train_map.texts=32"]
+    trained += ["recycler.train_map.batch_size=4"]
+    report = migrate("lm", 2, cfg=config(store, *trained))
+    assert report.created == 2
+    (run,) = mlflow.search_runs(
+        search_all_experiments=True, filter_string="attributes.run_name LIKE 'train %'", output_format="list"
+    )
+    assert run.info.run_name == "train linear+map(3) map on 2 prompts"
+    assert run.data.metrics["map_steps"] == 3 and run.data.metrics["map_flops"] > 0
+    behaviour = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/behaviour.json")
+    assert (behaviour["steps"], behaviour["prompts"], behaviour["task"]) == (3, 2, good.task.name)
+    for version in prompts_for("lm", 2):
+        migrated = load_prompt(model_uri(version.name, version.version))
+        assert migrated.recycler_config.get("behaviour") == behaviour, (migrated.recycler, migrated.recycler_config)
+    (migration,) = mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`mlflow_recycle.job` = 'migrate'", output_format="list"
+    )
+    totals = migration.data.metrics
+    assert totals["total/policy/map_flops"] >= run.data.metrics["map_flops"]  # with the (free) anchor fit
+    spent = totals["total/policy/flops"] + totals["total/policy/map_flops"]
+    assert totals["total/compute_fraction"] == pytest.approx(spent / (2 * REFERENCE), rel=1e-4)
+
+    migrate("lm", 2, cfg=config(store, *trained, "policy.gate.margin=100"))  # another policy, the same map
+    assert len(mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name LIKE 'train %'")) == 1

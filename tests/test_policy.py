@@ -66,7 +66,7 @@ def good_prompt(data_dir):
 def transfer(sides, source: str, target: str, fits: list[str] | None = None, **kwargs) -> Transfer:
     src, tgt = sides(source), sides(target)
 
-    def fit(choice):
+    def fit(choice, prompt=None):
         if fits is not None:
             fits.append(choice.label)
         return fit_recycler(
@@ -155,6 +155,10 @@ def test_bad_policies_are_refused_with_the_setting_to_change():
         policy(RECYCLE, {**RETUNE, "objective": "ce"})
     with pytest.raises(RecycleError, match=r"start='init'; set policy\.stages\.1\.start to one of best, best_or_init"):
         policy(RECYCLE, {**RETUNE, "start": "init"})
+    with pytest.raises(RecycleError, match=r"'procrustes' recycler's map cannot be trained.*linear_behaviour"):
+        policy({"stage": "recycle", "recyclers": [{"name": "procrustes", "train_map": {"steps": 10}}]})
+    with pytest.raises(RecycleError, match="Bad refine settings"):
+        policy({"stage": "recycle", "recyclers": [{"name": "linear", "train_map": {"epochs": 10}}]})
     assert policy(RECYCLE, {**REFINE, "patience": None}).stages[1].patience is None
     assert policy(RECYCLE, {**RETUNE, "objective": "classes"}).stages[1].objective == "classes"
 
@@ -519,3 +523,79 @@ def test_each_distinct_map_is_fitted_once_per_pair(sides):
     refined = RecyclerChoice("linear", refine=policy(RECYCLE, REFINE).stages[1].settings)  # the same map, then refined
     assert fit(plain) is fit(refined) and fit(ridged) is not fit(plain)
     assert len(fits) == 2 and fits[0] != fits[1]
+
+
+# ---------------------------------------------------------------------- a map trained on behaviour
+def divergence(teacher: LoadedModel, prompt: SoftPrompt, student: LoadedModel, mapped: torch.Tensor, texts) -> float:
+    """KL(teacher ‖ student) over the classes on ``texts``: ``teacher`` reading ``prompt``, ``student`` ``mapped``."""
+    from lightning_modules.distillation import class_kl
+    from mlflow_recycle.prompted_lm import PromptedLM
+
+    def scores(side: LoadedModel, embeddings: torch.Tensor) -> torch.Tensor:
+        encoder = TaskEncoder(side.tokenizer, prompt.task)
+        with torch.no_grad():
+            batch = encoder.scoring_batch(encoder.contexts(texts))
+            return PromptedLM(side.model).class_scores(embeddings, batch, prompt.task.length_normalize)
+
+    return float(class_kl(scores(teacher, prompt.embeddings), scores(student, mapped), 1.0)[0])
+
+
+def test_a_map_trained_on_behaviour_carries_the_sources_decisions_across_seeds(sides, good_prompt):
+    """small-a -> small-b: a few dozen label-free steps on linear's map itself bring the target's class
+    distribution closer to the source's on inputs it never trained on, and leave the fitted map as it was."""
+    from mlflow_recycle.refine import DistillSettings, distill_map, unlabelled_texts
+
+    source, target = sides("small-a"), sides("small-b")
+    fitted = fit_recycler(get_recycler("linear"), source.model, source.tokenizer, target.model, target.tokenizer)
+    before = fitted.weight.clone()
+    settings = DistillSettings(steps=40, texts=320, batch_size=8, lr=0.01)
+    trained, outcome = distill_map(source, [good_prompt], target, fitted, settings, trainer)
+    assert outcome.steps == 40 and outcome.compute.flops > 0 and outcome.agreement is not None
+    assert torch.equal(fitted.weight, before) and not torch.equal(trained.weight, before)
+    assert trained.behaviour == {**settings.__dict__, "prompts": 1, "task": good_prompt.task.name}
+    held_out = [text for text, _ in read_examples(good_prompt.task, "validation")][:96]
+    assert not set(held_out) & set(unlabelled_texts(good_prompt, "train", 320, 0))
+    untrained = divergence(source, good_prompt, target, fitted.transform(good_prompt.embeddings), held_out)
+    learned = divergence(source, good_prompt, target, trained.transform(good_prompt.embeddings), held_out)
+    assert learned < 0.9 * untrained, (untrained, learned)  # 0.126 -> 0.096 here (2026-12-05)
+
+
+def test_a_trained_map_is_trained_once_per_task_on_its_prompts_and_costed_apart(sides, good_prompt):
+    """Two prompts of one task, one of another: the map trains once per task, on that task's prompts,
+    and its compute is the transfer's (map_flops, on the first prompt to need it), not a prompt's."""
+    from mlflow_recycle.policy import fitter
+
+    other_task = good_prompt.replace(task=good_prompt.task.replace(name="sst2-again"))
+    second = good_prompt.replace(embeddings=good_prompt.embeddings.flip(0))
+    src, tgt = sides("small-a"), sides("small-b")
+    trained_on = []
+    fit = fitter(
+        src, tgt, trainer=trainer, on_fit=lambda r, seconds: trained_on.append(r.behaviour and r.behaviour["prompts"])
+    )
+    transfer = Transfer(src, tgt, trainer, fit, limit_val=48, random_draws=1, prompts=[good_prompt, second, other_task])
+    assert [p.task.name for p in transfer.peers(good_prompt)] == ["sst2", "sst2"]  # itself, not twice
+    assert len(transfer.peers(good_prompt.replace(embeddings=good_prompt.embeddings * 2))) == 3  # one not held
+    trained = {"name": "linear", "train_map": {"steps": 3, "texts": 32, "batch_size": 4}}
+    rule = policy({"stage": "recycle", "recyclers": [trained]}, margin=-100)  # passes: the test is the cost
+    first, again = run_policy(rule, transfer, good_prompt), run_policy(rule, transfer, second)
+    assert trained_on == [None, 2]  # the anchor fit, then one training on the task's two prompts
+    assert list(first.records[0].tried) == ["linear+map(3)"]
+    assert first.prompt.recycler_config["behaviour"]["prompts"] == 2
+    assert first.map_flops > 0 and again.map_flops == 0 and first.metrics()["policy/map_flops"] == first.map_flops
+    # the recycle stage's own compute is its gate check, the same for both prompts: the map is not in it
+    assert first.records[0].flops == again.records[0].flops > 0
+    run_policy(rule, transfer, other_task)
+    assert trained_on == [None, 2, 1]  # another task: another map, on its one prompt
+
+
+def test_a_map_worth_training_only_over_many_prompts_waits_for_them(sides, good_prompt):
+    """``when: enough_prompts``: a choice is tried only when the transfer migrates at least ``min_prompts``
+    prompts of the task; otherwise the next recycler is, and nothing is trained."""
+    fits = []
+    guarded = {"name": "linear", "when": "enough_prompts", "min_prompts": 3, "train_map": {"steps": 2, "texts": 16}}
+    rule = policy({"stage": "recycle", "recyclers": [guarded, {"name": "identity"}]}, margin=-100)
+    few = transfer(sides, "small-a", "small-b", fits, prompts=[good_prompt])
+    outcome = run_policy(rule, few, good_prompt)
+    assert fits == ["identity"] and list(outcome.records[0].tried) == ["identity"] and outcome.map_flops == 0
+    with pytest.raises(RecycleError, match="Unknown recycler condition when='many'; choose one of same_space, enough"):
+        policy({"stage": "recycle", "recyclers": [{**guarded, "when": "many"}]})

@@ -141,6 +141,35 @@ def test_save_load_round_trip_is_bit_exact(name, tmp_path):
     assert torch.equal(loaded.transform(prompt), recycler.transform(prompt))
 
 
+def test_a_trained_map_transforms_with_its_trained_tensor_and_says_how_it_was_trained(tmp_path):
+    """``mapped`` is the transform's math, differentiable in the trainable tensors (what
+    MapDistillationModule trains); ``load_trained`` keeps the result, in the config and on disk."""
+    source, target, _ = planted(n=300, d_src=16, d_tgt=12)
+    recycler = get_recycler("linear", match_norm=True).fit(source, target)
+    prompt = torch.randn(4, 16, dtype=torch.float64) * 3
+    assert torch.allclose(recycler.mapped(prompt).float(), recycler.transform(prompt.float()))
+    weight = recycler.trainable_state()["weight"].clone().requires_grad_(True)
+    recycler.mapped(prompt, {"weight": weight}).pow(2).sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    assert recycler.weight is not weight and not recycler.weight.requires_grad  # the fitted tensor is back
+    trained = recycler.trainable_state()["weight"] + 0.1
+    recycler.load_trained({"weight": trained}, {"steps": 7, "prompts": 2, "task": "sst2"})
+    assert torch.allclose(recycler.transform(prompt.float()), recycler.mapped(prompt).float())
+    assert recycler.config["behaviour"] == {"steps": 7, "prompts": 2, "task": "sst2"}
+    loaded = load_recycler(recycler.save(tmp_path / "trained"))
+    assert loaded.behaviour == recycler.behaviour and torch.equal(loaded.weight, recycler.weight)
+    out = loaded.transform(SoftPrompt(prompt.float()))
+    assert out.recycler_config["behaviour"]["prompts"] == 2  # the lineage says the map was trained
+
+
+def test_a_map_that_is_not_a_tensor_cannot_be_trained():
+    source, target, _ = planted(n=300, d_src=16, d_tgt=16)
+    with pytest.raises(RecycleError, match="cannot be trained on behaviour.*linear"):
+        get_recycler("procrustes").fit(source, target).trainable_state()
+    with pytest.raises(RecycleError, match="Fit the 'linear' recycler before"):
+        get_recycler("linear").trainable_state()
+
+
 def test_transforming_a_soft_prompt_records_lineage_and_checks_the_tokenizer():
     source, target, _ = planted(n=300, d_src=16, d_tgt=12)
     recycler = get_recycler("linear", ridge=0.1).fit(

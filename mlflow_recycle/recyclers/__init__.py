@@ -84,7 +84,8 @@ def load_recycler(path: str | Path) -> Recycler:
         ) from exc
     if meta.get("format_version", 0) > STATE_FORMAT_VERSION:
         raise RecycleError(f"{path / CONFIG_FILE} was written by a newer mlflow-recycle: upgrade it.")
-    recycler = get_recycler(meta["name"], **meta["config"])
+    options = {key: value for key, value in meta["config"].items() if key != "behaviour"}  # set by load_state
+    recycler = get_recycler(meta["name"], **options)
     recycler.load_state(meta, state)
     return recycler
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, overload
 
@@ -64,6 +65,9 @@ class Recycler(ABC):
     needs_full_rank: ClassVar[bool] = True
     #: Whether fitting learns a map from the anchors (``identity`` only checks the dims).
     learns: ClassVar[bool] = True
+    #: The fitted tensors that training the map on behaviour may adjust
+    #: (:class:`~lightning_modules.MapDistillationModule`); empty: this map cannot be trained so.
+    trainable: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, match_norm: bool = False) -> None:
         self.match_norm = bool(match_norm)
@@ -74,6 +78,8 @@ class Recycler(ABC):
         #: refuses a prompt of another tokenizer even when the dims happen to match.
         self.source_fingerprint: str | None = None
         self.target_fingerprint: str | None = None
+        #: How the map was trained on behaviour after fitting (settings, prompts, task), or None.
+        self.behaviour: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ interface
     def options(self) -> dict[str, Any]:
@@ -99,7 +105,8 @@ class Recycler(ABC):
     # ------------------------------------------------------------------ public API
     @property
     def config(self) -> dict[str, Any]:
-        return {**self.options(), "match_norm": self.match_norm}
+        behaviour = {"behaviour": self.behaviour} if self.behaviour is not None else {}
+        return {**self.options(), "match_norm": self.match_norm, **behaviour}
 
     @property
     def is_fitted(self) -> bool:
@@ -166,13 +173,42 @@ class Recycler(ABC):
                 recycler=self.name,
                 recycler_config=self.config,
             )
-        p = check_matrix("prompt", prompt, dim=self.source_dim)
-        out = self._transform(p)
+        return self.mapped(check_matrix("prompt", prompt, dim=self.source_dim)).to(torch.float32)
+
+    def mapped(self, prompt: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """:meth:`transform`'s map of a float64 ``[length, d_src]`` tensor, unchecked and differentiable;
+        with ``state``, its :attr:`trainable` tensors in place of the fitted ones (training the map)."""
+        fitted = {name: getattr(self, name) for name in state or {}}
+        try:
+            for name, value in (state or {}).items():
+                setattr(self, name, value)
+            out = self._transform(prompt)
+        finally:
+            for name, value in fitted.items():
+                setattr(self, name, value)
         if self.match_norm:
             source_norm, target_norm = self._anchor_norms
-            wanted = p.norm(dim=1, keepdim=True) * (target_norm / source_norm)
+            wanted = prompt.norm(dim=1, keepdim=True) * (target_norm / source_norm)
             out = out * wanted / out.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return out.to(torch.float32)
+        return out
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The fitted :attr:`trainable` tensors (what training the map on behaviour starts from)."""
+        if not self.trainable:
+            raise RecycleError(
+                f"The {self.name!r} recycler's map cannot be trained on behaviour (train_map): use a recycler "
+                "whose map is a tensor, e.g. linear."
+            )
+        if not self.is_fitted:
+            raise RecycleError(f"Fit the {self.name!r} recycler before training its map on behaviour.")
+        return {name: getattr(self, name) for name in self.trainable}
+
+    def load_trained(self, state: Mapping[str, torch.Tensor], behaviour: dict[str, Any]) -> None:
+        """Take trained values of the :attr:`trainable` tensors, and ``behaviour`` (how they were
+        trained) into the recycler's config and lineage."""
+        for name, fitted in self.trainable_state().items():
+            setattr(self, name, state[name].detach().to("cpu", fitted.dtype).clone())
+        self.behaviour = dict(behaviour)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
@@ -203,6 +239,7 @@ class Recycler(ABC):
             meta.get("source_fingerprint"),
             meta.get("target_fingerprint"),
         )
+        self.behaviour = meta["config"].get("behaviour")
         self._anchor_norms = state.pop("anchor_norms")
         self._load_state(state)
 

@@ -29,6 +29,7 @@ class LinearRecycler(Recycler):
     """
 
     name = "linear"
+    trainable = ("weight",)
     #: λ candidates for ``ridge="auto"``, as multiples of the mean squared anchor norm.
     GRID = (0.0, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
