@@ -68,8 +68,8 @@ log = logging.getLogger("bench.policy")
 COLUMNS = [
     "task", "objective", "source", "target", "policy", "init", "seed", "gate", "stage", "threshold", "gate_accuracy",
     "recycle_steps", "refine_steps", "retune_steps", "policy_seconds", "retune_seconds", "cost_fraction",
-    "policy_flops", "retune_flops", "compute_fraction", "test_accuracy", "test_zero_shot", "test_random_prompt",
-    "test_retuned", "test_source", "n_test", "device",
+    "policy_flops", "retune_flops", "compute_fraction", "map_flops", "test_accuracy", "test_zero_shot",
+    "test_random_prompt", "test_retuned", "test_source", "n_test", "device",
 ]  # fmt: skip
 NUMBERS = COLUMNS[COLUMNS.index("threshold") : COLUMNS.index("n_test") + 1]
 STAGE_ORDER = ("recycle", "refine", "retune")
@@ -114,25 +114,48 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
         return
     src, tgt = matrix.model(source), matrix.model(target)
     job_cfg = matrix.config(task, model=target)
-    target_data = data_module(tgt, task_spec(job_cfg.task), job_cfg)
+    spec = task_spec(job_cfg.task)  # this checkout's data and validation rule
+    target_data = data_module(tgt, spec, job_cfg)
     n_test = len(target_data.dataset("test"))
+    trainer = instantiate(job_cfg.trainer, _partial_=True)
+
+    def source_prompt(init: str, seed: int):
+        prompt, seconds = matrix.tuned(task, source, init, seed)
+        return prompt.replace(task=spec), seconds
+
+    # the pair's prompts are the transfer's, as a migration's are every prompt it holds: a map trained on behaviour
+    # learns from them, `when: enough_prompts` counts them
+    counts = any(choice.train_map or choice.when == "enough_prompts" for choice in policy.stages[0].recyclers)
     transfer = Transfer(
         src,
         tgt,
-        instantiate(job_cfg.trainer, _partial_=True),
-        fitter(src, tgt),
+        trainer,
+        fitter(src, tgt, trainer=trainer),
         limit_val=cfg.eval.limit_val,
         random_draws=job_cfg.eval.random_prompt_draws,
         seed=0,
+        prompts=[source_prompt(i, s)[0] for i in args.inits for s in args.seeds] if counts else (),
     )
+    outcomes = []
     for init, seed in todo:
-        prompt, cached_seconds = matrix.tuned(task, source, init, seed)
+        prompt, cached_seconds = source_prompt(init, seed)
+        transfer.seed = seed
+        outcomes.append(
+            (
+                init,
+                seed,
+                prompt,
+                cached_seconds,
+                run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}"),
+            )
+        )
+    # the maps' cost (fits on anchors; a training on behaviour) is shared by the prompts migrated here
+    shared_seconds = sum(o.map_seconds for *_, o in outcomes) / len(outcomes)
+    shared_flops = sum(o.map_flops for *_, o in outcomes) / len(outcomes)
+    for init, seed, prompt, cached_seconds, outcome in outcomes:
         retuned = None if args.skip_retuned else matrix.tuned(task, target, init, seed)[0]
         retune_seconds = matrix.retune_seconds(task, target, cached_seconds)
         retune_flops = matrix.retune_flops(task, target, prompt.cost.get("flops", float("nan")))
-        prompt = prompt.replace(task=task_spec(job_cfg.task))  # this checkout's data and validation rule
-        transfer.seed = seed
-        outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
         zero_shot, random_prompt = matrix.baselines(task, target, prompt.length)
         steps = {r.stage: r.steps for r in outcome.records}
         yield {
@@ -141,10 +164,11 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
             "gate": outcome.gate, "stage": outcome.stage or "none",
             "threshold": round(outcome.threshold, 4), "gate_accuracy": round(outcome.score, 4),
             **{f"{s}_steps": steps.get(s, 0) for s in STAGE_ORDER},
-            "policy_seconds": round(outcome.seconds, 2), "retune_seconds": round(retune_seconds, 2),
-            "cost_fraction": round(outcome.seconds / retune_seconds, 4),
-            "policy_flops": outcome.flops, "retune_flops": retune_flops,
-            "compute_fraction": round(outcome.flops / retune_flops, 4),
+            "policy_seconds": round(outcome.seconds + shared_seconds, 2), "retune_seconds": round(retune_seconds, 2),
+            "cost_fraction": round((outcome.seconds + shared_seconds) / retune_seconds, 4),
+            "policy_flops": outcome.flops + shared_flops, "retune_flops": retune_flops,
+            "compute_fraction": round((outcome.flops + shared_flops) / retune_flops, 4),
+            "map_flops": outcome.map_flops,
             "test_accuracy": matrix.accuracy(task, target, outcome.prompt.embeddings),
             "test_zero_shot": zero_shot, "test_random_prompt": random_prompt,
             "test_retuned": float("nan") if retuned is None else matrix.accuracy(task, target, retuned.embeddings),
@@ -195,7 +219,9 @@ def report(all_rows: list[dict]) -> str:
             "prompt (mean ± one standard error) against the best baseline and the prompt re-tuned from",
             "scratch; how many passing prompts also beat the best baseline on test; cost as a fraction of",
             "re-tuning from scratch (median): seconds, timed in the same process, and compute, counted in",
-            "FLOPs (the same on any machine and under any load; rows from before 2026-12-04 have none).",
+            "FLOPs (the same on any machine and under any load; rows from before 2026-12-04 have none). A",
+            "map's cost (its fit; a training on behaviour, `recycler=linear_behaviour`) is shared equally by the",
+            "prompts of the pair migrated with it (rows from 2026-12-05 on; before, the first prompt's recycle stage).",
             "",
             "| pair | prompts | after recycle | after refine | after retune | test: migrated | best baseline "
             "| re-tuned | migrated / re-tuned | passed and above the test baseline | cost (median) "
