@@ -446,7 +446,8 @@ def summary(cfg: DictConfig, s: Setup, metrics: dict[str, float], published: dic
         lines.append(f"  verdict on {list(cfg.eval.splits)[-1]}: {verdict} (recycled vs max(zero-shot, random prompt))")
     if "policy/steps" in metrics:
         steps, seconds, flops = int(metrics["policy/steps"]), metrics["policy/seconds"], metrics["policy/flops"]
-        lines.append(f"  policy {s.policy.label}: {steps} steps, {seconds:.1f} s, {flops:.3g} FLOPs")
+        maps = f"; its maps {metrics['policy/map_seconds']:.1f} s, {metrics['policy/map_flops']:.3g} FLOPs"
+        lines.append(f"  policy {s.policy.label}: {steps} steps, {seconds:.1f} s, {flops:.3g} FLOPs{maps}")
     lines += [f"  {name}: {uri}" for name, uri in published.items()]
     run = mlflow.active_run()
     if run is not None:

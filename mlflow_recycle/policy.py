@@ -363,7 +363,8 @@ class PolicyOutcome:
             name = f"{r.stage}[{r.method}]" if r.method else r.stage
             parts.append(f"{name} {r.status}{value}, {cost}{why}")
         threshold = f" > {self.threshold:.3f}" if self.threshold is not None else ""
-        return f"gate {self.gate}{threshold}: " + "; ".join(parts)
+        maps = f"; the maps: {self.map_seconds:.1f} s, {self.map_flops:.2g} FLOPs" if self.map_flops else ""
+        return f"gate {self.gate}{threshold}: " + "; ".join(parts) + maps
 
 
 # ---------------------------------------------------------------------- running
