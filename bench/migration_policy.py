@@ -125,7 +125,7 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
 
     # the pair's prompts are the transfer's, as a migration's are every prompt it holds: a map trained on behaviour
     # learns from them, `when: enough_prompts` counts them
-    counts = any(choice.train_map or choice.when == "enough_prompts" for choice in policy.stages[0].recyclers)
+    counts = any(choice.needs_prompts for choice in policy.stages[0].recyclers)
     transfer = Transfer(
         src,
         tgt,

@@ -15,7 +15,6 @@ task's prompts with no training per prompt.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 import lightning as L
 import torch
@@ -26,7 +25,7 @@ from mlflow_recycle.errors import RecycleError
 from mlflow_recycle.prompted_lm import PromptedLM, TaskEncoder
 from mlflow_recycle.recyclers import Recycler
 
-from .modules import OptimizerFactory, SchedulerFactory, TrainablePromptModule
+from .modules import OptimizerFactory, SchedulerFactory, TrainablePromptModule, adamw
 
 
 def class_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +146,7 @@ class MapDistillationModule(L.LightningModule):
             self.register_buffer(f"prompt_{i}", prompt.detach().clone().to(torch.float64))
         self.count = len(prompts)
         self.temperature, self.length_normalize, self.name = temperature, length_normalize, name
-        self.optimizer = optimizer or partial(torch.optim.AdamW, lr=0.003, weight_decay=0.0)
+        self.optimizer = optimizer or adamw(0.003, weight_decay=0.0)
 
     def train(self, mode: bool = True) -> MapDistillationModule:
         super().train(mode)

@@ -99,6 +99,11 @@ class RecyclerChoice:
         return json.dumps({"name": self.name, "options": dict(self.options)}, sort_keys=True)
 
     @property
+    def needs_prompts(self) -> bool:
+        """Whether trying it needs the transfer's prompts of the task (to train on, or to count)."""
+        return self.train_map is not None or self.when == "enough_prompts"
+
+    @property
     def trained_key(self) -> str:
         """What determines a map trained on behaviour, besides the task and its prompts."""
         return json.dumps({"map": self.map_key, "train_map": asdict(self.train_map or DistillSettings())})
@@ -605,7 +610,7 @@ def _run_policy(
                     if not same:
                         log.info("Not trying %s: %s", choice.label, why)
                         continue
-                learn_from = transfer.peers(prompt) if choice.train_map or choice.when == "enough_prompts" else None
+                learn_from = transfer.peers(prompt) if choice.needs_prompts else None
                 if choice.when == "enough_prompts" and len(learn_from) < choice.min_prompts:
                     log.info("Not trying %s: %d prompts of the task, fewer than its min_prompts %d",
                              choice.label, len(learn_from), choice.min_prompts)  # fmt: skip
