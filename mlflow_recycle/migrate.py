@@ -38,10 +38,9 @@ from .config import compose
 from .errors import RecycleError
 from .evaluation import verdict_metrics
 from .models import LoadedModel, configure_threads, load_base_model
-from .policy import Policy, PolicyOutcome, RecyclerChoice, Transfer, retune_reference, run_policy
+from .policy import Policy, PolicyOutcome, RecyclerChoice, Transfer, fit_choice, retune_reference, run_policy
 from .prompt import SoftPrompt
-from .recycle import fit_recycler
-from .recyclers import Recycler, get_recycler, load_recycler
+from .recyclers import Recycler, load_recycler
 from .refine import distill_map
 from .tracking import configure
 
@@ -196,10 +195,9 @@ class _Migration:
         source, target = self.transfer.source, self.transfer.target
 
         def fit() -> tuple[Recycler, dict[str, float]]:
-            recycler = fit_recycler(
-                get_recycler(choice.name, **choice.options), source.model, source.tokenizer, target.model,
-                target.tokenizer, anchor_offset=self.cfg.anchors.offset, anchor_size=self.cfg.anchors.size,
-            )  # fmt: skip
+            recycler = fit_choice(
+                choice, source, target, anchor_offset=self.cfg.anchors.offset, anchor_size=self.cfg.anchors.size
+            )
             stats = getattr(recycler, "anchor_stats", None) or {}
             return recycler, {f"anchors_{key}": float(value) for key, value in stats.items()}
 

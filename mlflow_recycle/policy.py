@@ -452,6 +452,21 @@ class Transfer:
         return True, f"mean embedding cosine {cosine:.3f}"
 
 
+def fit_choice(
+    choice: RecyclerChoice,
+    source: LoadedModel,
+    target: LoadedModel,
+    *,
+    anchor_offset: int = DEFAULT_OFFSET,
+    anchor_size: int = DEFAULT_SIZE,
+) -> Recycler:
+    """``choice``'s recycler fitted on the pair's anchors: its map before any training on behaviour."""
+    return fit_recycler(
+        get_recycler(choice.name, **choice.options), source.model, source.tokenizer, target.model, target.tokenizer,
+        anchor_offset=anchor_offset, anchor_size=anchor_size,
+    )  # fmt: skip
+
+
 def fitter(
     source: LoadedModel,
     target: LoadedModel,
@@ -471,11 +486,9 @@ def fitter(
     def fit(choice: RecyclerChoice, prompts: Sequence[SoftPrompt] | None = None) -> Recycler:
         if choice.map_key not in fitted:
             start = time.perf_counter()
-            recycler = get_recycler(choice.name, **choice.options)
-            fitted[choice.map_key] = fit_recycler(
-                recycler, source.model, source.tokenizer, target.model, target.tokenizer,
-                anchor_offset=anchor_offset, anchor_size=anchor_size,
-            )  # fmt: skip
+            fitted[choice.map_key] = fit_choice(
+                choice, source, target, anchor_offset=anchor_offset, anchor_size=anchor_size
+            )
             if on_fit is not None:
                 on_fit(fitted[choice.map_key], time.perf_counter() - start)
         if choice.train_map is None or not prompts:
