@@ -214,7 +214,7 @@ class _Migration:
             return trained, costs | ({"map_agreement": outcome.agreement} if outcome.agreement is not None else {})
 
         task = prompts[0].task.to_dict() if prompts[0].task else None
-        digests = sorted(registry.prompt_digest(p) for p in prompts)
+        digests = sorted(p.digest for p in prompts)
         key = _digest(pair | {"trained": choice.trained_key, "task": task, "prompts": digests})
         return self._logged(key, f"train {choice.label} map on {len(prompts)} prompts", train)
 

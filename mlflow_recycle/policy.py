@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("recycle", "refine", "retune")
 STARTS = ("best", "best_or_init")  # of a retune stage
-CONDITIONS = ("same_space", "enough_prompts")  # of a recycler
+CONDITIONS = ("same_space", "enough_prompts", "enough_failing")  # of a recycler
 REFINE_CONDITIONS = ("teacher_passes",)
 PASSED, FAILED, SKIPPED, UNEVALUATED = "passed", "failed", "skipped", "unevaluated"
 
@@ -74,8 +74,11 @@ class RecyclerChoice:
         when: ``same_space``: only try it when both models share the tokenizer and dim and
             their anchor embeddings have a mean cosine similarity of at least ``min_cosine``
             (``identity`` for an update that kept its embedding space); ``enough_prompts``: only
-            when the transfer migrates at least ``min_prompts`` prompts of the prompt's task (a
-            map trained on behaviour costs about one re-tuning, worth it only spread over many).
+            when the transfer migrates at least ``min_prompts`` prompts of the prompt's task;
+            ``enough_failing``: only when at least ``min_prompts`` of them (this one included) fail
+            the gate with every map the stage tried before this one (those checks made ahead for
+            the others, once: a map trained on behaviour costs about a fifth of a re-tuning, worth
+            it only where several prompts need it).
     """
 
     name: str
@@ -101,12 +104,17 @@ class RecyclerChoice:
     @property
     def needs_prompts(self) -> bool:
         """Whether trying it needs the transfer's prompts of the task (to train on, or to count)."""
-        return self.train_map is not None or self.when == "enough_prompts"
+        return self.train_map is not None or self.when in ("enough_prompts", "enough_failing")
 
     @property
     def trained_key(self) -> str:
         """What determines a map trained on behaviour, besides the task and its prompts."""
         return json.dumps({"map": self.map_key, "train_map": asdict(self.train_map or DistillSettings())})
+
+    @property
+    def key(self) -> str:
+        """What determines the choice's prompt for a given prompt of the transfer: the map and the refinement."""
+        return json.dumps({"trained": self.trained_key, "refine": asdict(self.refine) if self.refine else None})
 
 
 @dataclass(frozen=True)
@@ -311,8 +319,10 @@ class PolicyOutcome:
     # Measuring the gate (the target's baselines on the gate's draw; the source's with keep_gain): paid by
     # the first prompt of a transfer to need that draw, shared by the rest (0 for them); not in `flops`.
     gate_flops: float = 0.0
-    # Fitting the recycle stage's maps (on anchors; on behaviour with train_map): paid by the first prompt
-    # of a transfer (and task) to need a map, shared by the rest (0 for them); not in `flops`/`seconds`.
+    # Fitting the recycle stage's maps (on anchors; on behaviour with train_map), and the checks of the
+    # transfer's other prompts that decide whether to train one (enough_failing; kept, so their prompts do
+    # not pay for them again): paid by the first prompt of a transfer (and task) to need them, shared by
+    # the rest (0 for them); not in `flops`/`seconds`.
     map_flops: float = 0.0
     map_seconds: float = 0.0
 
@@ -385,7 +395,7 @@ class Transfer:
             per pair, trains once per pair and task, and may reuse one logged earlier (:func:`fitter`).
         prompts: the prompts this transfer migrates (a migration's, a benchmark pair's): maps
             trained on behaviour learn from those of a prompt's task, ``when: enough_prompts``
-            counts them.
+            and ``enough_failing`` count them.
         limit_val, eval_batch_size, random_draws, seed: evaluation settings.
     """
 
@@ -399,6 +409,8 @@ class Transfer:
     seed: int = 0
     prompts: Sequence[SoftPrompt] = ()
     _baselines: dict[tuple[Any, ...], Baselines] = field(default_factory=dict, repr=False)
+    _judges: dict[tuple[Any, ...], _Judge] = field(default_factory=dict, repr=False)
+    _trained: set[tuple[str, Any]] = field(default_factory=set, repr=False)  # (trained_key, task) of maps trained
 
     def peers(self, prompt: SoftPrompt) -> list[SoftPrompt]:
         """The transfer's prompts of ``prompt``'s task, ``prompt`` among them (added when it is not)."""
@@ -406,6 +418,14 @@ class Transfer:
         if not any(p.length == prompt.length and torch.equal(p.embeddings, prompt.embeddings) for p in same):
             same.append(prompt)
         return same
+
+    def judge(self, gate: Gate, prompt: SoftPrompt, problem: str | None) -> _Judge:
+        """The gate for ``prompt`` (``problem``: why it cannot be judged, or None), built once per prompt, gate
+        and evaluation draw."""
+        key = (prompt.digest, gate, problem, self.seed, self.limit_val, self.eval_batch_size, self.random_draws)
+        if key not in self._judges:
+            self._judges[key] = _Judge(gate, self, prompt, problem)
+        return self._judges[key]
 
     def evaluator(self, split: str, metric: str = "accuracy") -> Evaluator:
         return Evaluator(self.trainer, (split,), self.random_draws, self.seed, metric)
@@ -546,60 +566,130 @@ def run_policy(
         return _run_policy(policy, transfer, prompt, recycled_from, judge, used)
 
 
+@dataclass
+class _Check:
+    """A recycler's candidate for one prompt and its gate check."""
+
+    candidate: SoftPrompt
+    value: float
+    whole: bool  # the whole split's value (False: a gate screen's, which turned it away)
+    steps: int
+
+
+class _Judge:
+    """The gate for one prompt of a transfer: the target's data on the gate split's draw, its
+    baselines, the threshold, and the recycle stage's checks of the prompt (kept, so that a check
+    made ahead for a peer, ``when: enough_failing``, is not made twice). Built once per prompt and
+    gate (:meth:`Transfer.judge`); what building it cost (measuring the gate) is :attr:`gate_flops`."""
+
+    def __init__(self, gate: Gate, transfer: Transfer, prompt: SoftPrompt, problem: str | None) -> None:
+        self.gate, self.transfer, self.prompt, self.problem = gate, transfer, prompt, problem
+        self.data = self.threshold = self.baselines = None
+        self.description = ""
+        self.checks: dict[str, _Check] = {}  # by RecyclerChoice.key
+        self._source: dict[str, Any] = {}  # the source's data on the gate split's draw, the source prompt's score
+        with metered() as used:
+            if problem is None:
+                target = transfer.target
+                self.data = transfer.data(target, prompt, gate.screen)
+                self.baselines = transfer.baselines(target, prompt, gate.split, self.data, gate.metric)
+                source_gain = None
+                if gate.keep_gain is not None:
+                    side = transfer.source
+                    source_baselines = transfer.baselines(side, prompt, gate.split, self.source_data(), gate.metric)
+                    source_gain = max(0.0, self.source_score() - source_baselines.best(gate.split))
+                self.threshold = gate.threshold(self.baselines, source_gain)
+                self.description = gate.describe(self.baselines, source_gain)
+        self.gate_flops = used.flops
+
+    def source_data(self):
+        if "data" not in self._source:
+            self._source["data"] = self.transfer.data(self.transfer.source, self.prompt)
+        return self._source["data"]
+
+    def source_score(self) -> float:
+        """The source prompt on its own model, on the gate split's draw (measured once)."""
+        if "score" not in self._source:
+            evaluator = self.transfer.evaluator(self.gate.split, self.gate.metric)
+            scores = evaluator.score(self.transfer.source, self.source_data(), self.prompt.embeddings, "source")
+            self._source["score"] = scores[self.gate.split]
+        return self._source["score"]
+
+    @property
+    def measured_source_score(self) -> float | None:
+        """:meth:`source_score` when something needed it (None otherwise: it was not measured)."""
+        return self._source.get("score")
+
+    def score(self, candidate: SoftPrompt, name: str, limit_batches: int | None = None) -> float:
+        evaluator = self.transfer.evaluator(self.gate.split, self.gate.metric)
+        target = self.transfer.target
+        return evaluator.score(target, self.data, candidate.embeddings, name, limit_batches)[self.gate.split]
+
+    def check(self, candidate: SoftPrompt, name: str) -> tuple[float, bool]:
+        """The gate's check: the candidate's score and whether it is the whole split's (with a
+        screen, the screen's when it does not read above the threshold)."""
+        screen_batches = self.transfer.screen_batches(self.gate.screen)
+        if screen_batches is not None:
+            value = self.score(candidate, f"{name}_screen", screen_batches)
+            if value <= self.threshold:
+                return value, False
+        return self.score(candidate, name), True
+
+    def recycled(self, choice: RecyclerChoice, recycler: Recycler, recycled_from: str | None) -> _Check:
+        """``choice``'s candidate for the prompt (its fixed refinement included) and its check, made once."""
+        if choice.key not in self.checks:
+            transfer = self.transfer
+            candidate = _on_target(recycler.transform(self.prompt, recycled_from), transfer.target)
+            steps = 0
+            if choice.refine is not None:
+                outcome = distill(transfer.source, self.prompt, transfer.target, candidate.embeddings,
+                                  choice.refine, transfer.trainer, seed=transfer.seed)  # fmt: skip
+                candidate, steps = refined(candidate, outcome, choice.refine), outcome.steps
+            value, whole = self.check(candidate, choice.label) if self.data is not None else (math.nan, True)
+            self.checks[choice.key] = _Check(candidate, value, whole, steps)
+        return self.checks[choice.key]
+
+    def carried(self, choices: Sequence[tuple[RecyclerChoice, Recycler]]) -> bool:
+        """Whether one of ``choices`` (tried before, in order) carries the prompt over its gate."""
+        return any(self.recycled(choice, recycler, None).value > self.threshold for choice, recycler in choices)
+
+
+def _failing(
+    transfer: Transfer,
+    gate: Gate,
+    prompt: SoftPrompt,
+    peers: Sequence[SoftPrompt],
+    tried: Sequence[tuple[RecyclerChoice, Recycler]],
+) -> int:
+    """How many of ``peers`` (the transfer's prompts of ``prompt``'s task, ``prompt`` among them) the
+    training-free maps ``tried`` do not carry over their gates. The checks made for the others are
+    kept (:meth:`Transfer.judge`), so their own runs do not make them again."""
+    judges = (transfer.judge(gate, peer, labelled_data_problem(peer, gate.split)) for peer in peers)
+    return sum(not judge.carried(tried) for judge in judges if judge.data is not None)
+
+
 def _run_policy(
-    policy: Policy, transfer: Transfer, prompt: SoftPrompt, recycled_from: str | None, judge: bool, used: Compute
+    policy: Policy, transfer: Transfer, prompt: SoftPrompt, recycled_from: str | None, judging: bool, used: Compute
 ) -> PolicyOutcome:
     source, target = transfer.source, transfer.target
     gate = policy.gate
     records: list[StageRecord] = []
-    problem = labelled_data_problem(prompt, gate.split) if judge else "evaluation is off"
-    data = threshold = baselines = None
-    on_source: dict[str, Any] = {}  # the source's data on the gate split's draw, the source prompt's score on it
-
-    def source_data():
-        if "data" not in on_source:
-            on_source["data"] = transfer.data(source, prompt)
-        return on_source["data"]
-
-    def source_score() -> float:
-        """The source prompt on its own model, on the gate split's draw (measured once)."""
-        if "score" not in on_source:
-            evaluator = transfer.evaluator(gate.split, gate.metric)
-            on_source["score"] = evaluator.score(source, source_data(), prompt.embeddings, "source")[gate.split]
-        return on_source["score"]
-
-    gate_flops_before = used.flops
+    problem = labelled_data_problem(prompt, gate.split) if judging else "evaluation is off"
+    judge = transfer.judge(gate, prompt, problem)
+    data, threshold, baselines = judge.data, judge.threshold, judge.baselines
+    source_score, score = judge.source_score, judge.score
     if problem is None:
-        data = transfer.data(target, prompt, gate.screen)
-        baselines = transfer.baselines(target, prompt, gate.split, data, gate.metric)
-        source_gain = None
-        if gate.keep_gain is not None:
-            source_baselines = transfer.baselines(source, prompt, gate.split, source_data(), gate.metric)
-            source_gain = max(0.0, source_score() - source_baselines.best(gate.split))
-        threshold = gate.threshold(baselines, source_gain)
-        log.info("Gate on %s/%s: %s", target.name, gate.split, gate.describe(baselines, source_gain))
+        log.info("Gate on %s/%s: %s", target.name, gate.split, judge.description)
     else:
         log.warning("Cannot gate %s: %s; recycling without a gate", recycled_from or "the prompt", problem)
 
-    gate_flops = used.flops - gate_flops_before
-    map_seconds = map_flops = 0.0  # the maps' fits and trainings (shared by the transfer's prompts)
+    gate_flops = judge.gate_flops
+    # the maps' fits and trainings, and the checks of the transfer's other prompts that decide whether to train
+    # one (enough_failing): the transfer's cost, shared by its prompts
+    map_seconds = map_flops = 0.0
     best: SoftPrompt | None = None
     best_score: float | None = None
     best_whole = True  # best_score is the whole split's (False: a gate screen's, which turned it away)
-
-    def score(candidate: SoftPrompt, name: str, limit_batches: int | None = None) -> float:
-        evaluator = transfer.evaluator(gate.split, gate.metric)
-        return evaluator.score(target, data, candidate.embeddings, name, limit_batches)[gate.split]
-
-    def check(candidate: SoftPrompt, name: str) -> tuple[float, bool]:
-        """The gate's check: the candidate's score and whether it is the whole split's (with a
-        screen, the screen's when it does not read above the threshold)."""
-        screen_batches = transfer.screen_batches(gate.screen)
-        if screen_batches is not None:
-            value = score(candidate, f"{name}_screen", screen_batches)
-            if value <= threshold:
-                return value, False
-        return score(candidate, name), True
 
     def whole_best() -> float:
         """The best prompt's score on the whole split (one a screen turned away is read now)."""
@@ -617,6 +707,7 @@ def _run_policy(
         start, flops_before = time.perf_counter(), used.flops
         if isinstance(stage, RecycleStage):
             record = StageRecord("recycle", FAILED)
+            tried: list[tuple[RecyclerChoice, Recycler]] = []  # the training-free choices tried, in order
             for choice in stage.recyclers:
                 if choice.when == "same_space":
                     same, why = transfer.same_space(choice.min_cosine)
@@ -628,27 +719,34 @@ def _run_policy(
                     log.info("Not trying %s: %d prompts of the task, fewer than its min_prompts %d",
                              choice.label, len(learn_from), choice.min_prompts)  # fmt: skip
                     continue
+                trained_key = (choice.trained_key, prompt.task)
+                if choice.when == "enough_failing" and data is not None and trained_key not in transfer._trained:
+                    ahead_start, flops_ahead = time.perf_counter(), used.flops
+                    failing = _failing(transfer, gate, prompt, learn_from, tried)
+                    map_seconds += time.perf_counter() - ahead_start
+                    map_flops += used.flops - flops_ahead
+                    if failing < choice.min_prompts:
+                        log.info("Not trying %s: %d of the task's %d prompts fail the maps before it, fewer "
+                                 "than its min_prompts %d", choice.label, failing, len(learn_from),
+                                 choice.min_prompts)  # fmt: skip
+                        continue
                 fit_start, flops_at_fit = time.perf_counter(), used.flops
                 recycler = transfer.fit(choice, learn_from if choice.train_map else None)
+                if choice.train_map is not None:  # trained: from now on it costs a transform and a check
+                    transfer._trained.add(trained_key)
                 map_seconds += time.perf_counter() - fit_start
                 map_flops += used.flops - flops_at_fit
-                candidate = _on_target(recycler.transform(prompt, recycled_from), target)
-                if choice.refine is not None:
-                    outcome = distill(
-                        source,
-                        prompt,
-                        target,
-                        candidate.embeddings,
-                        choice.refine,
-                        transfer.trainer,
-                        seed=transfer.seed,
-                    )
-                    candidate = refined(candidate, outcome, choice.refine)
-                    record.steps += outcome.steps
+                made = judge.recycled(choice, recycler, recycled_from)  # made ahead, or now
+                if choice.train_map is None and choice.refine is None:
+                    tried.append((choice, recycler))
+                candidate = (
+                    made.candidate if recycled_from is None else made.candidate.replace(recycled_from=recycled_from)
+                )
+                record.steps += made.steps
                 if data is None:  # nothing to judge by: the first applicable recycler's prompt
                     best, record.method = candidate, choice.label
                     break
-                value, whole = check(candidate, choice.label)
+                value, whole = made.value, made.whole
                 record.tried[choice.label if whole else f"{choice.label} (screen)"] = value
                 if best_score is None or value > best_score:
                     best, best_score, best_whole, record.method = candidate, value, whole, choice.label
@@ -747,7 +845,7 @@ def _run_policy(
     cost = {kind: sum(getattr(r, kind) for r in records) for kind in ("steps", "seconds", "flops")}
     best = best.replace(cost={**cost, "parameters": target.parameters})
     outcome = PolicyOutcome(
-        best, verdict, best_score, threshold, baselines, records, reason, on_source.get("score"), gate_flops,
+        best, verdict, best_score, threshold, baselines, records, reason, judge.measured_source_score, gate_flops,
         map_flops, map_seconds,
     )  # fmt: skip
     log.info("Policy for %s: %s", recycled_from or "the prompt", outcome.summary())

@@ -15,6 +15,7 @@ PEFT alone loads too (with the metadata PEFT knows).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,13 @@ class SoftPrompt:
     def dim(self) -> int:
         """Embedding width of the base model."""
         return int(self.embeddings.shape[1])
+
+    @property
+    def digest(self) -> str:
+        """What makes two prompts the same prompt: the tensor, the base it is tied to, the task."""
+        task = json.dumps(self.task.to_dict() if self.task else None, sort_keys=True)
+        tie = f"{self.base_model}|{self.base_model_version}|{task}".encode()
+        return hashlib.sha256(self.embeddings.numpy().tobytes() + tie).hexdigest()[:32]
 
     def replace(self, **changes: Any) -> SoftPrompt:
         """A copy with some fields changed (the tensor is shared, never modified in place)."""

@@ -9,7 +9,6 @@ what to recycle when version 2 appears.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -195,13 +194,6 @@ def check_prompt_fits_base(prompt: SoftPrompt, base: ModelVersion) -> None:
 
 
 # ---------------------------------------------------------------------- prompts
-def prompt_digest(prompt: SoftPrompt) -> str:
-    """What makes two prompts the same registered prompt: the tensor, the base it is tied to, the task."""
-    task = json.dumps(prompt.task.to_dict() if prompt.task else None, sort_keys=True)
-    tie = f"{prompt.base_model}|{prompt.base_model_version}|{task}".encode()
-    return hashlib.sha256(prompt.embeddings.detach().float().cpu().numpy().tobytes() + tie).hexdigest()[:32]
-
-
 def prompt_tags(prompt: SoftPrompt, tags: Mapping[str, str] | None = None) -> dict[str, str]:
     """A prompt version's tags: its tie to a base version, its lineage and digest, then ``tags``."""
     tie = {
@@ -209,7 +201,7 @@ def prompt_tags(prompt: SoftPrompt, tags: Mapping[str, str] | None = None) -> di
         TAG_BASE_MODEL: prompt.base_model or "",
         TAG_BASE_VERSION: prompt.base_model_version or "",
         TAG_FINGERPRINT: prompt.tokenizer_fingerprint or "",
-        TAG_PROMPT_DIGEST: prompt_digest(prompt),
+        TAG_PROMPT_DIGEST: prompt.digest,
     }
     if prompt.recycler:
         tie.update(
@@ -360,7 +352,6 @@ __all__ = [
     "ensure_base_model",
     "load_prompt",
     "log_prompt",
-    "prompt_digest",
     "model_uri",
     "parse_model_uri",
     "pinned",

@@ -599,3 +599,45 @@ def test_a_map_worth_training_only_over_many_prompts_waits_for_them(sides, good_
     assert fits == ["identity"] and list(outcome.records[0].tried) == ["identity"] and outcome.map_flops == 0
     with pytest.raises(RecycleError, match="Unknown recycler condition when='many'; choose one of same_space, enough"):
         policy({"stage": "recycle", "recyclers": [{**guarded, "when": "many"}]})
+
+
+def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, good_prompt):
+    """``when: enough_failing``: before training a map, the transfer's other prompts of the task are
+    checked with the maps tried before it; it trains only when at least ``min_prompts`` of them (this one
+    included) fail. The checks made ahead are the transfer's cost (map_flops, as deciding on the map), kept
+    and not made again when their prompts' turn comes."""
+    from mlflow_recycle.policy import fitter
+
+    src = sides("small-a")
+    trained_on = []
+    fit = fitter(
+        src, src, trainer=trainer, on_fit=lambda r, s: trained_on.append(r.behaviour and r.behaviour["prompts"])
+    )
+    broken = [good_prompt.replace(embeddings=good_prompt.embeddings * k) for k in (-1.0, 8.0)]
+    held = [good_prompt, *broken]
+
+    def rule(min_prompts: int) -> Policy:
+        trained = {"name": "linear", "when": "enough_failing", "min_prompts": min_prompts,
+                   "train_map": {"steps": 2, "texts": 16, "batch_size": 4}}  # fmt: skip
+        return policy({"stage": "recycle", "recyclers": [{"name": "identity"}, trained]}, margin=5)
+
+    # small-a -> small-a: identity carries the tuned prompt, not the broken ones
+    strict = Transfer(src, src, trainer, fit, limit_val=48, random_draws=1, prompts=held)
+    first = run_policy(rule(3), strict, broken[0])
+    assert first.records[0].tried["identity"] < first.threshold  # the fixture: a broken prompt fails identity
+    assert list(first.records[0].tried) == ["identity"] and trained_on == [None]  # no map trained
+    good, second = run_policy(rule(3), strict, good_prompt), run_policy(rule(3), strict, broken[1])
+    assert good.stage == "recycle" and second.records[0].tried["identity"] < second.threshold
+    # the first run made the other two prompts' identity checks ahead, as the map's cost; they reuse them
+    assert first.map_flops == 2 * first.records[0].flops > 0
+    assert good.records[0].flops == second.records[0].flops == good.map_flops == 0
+
+    eager = Transfer(src, src, trainer, fit, limit_val=48, random_draws=1, prompts=held)
+    outcome = run_policy(rule(2), eager, broken[0])  # two of three fail identity: enough for min_prompts=2
+    assert list(outcome.records[0].tried) == ["identity", "linear+map(2)"] and trained_on == [None, None, 3]
+    assert outcome.records[0].flops == first.records[0].flops * 2  # its own two checks; those made ahead: the map's
+    eager.seed = 1  # another validation draw: no new count once the map is trained, its use costs a check
+    again = run_policy(rule(2), eager, broken[1])
+    assert again.map_flops == 0 and trained_on == [None, None, 3] and "linear+map(2)" in again.records[0].tried
+    with pytest.raises(RecycleError, match="choose one of same_space, enough_prompts, enough_failing"):
+        policy({"stage": "recycle", "recyclers": [{"name": "linear", "when": "many"}]})
