@@ -220,8 +220,9 @@ def report(all_rows: list[dict]) -> str:
             "scratch; how many passing prompts also beat the best baseline on test; cost as a fraction of",
             "re-tuning from scratch (median): seconds, timed in the same process, and compute, counted in",
             "FLOPs (the same on any machine and under any load; rows from before 2026-12-04 have none). A",
-            "map's cost (its fit; a training on behaviour, `recycler=linear_behaviour`) is shared equally by the",
-            "prompts of the pair migrated with it (rows from 2026-12-05 on; before, the first prompt's recycle stage).",
+            "map's cost (its fit; a training on behaviour, `recycler=linear_behaviour`, and the other prompts' checks",
+            "that decided it, `when: enough_failing`) is shared equally by the prompts of the pair migrated with it",
+            "(rows from 2026-12-05 on; before, the first prompt's recycle stage).",
             "",
             "| pair | prompts | after recycle | after refine | after retune | test: migrated | best baseline "
             "| re-tuned | migrated / re-tuned | passed and above the test baseline | cost (median) "
