@@ -419,6 +419,17 @@ class Transfer:
             same.append(prompt)
         return same
 
+    def recycler(self, choice: RecyclerChoice, prompts: Sequence[SoftPrompt] | None = None) -> Recycler:
+        """:attr:`fit`'s map for ``choice`` (trained on ``prompts`` with ``train_map``), noting which are trained."""
+        recycler = self.fit(choice, prompts)
+        if choice.train_map is not None and prompts:
+            self._trained.add((choice.trained_key, prompts[0].task))
+        return recycler
+
+    def trained(self, choice: RecyclerChoice, task: Any) -> bool:
+        """Whether ``choice``'s map was trained on ``task``'s prompts here (using it costs a transform and a check)."""
+        return (choice.trained_key, task) in self._trained
+
     def judge(self, gate: Gate, prompt: SoftPrompt, problem: str | None) -> _Judge:
         """The gate for ``prompt`` (``problem``: why it cannot be judged, or None), built once per prompt, gate
         and evaluation draw."""
@@ -719,8 +730,7 @@ def _run_policy(
                     log.info("Not trying %s: %d prompts of the task, fewer than its min_prompts %d",
                              choice.label, len(learn_from), choice.min_prompts)  # fmt: skip
                     continue
-                trained_key = (choice.trained_key, prompt.task)
-                if choice.when == "enough_failing" and data is not None and trained_key not in transfer._trained:
+                if choice.when == "enough_failing" and data is not None and not transfer.trained(choice, prompt.task):
                     ahead_start, flops_ahead = time.perf_counter(), used.flops
                     failing = _failing(transfer, gate, prompt, learn_from, tried)
                     map_seconds += time.perf_counter() - ahead_start
@@ -731,9 +741,7 @@ def _run_policy(
                                  choice.min_prompts)  # fmt: skip
                         continue
                 fit_start, flops_at_fit = time.perf_counter(), used.flops
-                recycler = transfer.fit(choice, learn_from if choice.train_map else None)
-                if choice.train_map is not None:  # trained: from now on it costs a transform and a check
-                    transfer._trained.add(trained_key)
+                recycler = transfer.recycler(choice, learn_from if choice.train_map else None)
                 map_seconds += time.perf_counter() - fit_start
                 map_flops += used.flops - flops_at_fit
                 made = judge.recycled(choice, recycler, recycled_from)  # made ahead, or now
