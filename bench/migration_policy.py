@@ -119,13 +119,12 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
     n_test = len(target_data.dataset("test"))
     trainer = instantiate(job_cfg.trainer, _partial_=True)
 
-    def source_prompt(init: str, seed: int):
-        prompt, seconds = matrix.tuned(task, source, init, seed)
-        return prompt.replace(task=spec), seconds
-
     # the pair's prompts are the transfer's, as a migration's are every prompt it holds: a map trained on behaviour
-    # learns from them, `when: enough_prompts` counts them
+    # learns from them, `when: enough_prompts` and `enough_failing` count them; each is read from the cache once
     counts = any(choice.needs_prompts for choice in policy.stages[0].recyclers)
+    held = [(i, s) for i in args.inits for s in args.seeds] if counts else todo
+    cached = {(i, s): matrix.tuned(task, source, i, s) for i, s in held}
+    sources = {key: (prompt.replace(task=spec), seconds) for key, (prompt, seconds) in cached.items()}
     transfer = Transfer(
         src,
         tgt,
@@ -134,11 +133,11 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
         limit_val=cfg.eval.limit_val,
         random_draws=job_cfg.eval.random_prompt_draws,
         seed=0,
-        prompts=[source_prompt(i, s)[0] for i in args.inits for s in args.seeds] if counts else (),
+        prompts=[sources[key][0] for key in held] if counts else (),
     )
     outcomes = []
     for init, seed in todo:
-        prompt, cached_seconds = source_prompt(init, seed)
+        prompt, cached_seconds = sources[(init, seed)]
         transfer.seed = seed
         outcomes.append(
             (
