@@ -52,6 +52,7 @@ from recycling_matrix import (  # noqa: E402
     MARGIN,
     PAIRS,
     PAPER_TASKS,
+    PROMPTS,
     TASK_SETTINGS,
     ChartPoint,
     Matrix,
@@ -391,7 +392,8 @@ def main() -> None:
     parser.add_argument("--policy", default="default", help="a conf/policy entry")
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides of conf/migrate.yaml")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--cache", default=str(ROOT / "bench" / "cache"))
+    parser.add_argument("--cache", default=str(ROOT / "bench" / "cache"), help="evaluations (and --quick's prompts)")
+    parser.add_argument("--prompts", default=str(PROMPTS), help="the matrix's tuned prompts (committed)")
     parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
@@ -420,7 +422,7 @@ def main() -> None:
         Policy.from_config(policy_config(args).policy)  # a bad policy fails before any tuning
         lock = lock_csv(csv_path, "migration_policy.py")  # noqa: F841 (held until the process ends)
         kept = load_rows(csv_path) if csv_path.exists() else []
-        matrix_args = argparse.Namespace(cache=args.cache, quick=args.quick, set=args.set)
+        matrix_args = argparse.Namespace(cache=args.cache, prompts=args.prompts, quick=args.quick, set=args.set)
         if args.recompute:  # the rows asked for are computed again, replacing the ones kept
             matrix = Matrix(matrix_args)
             asked = {(t, matrix.objective(t, p.split(":")[0]), *p.split(":"), label(args), i, s)

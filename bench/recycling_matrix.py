@@ -14,8 +14,10 @@ target's zero-shot and random-token-prompt baselines and a prompt re-tuned on th
     python bench/recycling_matrix.py --quick --out /tmp/m  # CI smoke test
     python bench/recycling_matrix.py --workers 12 --set trainer.accelerator=gpu   # on one GPU, 12 processes
 
-Tuned prompts and evaluations are cached under ``bench/cache`` (keyed by everything that
-determines them), so a rerun only computes what changed, e.g. a new recycler.
+Tuned prompts are kept under ``bench/results/prompts`` (committed: tuning is the matrix's cost,
+hours on a CPU, and a new machine starts without a cache) and evaluations under ``bench/cache``,
+each keyed by everything that determines it, so a rerun only computes what changed, e.g. a new
+recycler.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ COLUMNS = [
     "task", "objective", "source", "target", "recycler", "init", "seed", "recycled_acc", "zero_shot_acc",
     "random_prompt_acc", "source_acc", "retuned_acc", "success", "recycle_seconds", "retune_seconds", "device",
 ]  # fmt: skip
+#: Where tuned prompts are kept (PEFT adapter directories of ~20 KB with their tuning record): in
+#: git, beside the rows they produced, so that tuning done on one machine serves the next.
+PROMPTS = ROOT / "bench" / "results" / "prompts"
 #: source:target -> what changes between the two models (the paper's Base->Base', Base->Large, ...).
 PAIRS = {
     "small-a:small-b": "another seed",
@@ -123,6 +128,8 @@ def plain(node) -> dict:
     """A config node as a dict for cache keys, without settings that leave prompts unchanged
     (so that adding an option with a neutral default does not invalidate the cache)."""
     values = OmegaConf.to_container(node, resolve=True)
+    if "data" in values:  # the data as the checkout sees it (../shared/...), wherever the checkout is
+        values["data"] = os.path.relpath(os.path.normpath(values["data"]), ROOT)
     neutral = {"regularizer": "none", "gamma": 0.0, "text_field": "text", "label_field": "label", "labels": [],
                "header": True}  # fmt: skip
     return {k: v for k, v in values.items() if k not in UNKEYED and neutral.get(k, object()) != v}
@@ -131,7 +138,7 @@ def plain(node) -> dict:
 #: Settings left out of cache keys. ``instruction`` is read only by the wayward regulariser (keyed
 #: through ``prompt.regularizer``). ``validation_min_words`` never changes a test accuracy; for a
 #: tuned prompt it changes which of its validations' prompts is kept: the cached SST-2 prompts of
-#: 2026-11-27 were kept on all validation phrases (delete ``bench/cache/prompts/sst2*`` to redo them).
+#: 2026-11-27 were kept on all validation phrases (delete ``bench/results/prompts/sst2*`` to redo them).
 UNKEYED = ("instruction", "validation_min_words")
 
 
@@ -195,6 +202,8 @@ class Cache:
 class Matrix:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.cache = args, Cache(Path(args.cache))
+        # --quick's prompts are a smoke test's leftovers: they stay in the (temporary) cache
+        self.prompts = self.cache.root / "prompts" if args.quick else Path(getattr(args, "prompts", None) or PROMPTS)
         self.models: dict[str, LoadedModel] = {}
         self.objectives: dict[tuple[str, str], str] = {}
         self._retune: dict[tuple[str, str], dict[str, float]] = {}
@@ -228,7 +237,7 @@ class Matrix:
         """Where the prompt tuned on ``model`` is cached: keyed by everything that determines it."""
         cfg = self.config(task, init, seed, model)
         recipe = {"model": model, "task": plain(cfg.task), "prompt": plain(cfg.prompt), "steps": cfg.trainer.max_steps}
-        return self.cache.root / "prompts" / task / model / f"{init}-seed{seed}-{digest(recipe)}"
+        return self.prompts / task / model / f"{init}-seed{seed}-{digest(recipe)}"
 
     def tuned(self, task: str, model: str, init: str, seed: int) -> tuple[SoftPrompt, float]:
         """The prompt tuned on ``model`` and its tuning time, from the cache or tuned now."""
@@ -696,7 +705,8 @@ def main() -> None:
     parser.add_argument("--inits", nargs="+", default=INITS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the CSV and PNG")
-    parser.add_argument("--cache", default=str(ROOT / "bench" / "cache"))
+    parser.add_argument("--cache", default=str(ROOT / "bench" / "cache"), help="evaluations (and --quick's prompts)")
+    parser.add_argument("--prompts", default=str(PROMPTS), help="tuned prompts (committed)")
     parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument(
         "--recompute", action="store_true", help="recompute the selected cells (default: keep rows already in the CSV)"

@@ -54,6 +54,7 @@ def test_recycling_matrix_quick(tmp_path):
         and "Success with a margin (recycled ≥ best baseline + 2%)" in first.stdout
     )
     assert first.stderr.count("Tuning sst2") == 2  # on the source and on the target (re-tuned)
+    assert len(list((tmp_path / "cache" / "prompts").glob("sst2_plain/*/*/tuned.json"))) == 2  # not in git
     # a rerun keeps the rows it has; --recompute recycles again, taking prompts and evaluations from the cache
     kept = run("recycling_matrix.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), cwd=tmp_path)
     assert "Fitting" not in kept.stderr and "| identity |" in kept.stdout
@@ -219,6 +220,25 @@ def test_recycling_matrix_model_recipe_applies_to_its_model_only(tmp_path, monke
     matrix = recycling_matrix.Matrix(Namespace(cache=str(tmp_path), quick=False))
     assert matrix.config("sst2", model="small-a").prompt.length == 7  # tuning on a model: its recipe
     assert matrix.config("sst2").prompt.length == 20  # evaluations (no model to tune on) keep the default
+
+
+def test_recycling_matrix_keeps_tuned_prompts_in_git_keyed_apart_from_the_checkout_path(tmp_path, monkeypatch):
+    """Tuning is the matrix's cost: its prompts are committed (bench/results/prompts) so that a new
+    machine reuses them, under keys that do not hold where the checkout is; --quick's stay in the cache."""
+    from argparse import Namespace
+
+    import recycling_matrix
+
+    where = ("imdb_plain", "small-a", "vocab", 0)
+    kept = recycling_matrix.Matrix(Namespace(cache=str(tmp_path), quick=False)).prompt_path(*where)
+    assert kept.is_relative_to(REPO_ROOT / "bench" / "results" / "prompts")
+    # ../shared as another checkout's configs spell it: the same data, the same prompt
+    monkeypatch.setenv("MLFLOW_RECYCLE_SHARED", str(REPO_ROOT / "tests" / ".." / ".." / "shared"))
+    assert recycling_matrix.Matrix(Namespace(cache=str(tmp_path), quick=False)).prompt_path(*where) == kept
+    monkeypatch.setenv("MLFLOW_RECYCLE_SHARED", str(tmp_path / "shared"))  # other data: another prompt
+    assert recycling_matrix.Matrix(Namespace(cache=str(tmp_path), quick=False)).prompt_path(*where) != kept
+    smoke = recycling_matrix.Matrix(Namespace(cache=str(tmp_path), quick=True)).prompt_path(*where)
+    assert smoke.is_relative_to(tmp_path / "prompts")
 
 
 def test_recycling_matrix_labels_a_regularised_recipe_apart(tmp_path):

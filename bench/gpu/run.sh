@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_
 start=$(date +%s); until_() { echo $(( $1 - ($(date +%s) - start) )); }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site
-# the cache keys hold this checkout's paths (/work/main, /work/main/../shared): the same there
+# the configs read ../shared beside the checkout: /work/shared beside /work/main, as on the CPU machine
 mkdir -p /work/shared/models /work/shared/data
 for f in .gpu1/*.tar.xz .gpu2/small-c.tar.xz; do [ -f "$f" ] && tar -C /work/shared/models -xJf "$f"; done
 tar -C /work/shared/data -xJf .gpu2/imdb.tar.xz

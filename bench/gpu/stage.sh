@@ -4,8 +4,8 @@
 #   .gpu1: large, small-b (call 1: carry .gpu1 and bench/cache)
 #   .gpu2: small-c, IMDB cut to the end a 160-token context reads; .whl: the wheels the GPU
 #          image lacks, for its Python 3.12 (call 2: carry .gpu2 and .whl, run bench/gpu/run.sh)
-# The paths in cache keys stay those of this checkout: run.sh puts the models under
-# /work/shared, as ../shared is here. Usage: bash bench/gpu/stage.sh  (from the repo root)
+# The configs read ../shared beside the checkout: run.sh puts the models under /work/shared,
+# beside /work/main, as here. Usage: bash bench/gpu/stage.sh  (from the repo root)
 set -euo pipefail
 SHARED=${MLFLOW_RECYCLE_SHARED:-$PWD/../shared}
 PYTHON=${PYTHON:-.venv/bin/python}
