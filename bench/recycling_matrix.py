@@ -137,8 +137,8 @@ def plain(node) -> dict:
 
 #: Settings left out of cache keys. ``instruction`` is read only by the wayward regulariser (keyed
 #: through ``prompt.regularizer``). ``validation_min_words`` never changes a test accuracy; for a
-#: tuned prompt it changes which of its validations' prompts is kept: the cached SST-2 prompts of
-#: 2026-11-27 were kept on all validation phrases (delete ``bench/results/prompts/sst2*`` to redo them).
+#: tuned prompt it changes which of its validations' prompts is kept (the SST-2 prompts of
+#: 2026-11-27, gone with that machine's cache, were kept on all validation phrases).
 UNKEYED = ("instruction", "validation_min_words")
 
 
@@ -234,7 +234,7 @@ class Matrix:
         return self.models[name]
 
     def prompt_path(self, task: str, model: str, init: str, seed: int) -> Path:
-        """Where the prompt tuned on ``model`` is cached: keyed by everything that determines it."""
+        """Where the prompt tuned on ``model`` is kept: keyed by everything that determines it."""
         cfg = self.config(task, init, seed, model)
         recipe = {"model": model, "task": plain(cfg.task), "prompt": plain(cfg.prompt), "steps": cfg.trainer.max_steps}
         return self.prompts / task / model / f"{init}-seed{seed}-{digest(recipe)}"
