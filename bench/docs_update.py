@@ -7,6 +7,7 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import platform
 import sys
 import threading
 import time
@@ -23,6 +24,13 @@ def bench_logging() -> None:
     for noisy in ("lightning", "mlflow", "lightning_modules", "mlflow_recycle.evaluation"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("lightning_modules.callbacks").setLevel(logging.INFO)  # ProgressLog: a long tuning's progress
+
+
+def bench_machine() -> str:
+    """This machine as a generated section names it: architecture, cores, torch, date."""
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
 
 
 def update_section(docs: Path, name: str, body: str) -> None:

@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from docs_update import (  # noqa: E402
     bench_logging,
+    bench_machine,
     in_processes,
     lock_csv,
     read_rows,
@@ -446,9 +443,7 @@ def main() -> None:
     markdown = "\n".join(filter(None, (report(all_rows), compared(all_rows))))
     print(markdown)
     if not args.quick:
-        machine = (
-            f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-        )
+        machine = bench_machine()
         shown = csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path
         note = (
             f"_Summary of `{shown}` (`python bench/migration_policy.py`), written on {machine}; rows by the"

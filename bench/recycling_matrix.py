@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import textwrap
@@ -50,6 +49,7 @@ warnings.filterwarnings("ignore")
 
 from docs_update import (  # noqa: E402
     bench_logging,
+    bench_machine,
     in_processes,
     lock_csv,
     read_rows,
@@ -778,9 +778,7 @@ def main() -> None:
     markdown = report(rows, out)
     print(markdown)
     if not args.quick:
-        machine = (
-            f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-        )
+        machine = bench_machine()
         shown = csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path
         note = (
             f"_Summary of the {len(rows)} rows of `{shown}`"
