@@ -47,6 +47,8 @@ from .tracking import configure
 log = logging.getLogger(__name__)
 
 TAG_MIGRATION_KEY = "mlflow_recycle.migration_key"
+#: Called before each side effect of a migration; raises to stop it (a worker's lease check).
+Guard = Callable[[], None]
 TAG_RECYCLER_KEY = "mlflow_recycle.recycler_key"
 TAG_GATE, TAG_STAGE, TAG_GATE_REASON = registry.TAG_GATE, registry.TAG_STAGE, registry.TAG_GATE_REASON
 GATE_PASSED, GATE_FAILED, GATE_UNEVALUATED = "passed", "failed", "unevaluated"
@@ -123,8 +125,9 @@ def previous_version_with_prompts(base_model: str, to_version: str) -> str | Non
 
 
 def _existing(client: MlflowClient, name: str, key: str) -> ModelVersion | None:
-    found = client.search_model_versions(f"name = '{name}' AND tags.`{TAG_MIGRATION_KEY}` = '{key}'")
-    return min(found, key=lambda v: int(v.version)) if found else None
+    """The version of ``name`` holding migration ``key``, if one was registered (the first one)."""
+    found = registry.versions_with_key(name, key)
+    return found[0] if found else None
 
 
 def _move_alias(client: MlflowClient, version: ModelVersion, alias: str | None) -> None:
@@ -255,7 +258,7 @@ class _Migration:
         accuracy = transfer.evaluator("test").accuracy(transfer.target, data, prompt.embeddings, "recycled")
         return verdict_metrics({"recycled": accuracy}, baselines, "recycled", ["test"])
 
-    def migrate_one(self, source: ModelVersion, key: str) -> MigratedPrompt:
+    def migrate_one(self, source: ModelVersion, key: str, guard: Guard | None = None) -> MigratedPrompt:
         source_uri = registry.model_uri(source.name, source.version)
         prompt = self.prompt(source)
         target_base = self.client.get_model_version(self.base_model, self.to_version)
@@ -281,7 +284,9 @@ class _Migration:
             mlflow.log_metrics(metrics)
             mlflow.set_tags(tags)
             tags = {**tags, **registry.outcome_tags(outcome, metrics)}
-            version = registry.log_prompt(migrated, "recycled_prompt", source.name, tags=tags)
+            if guard is not None:
+                guard()  # a worker that lost its lease logs and registers nothing more
+            version = registry.log_prompt(migrated, "recycled_prompt", source.name, tags=tags, before_register=guard)
         log.info("%s -> %s version %s: %s", source_uri, version.name, version.version, outcome.summary())
         _move_alias(self.client, version, self.cfg.alias)
         target_uri = registry.model_uri(version.name, version.version)
@@ -295,10 +300,13 @@ def migrate(
     *,
     cfg: DictConfig | None = None,
     overrides: Sequence[str] = (),
+    guard: Guard | None = None,
 ) -> MigrationReport:
     """Recycle every prompt of ``from_version`` (default: the newest earlier version with prompts) to ``to_version``.
 
     ``cfg`` is the ``conf/migrate.yaml`` config (composed with ``overrides`` when not given).
+    ``guard`` is called before each side effect (a run, a registration) and raises to stop the
+    migration there: the hook's worker checks that its lease on the job is still its own.
     Raises :class:`MigrationError` after migrating all others if some prompts failed.
     """
     cfg = cfg if cfg is not None else compose(overrides, config_name="migrate")
@@ -348,6 +356,8 @@ def migrate(
     if todo:
         failures = []
         tags = {"mlflow_recycle.job": "migrate", "mlflow_recycle.base_model": base_model}
+        if guard is not None:
+            guard()
         with mlflow.start_run(run_name=f"migrate {base_model} v{from_version} -> v{to_version}", tags=tags):
             # "migrated_from": the resolved version (an MLproject run already logged the requested one)
             params = {"base_model": base_model, "to_version": to_version, "migrated_from": from_version}
@@ -355,8 +365,10 @@ def migrate(
             mlflow.log_params({**params, "policy": migration.policy.label})
             mlflow.log_dict(migration.policy.to_dict(), "policy.json")
             for source, key in todo:
+                if guard is not None:
+                    guard()
                 try:
-                    report.prompts.append(migration.migrate_one(source, key))
+                    report.prompts.append(migration.migrate_one(source, key, guard))
                 except RecycleError as exc:
                     log.error("Cannot migrate %s v%s: %s", source.name, source.version, exc)
                     failures.append(f"{source.name} v{source.version}: {exc}")
@@ -395,8 +407,10 @@ def bases_with_prompts() -> list[str]:
 def pending_migrations(base_models: Iterable[str] | None = None) -> list[tuple[str, str]]:
     """``(base model, version)`` pairs whose earlier prompts were never recycled into that version.
 
-    A prompt counts as migrated into version ``v`` when some prompt tied to ``v`` records it
-    as ``recycled_from``, whatever recycler made it.
+    A prompt counts as migrated into version ``v`` when some completed prompt version tied to ``v``
+    (:func:`~mlflow_recycle.registry.prompts_for`) records it as ``recycled_from``, whatever
+    recycler made it; every completed prompt of the earlier version is a source, those whose
+    migration registered them just before a crash included.
     """
     pending = []
     for base in base_models or bases_with_prompts():
@@ -404,15 +418,18 @@ def pending_migrations(base_models: Iterable[str] | None = None) -> list[tuple[s
             previous = previous_version_with_prompts(base, str(version.version))
             if previous is None:
                 continue
-            migrated = {v.tags.get(registry.TAG_RECYCLED_FROM) for v in registry.prompts_for(base, version.version)}
+            completed = registry.prompts_for(base, version.version, completed=True)
+            migrated = {v.tags.get(registry.TAG_RECYCLED_FROM) for v in completed}
             sources = registry.prompts_for(base, previous, completed=True)
             if any(registry.model_uri(s.name, s.version) not in migrated for s in sources):
                 pending.append((base, str(version.version)))
     return pending
 
 
-def reconcile(cfg: DictConfig | None = None, base_models: Iterable[str] | None = None) -> list[MigrationReport]:
-    """Migrate every pending ``(base, version)``, oldest version first."""
+def reconcile(
+    cfg: DictConfig | None = None, base_models: Iterable[str] | None = None, *, guard: Guard | None = None
+) -> list[MigrationReport]:
+    """Migrate every pending ``(base, version)``, oldest version first (``guard``: as :func:`migrate`'s)."""
     cfg = cfg if cfg is not None else compose(config_name="migrate")
     configure(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    return [migrate(base, version, cfg=cfg) for base, version in pending_migrations(base_models)]
+    return [migrate(base, version, cfg=cfg, guard=guard) for base, version in pending_migrations(base_models)]

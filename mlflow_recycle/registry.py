@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ TAG_GATE_REASON = "mlflow_recycle.gate_reason"
 METRIC_TAG_PREFIX = "mlflow_recycle.metric."
 TAG_RECYCLER_CONFIG = "mlflow_recycle.recycler_config"
 TAG_PROMPT_DIGEST = "mlflow_recycle.prompt_digest"
+#: A migrated prompt's identity (source prompt version, base versions, policy): at most one version holds each.
+TAG_MIGRATION_KEY = "mlflow_recycle.migration_key"
 KIND_BASE, KIND_PROMPT = "base_model", "soft_prompt"
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
@@ -95,8 +97,9 @@ def _quiet(logger: str):
         target.setLevel(level)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("'", "\\'")
+def filter_value(value: str) -> str:
+    """``value`` escaped for a quoted string in an MLflow filter (``name = '...'``): the one escaping helper."""
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
 
 
 # ---------------------------------------------------------------------- base models
@@ -173,7 +176,7 @@ def ensure_base_model(
     """
     digest = weights_digest(path)
     found = MlflowClient().search_model_versions(
-        f"name = '{_escape(name)}' AND tags.`{TAG_DIGEST}` = '{_escape(digest)}'"
+        f"name = '{filter_value(name)}' AND tags.`{TAG_DIGEST}` = '{filter_value(digest)}'"
     )
     if found:
         return min(found, key=lambda v: int(v.version))
@@ -182,7 +185,7 @@ def ensure_base_model(
 
 def base_versions(name: str) -> list[ModelVersion]:
     """Every version of base model ``name``, oldest first."""
-    return sorted(MlflowClient().search_model_versions(f"name = '{_escape(name)}'"), key=lambda v: int(v.version))
+    return sorted(MlflowClient().search_model_versions(f"name = '{filter_value(name)}'"), key=lambda v: int(v.version))
 
 
 def check_prompt_fits_base(prompt: SoftPrompt, base: ModelVersion) -> None:
@@ -220,11 +223,13 @@ def log_prompt(
     registered_model_name: str | None = None,
     *,
     tags: Mapping[str, str] | None = None,
+    before_register: Callable[[], None] | None = None,
     **kwargs: Any,
 ) -> ModelVersion | mlflow.models.model.ModelInfo:
     """Log ``prompt`` with the flavor and, with ``registered_model_name``, register it tied to its base
-    (:func:`register_prompt`). The logged model and the run (under ``mlflow_recycle.<name>.*``)
-    carry the version's tags. Returns the model version when registered, else the ``ModelInfo``.
+    (:func:`register_prompt`, which calls ``before_register`` first). The logged model and the run
+    (under ``mlflow_recycle.<name>.*``) carry the version's tags. Returns the model version when
+    registered, else the ``ModelInfo``.
     """
     tie = prompt_tags(prompt, tags)
     await_registration_for = kwargs.pop("await_registration_for", DEFAULT_AWAIT_MAX_SLEEP_SECONDS)
@@ -234,7 +239,12 @@ def log_prompt(
     if registered_model_name is None:
         return info
     return register_prompt(
-        info.model_uri, registered_model_name, prompt, tags=tags, await_registration_for=await_registration_for
+        info.model_uri,
+        registered_model_name,
+        prompt,
+        tags=tags,
+        before_register=before_register,
+        await_registration_for=await_registration_for,
     )
 
 
@@ -245,6 +255,7 @@ def register_prompt(
     *,
     tags: Mapping[str, str] | None = None,
     once: bool = False,
+    before_register: Callable[[], None] | None = None,
     await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
 ) -> ModelVersion:
     """Register the logged ``prompt`` as a version of ``registered_model_name``.
@@ -253,19 +264,68 @@ def register_prompt(
     never leave an untagged (unfindable, later duplicated) version. With ``once``, a version
     that already holds the same prompt (same tensor, base version and task: e.g. the source
     prompt of each job of a multirun, or a job run again) is returned instead of a new one.
-    (A migration registers its result whatever earlier versions hold: its own key decides.)
+    A migrated prompt (``tags`` with a :data:`TAG_MIGRATION_KEY`) is registered at most once
+    per key, whatever earlier versions hold (:func:`_register_keyed`). ``before_register`` is
+    called right before the version is created (a migration's lease check): it raises to stop.
     """
     tie = prompt_tags(prompt, tags)
+    if tie.get(TAG_MIGRATION_KEY):
+        return _register_keyed(logged_uri, registered_model_name, tie, before_register, await_registration_for)
     found = once and MlflowClient().search_model_versions(
-        f"name = '{_escape(registered_model_name)}' AND tags.`{TAG_PROMPT_DIGEST}` = '{tie[TAG_PROMPT_DIGEST]}'"
+        f"name = '{filter_value(registered_model_name)}' AND "
+        f"tags.`{TAG_PROMPT_DIGEST}` = '{filter_value(tie[TAG_PROMPT_DIGEST])}'"
     )
     if found:
         version = min(found, key=lambda v: int(v.version))
         log.info("%s already holds this prompt as version %s: not registered again", version.name, version.version)
         return version
+    if before_register is not None:
+        before_register()
     return mlflow.register_model(
         logged_uri, registered_model_name, await_registration_for=await_registration_for, tags=tie
     )
+
+
+def versions_with_key(name: str, key: str) -> list[ModelVersion]:
+    """The versions of ``name`` holding migration ``key`` (failed registrations aside), lowest first: the
+    first is the one that counts; any other is a duplicate a racing worker has not deleted yet."""
+    found = MlflowClient().search_model_versions(
+        f"name = '{filter_value(name)}' AND tags.`{TAG_MIGRATION_KEY}` = '{filter_value(key)}'"
+    )
+    return sorted((v for v in found if v.status != "FAILED_REGISTRATION"), key=lambda v: int(v.version))
+
+
+def _register_keyed(
+    logged_uri: str,
+    name: str,
+    tie: Mapping[str, str],
+    before_register: Callable[[], None] | None,
+    await_registration_for: int,
+) -> ModelVersion:
+    """A migrated prompt's version, idempotent by itself: the key is looked up right before the
+    version is created (a retry, or another worker that finished the same migration, finds it),
+    and again right after: if two workers raced past the first look-up, the lowest version
+    holding the key stands, and the worker that created another deletes its own."""
+    key = tie[TAG_MIGRATION_KEY]
+    if before_register is not None:
+        before_register()
+    existing = versions_with_key(name, key)
+    if existing:
+        log.info("%s version %s already holds migration %s: not registered again", name, existing[0].version, key)
+        return existing[0]
+    created = mlflow.register_model(logged_uri, name, await_registration_for=await_registration_for, tags=dict(tie))
+    first = next(iter(versions_with_key(name, key)), created)
+    if int(first.version) < int(created.version):
+        MlflowClient().delete_model_version(name, created.version)
+        log.warning(
+            "%s: another worker registered migration %s first, as version %s; deleted the duplicate version %s",
+            name,
+            key,
+            first.version,
+            created.version,
+        )
+        return first
+    return created
 
 
 def outcome_tags(outcome: Any, metrics: Mapping[str, float] | None = None) -> dict[str, str]:
@@ -282,23 +342,37 @@ def outcome_tags(outcome: Any, metrics: Mapping[str, float] | None = None) -> di
 def prompts_for(base_model: str, version: str | int, *, completed: bool = False) -> list[ModelVersion]:
     """Every registered soft-prompt version tied to ``base_model`` version ``version``.
 
-    ``completed``: only versions that are READY and whose run did not end FAILED or KILLED (a
-    prompt registered by a run that then broke is not something to migrate; this package's
-    jobs register only at their end, but other code may not).
+    ``completed``: only the versions whose registration completed (:func:`_completed`), and of
+    the versions holding one migration key only the first (:func:`versions_with_key`).
     """
     found = MlflowClient().search_model_versions(
-        f"tags.`{TAG_BASE_MODEL}` = '{_escape(base_model)}' AND tags.`{TAG_BASE_VERSION}` = '{_escape(str(version))}'"
+        f"tags.`{TAG_BASE_MODEL}` = '{filter_value(base_model)}' AND "
+        f"tags.`{TAG_BASE_VERSION}` = '{filter_value(str(version))}'"
     )
     prompts = sorted((v for v in found if v.tags.get(TAG_KIND) == KIND_PROMPT), key=lambda v: (v.name, int(v.version)))
     if completed:
-        prompts = [v for v in prompts if _completed(v)]
+        seen: set[tuple[str, str]] = set()
+        completed_prompts = []
+        for v in filter(_completed, prompts):  # lowest version first, so the first per key is the one that counts
+            key = v.tags.get(TAG_MIGRATION_KEY)
+            if key and (v.name, key) in seen:
+                log.info("Ignoring %s version %s: a duplicate of migration %s", v.name, v.version, key)
+                continue
+            seen.add((v.name, key or ""))
+            completed_prompts.append(v)
+        prompts = completed_prompts
     return prompts
 
 
 def _completed(version: ModelVersion) -> bool:
+    """Whether the registration of ``version`` completed: it is READY, and it is a migrated prompt
+    (its migration key tag is set in the call that creates it, the migration's last step, so
+    whatever became of the run, the version stands: a worker killed right after registering
+    leaves that run RUNNING) or its run did not end FAILED or KILLED (a prompt registered by a
+    run that then broke is not something to migrate; other code may register before its end)."""
     if version.status != "READY":
         return False
-    if not version.run_id:
+    if version.tags.get(TAG_MIGRATION_KEY) or not version.run_id:
         return True
     try:
         status = MlflowClient().get_run(version.run_id).info.status
@@ -350,6 +424,7 @@ __all__ = [
     "base_versions",
     "check_prompt_fits_base",
     "ensure_base_model",
+    "filter_value",
     "load_prompt",
     "log_prompt",
     "model_uri",
@@ -359,5 +434,6 @@ __all__ = [
     "register_base_model",
     "register_prompt",
     "tie",
+    "versions_with_key",
     "weights_digest",
 ]
