@@ -25,9 +25,10 @@ import logging
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
-from hydra.utils import instantiate
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,35 +58,48 @@ from recycling_matrix import (  # noqa: E402
     table_title,
 )
 
+from mlflow_recycle.compute import metered  # noqa: E402
 from mlflow_recycle.config import compose  # noqa: E402
-from mlflow_recycle.job import data_module, task_spec  # noqa: E402
-from mlflow_recycle.policy import Policy, Transfer, fitter, run_policy  # noqa: E402
+from mlflow_recycle.policy import (  # noqa: E402
+    Policy,
+    Transfer,
+    build_policy,
+    build_transfer,
+    initial_on_target,
+    run_policy,
+    tune_on_target,
+)
+from mlflow_recycle.prompt import SoftPrompt  # noqa: E402
+from mlflow_recycle.tuning import data_module, task_spec  # noqa: E402
 
 log = logging.getLogger("bench.policy")
 
 COLUMNS = [
     "task", "objective", "source", "target", "policy", "init", "seed", "gate", "stage", "threshold", "gate_accuracy",
-    "recycle_steps", "refine_steps", "retune_steps", "policy_seconds", "retune_seconds", "cost_fraction",
-    "policy_flops", "retune_flops", "compute_fraction", "map_flops", "test_accuracy", "test_zero_shot",
-    "test_random_prompt", "test_retuned", "test_source", "n_test", "device",
+    "gate_gain_kept", "recycle_steps", "refine_steps", "retune_steps", "policy_seconds", "retune_seconds",
+    "cost_fraction", "policy_flops", "retune_flops", "compute_fraction", "map_flops", "scratch_steps",
+    "scratch_passed", "scratch_flops_to_gate", "scratch_ratio", "test_accuracy", "test_zero_shot",
+    "test_random_prompt", "test_retuned", "test_source", "test_scratch", "n_test", "device",
 ]  # fmt: skip
 NUMBERS = COLUMNS[COLUMNS.index("threshold") : COLUMNS.index("n_test") + 1]
 STAGE_ORDER = ("recycle", "refine", "retune")
 QUICK_POLICY = [
-    "policy.stages.1.steps=2",
-    "policy.stages.1.eval_every=1",
-    "policy.stages.1.texts=16",
-    "policy.stages.1.batch_size=4",
-    "policy.stages.2.steps=2",
-    "policy.stages.2.eval_every=1",
-    "policy.stages.2.batch_size=4",
-    "policy.stages.2.limit_train=16",
+    "policy.stages.refine.steps=2",
+    "policy.stages.refine.eval_every=1",
+    "policy.stages.refine.texts=16",
+    "policy.stages.refine.batch_size=4",
+    "policy.stages.retune.steps=2",
+    "policy.stages.retune.eval_every=1",
+    "policy.stages.retune.batch_size=4",
+    "policy.stages.retune.limit_train=16",
     "eval.limit_val=16",
+    "eval.random_prompt_draws=1",
 ]
 
 
 def policy_config(args: argparse.Namespace):
-    overrides = [f"policy={args.policy}", *args.override, *(QUICK_POLICY if args.quick else [])]
+    overrides = [f"policy={args.policy}", "trainer.enable_progress_bar=false", *args.override]
+    overrides += QUICK_POLICY if args.quick else []
     return compose(overrides, config_name="migrate")
 
 
@@ -103,75 +117,89 @@ def rows(matrix: Matrix, args: argparse.Namespace, done: set[tuple]):
 def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, done: set[tuple]):
     """The rows of one task and source -> target pair that ``done`` lacks."""
     cfg = policy_config(args)
-    policy = Policy.from_config(cfg.policy)
     source, target = pair.split(":")
     objective = matrix.objective(task, source)  # what the source prompts are tuned on
     key = (task, objective, source, target, label(args))
     todo = [(i, s) for i in args.inits for s in args.seeds if (*key, i, s) not in done]
     if not todo:
         return
-    src, tgt = matrix.model(source), matrix.model(target)
     job_cfg = matrix.config(task, model=target)
+    policy = build_policy(cfg, job_cfg.source)  # re-tuning with the target's recipe, as a migration's
     spec = task_spec(job_cfg.task)  # this checkout's data and validation rule
-    target_data = data_module(tgt, spec, job_cfg)
-    n_test = len(target_data.dataset("test"))
-    trainer = instantiate(job_cfg.trainer, _partial_=True)
-
+    n_test = len(data_module(matrix.model(target), spec, job_cfg).dataset("test"))
     # the pair's prompts are the transfer's, as a migration's are every prompt it holds: a map trained on behaviour
-    # learns from them, `when: enough_prompts` and `enough_failing` count them; each is read from the cache once
-    counts = any(choice.needs_prompts for choice in policy.stages[0].recyclers)
+    # learns from them and `enough_failing` counts them; each is read from the cache once
+    counts = any(choice.needs_prompts for choice in policy.recycle.recyclers)
     held = [(i, s) for i in args.inits for s in args.seeds] if counts else todo
     cached = {(i, s): matrix.tuned(task, source, i, s) for i, s in held}
     sources = {key: (prompt.replace(task=spec), seconds) for key, (prompt, seconds) in cached.items()}
-    transfer = Transfer(
-        src,
-        tgt,
-        trainer,
-        fitter(src, tgt, trainer=trainer),
-        limit_val=cfg.eval.limit_val,
-        random_draws=job_cfg.eval.random_prompt_draws,
-        seed=0,
-        prompts=[sources[key][0] for key in held] if counts else (),
-    )
+    prompts = [sources[key][0] for key in held] if counts else ()
+    transfer = build_transfer(cfg, matrix.model(source), matrix.model(target), prompts=prompts)
     outcomes = []
     for init, seed in todo:
         prompt, cached_seconds = sources[(init, seed)]
         transfer.seed = seed
-        outcomes.append(
-            (
-                init,
-                seed,
-                prompt,
-                cached_seconds,
-                run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}"),
-            )
-        )
+        outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
+        outcomes.append((init, seed, prompt, cached_seconds, outcome, scratch_to_gate(policy, transfer, prompt)))
     # the maps' cost (fits on anchors; a training on behaviour) is shared by the prompts migrated here
-    shared_seconds = sum(o.map_seconds for *_, o in outcomes) / len(outcomes)
-    shared_flops = sum(o.map_flops for *_, o in outcomes) / len(outcomes)
-    for init, seed, prompt, cached_seconds, outcome in outcomes:
+    shared_seconds = sum(o.map_seconds for *_, o, _ in outcomes) / len(outcomes)
+    shared_flops = sum(o.map_flops for *_, o, _ in outcomes) / len(outcomes)
+    for init, seed, prompt, cached_seconds, outcome, scratch in outcomes:
         retuned = None if args.skip_retuned else matrix.tuned(task, target, init, seed)[0]
         retune_seconds = matrix.retune_seconds(task, target, cached_seconds)
         retune_flops = matrix.retune_flops(task, target, prompt.cost.get("flops", float("nan")))
         zero_shot, random_prompt = matrix.baselines(task, target, prompt.length)
         steps = {r.stage: r.steps for r in outcome.records}
+        policy_flops = outcome.flops + shared_flops
+        scratch_flops = scratch.flops if scratch.passed else retune_flops
         yield {
             "task": task, "objective": objective, "source": source, "target": target, "policy": label(args),
             "init": init, "seed": seed,
             "gate": outcome.gate, "stage": outcome.stage or "none",
             "threshold": round(outcome.threshold, 4), "gate_accuracy": round(outcome.score, 4),
+            "gate_gain_kept": round(nan_if_none(outcome.gain_kept), 4),
             **{f"{s}_steps": steps.get(s, 0) for s in STAGE_ORDER},
             "policy_seconds": round(outcome.seconds + shared_seconds, 2), "retune_seconds": round(retune_seconds, 2),
             "cost_fraction": round((outcome.seconds + shared_seconds) / retune_seconds, 4),
-            "policy_flops": outcome.flops + shared_flops, "retune_flops": retune_flops,
-            "compute_fraction": round((outcome.flops + shared_flops) / retune_flops, 4),
+            "policy_flops": policy_flops, "retune_flops": retune_flops,
+            "compute_fraction": round(policy_flops / retune_flops, 4),
             "map_flops": outcome.map_flops,
+            "scratch_steps": scratch.steps, "scratch_passed": float(scratch.passed),
+            "scratch_flops_to_gate": scratch_flops,
+            "scratch_ratio": round(scratch_flops / policy_flops, 4),
             "test_accuracy": matrix.accuracy(task, target, outcome.prompt.embeddings),
             "test_zero_shot": zero_shot, "test_random_prompt": random_prompt,
             "test_retuned": float("nan") if retuned is None else matrix.accuracy(task, target, retuned.embeddings),
             "test_source": matrix.accuracy(task, source, prompt.embeddings),
+            "test_scratch": nan_if_none(scratch.prompt is not None and matrix.accuracy(task, target, scratch.prompt)),
             "n_test": n_test, "device": matrix.device(task),
         }  # fmt: skip
+
+
+@dataclass
+class Scratch:
+    """Tuning from the usual init on the target with the policy's recipe, gate and early stop."""
+
+    steps: int = 0
+    flops: float = float("nan")
+    passed: bool = False
+    prompt: torch.Tensor | None = None
+
+
+def scratch_to_gate(policy: Policy, transfer: Transfer, prompt: SoftPrompt) -> Scratch:
+    """The best alternative a user has: a fresh prompt tuned on the target (the source prompt's init, the
+    transfer's seed) until it passes the same bar, as the policy's re-tune stage would; its compute counted."""
+    stage = policy.stage("retune")
+    judge = transfer.judge(policy.gate, prompt, None)
+    if stage is None or judge.data is None:
+        return Scratch()
+    with metered() as used:
+        fit = tune_on_target(stage, transfer, judge, prompt, initial_on_target(transfer, prompt))
+    return Scratch(fit.steps, used.flops, judge.passes(fit.score), fit.prompt)
+
+
+def nan_if_none(value) -> float:
+    return float("nan") if value is None or value is False else float(value)
 
 
 _worker: tuple[Matrix, argparse.Namespace] | None = None

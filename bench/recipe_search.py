@@ -40,8 +40,8 @@ from docs_update import bench_logging, update_section  # noqa: E402
 
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
-from mlflow_recycle.job import data_module, task_spec  # noqa: E402
 from mlflow_recycle.models import load_model  # noqa: E402
+from mlflow_recycle.tuning import data_module, task_spec  # noqa: E402
 
 log = logging.getLogger("bench.recipe")
 
@@ -52,7 +52,7 @@ QUICK = [
     "trainer.max_steps=2",
     "trainer.val_check_interval=1",
     "task.limit_train=32",
-    "task.limit_val=16",
+    "eval.limit_val=16",
     "task.batch_size=8",
 ]
 
@@ -138,7 +138,7 @@ class Search:
     def baselines(self, model: str) -> dict[str, float]:
         """Zero-shot and mean random-prompt accuracy on validation (cached: they do not depend on the recipe)."""
         cfg = compose([f"experiment={EXPERIMENT}", f"model@source={model}", *self.extra])
-        path = Path(self.args.cache) / "recipe_search" / f"baselines-{model}-{cfg.task.name}-{cfg.task.limit_val}.json"
+        path = Path(self.args.cache) / "recipe_search" / f"baselines-{model}-{cfg.task.name}-{cfg.eval.limit_val}.json"
         if path.exists():
             return json.loads(path.read_text())
         side = load_model(cfg.source)

@@ -59,14 +59,14 @@ from docs_update import (  # noqa: E402
 )
 
 from mlflow_recycle.compute import metered  # noqa: E402
-from mlflow_recycle.config import compose  # noqa: E402
+from mlflow_recycle.config import compose, with_recipe  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
-from mlflow_recycle.job import Context, data_module, task_spec, tune, with_recipe  # noqa: E402
 from mlflow_recycle.models import LoadedModel, load_model  # noqa: E402
 from mlflow_recycle.prompt import SoftPrompt  # noqa: E402
 from mlflow_recycle.recycle import fit_recycler  # noqa: E402
 from mlflow_recycle.recyclers import get_recycler  # noqa: E402
 from mlflow_recycle.refine import DistillSettings, distill, refined  # noqa: E402
+from mlflow_recycle.tuning import data_module, task_spec, tune_prompt  # noqa: E402
 
 log = logging.getLogger("bench.matrix")
 
@@ -97,7 +97,8 @@ INITS = ["random", "vocab", "class_labels"]
 #: The tasks, paper's protocol first (``conf/task``), and what the matrix runs each with beyond
 #: the tuning recipe, which is the configs' (``conf/prompt``, ``conf/trainer``, a model's
 #: ``recipe:``), as for the job and migrations (documented in docs/benchmarks.md).
-_SST2, _IMDB = ["task.max_length=128", "task.limit_test=null"], ["task.max_length=128", "task.limit_test=500"]
+_SST2 = ["task.max_length=128", "eval.limit_test=null"]
+_IMDB = ["task.max_length=128", "eval.limit_val=300", "eval.limit_test=500", "eval.batch_size=32"]
 TASK_SETTINGS = {"sst2_plain": _SST2, "imdb_plain": _IMDB, "sst2": _SST2, "imdb": _IMDB}
 #: Points above the best baseline for "success with a margin" (one standard error of a test
 #: accuracy near 75% is 1.5 points on SST-2's 872 sentences, 1.9 on IMDB's 500 reviews).
@@ -112,8 +113,8 @@ COMMON = [
 QUICK = [
     "trainer.max_steps=2",
     "task.limit_train=32",
-    "task.limit_val=16",
-    "task.limit_test=16",
+    "eval.limit_val=16",
+    "eval.limit_test=16",
     "task.batch_size=8",
     "eval.random_prompt_draws=1",
 ]
@@ -236,7 +237,14 @@ class Matrix:
     def prompt_path(self, task: str, model: str, init: str, seed: int) -> Path:
         """Where the prompt tuned on ``model`` is kept: keyed by everything that determines it."""
         cfg = self.config(task, init, seed, model)
-        recipe = {"model": model, "task": plain(cfg.task), "prompt": plain(cfg.prompt), "steps": cfg.trainer.max_steps}
+        # the evaluation settings under the names the task config gave them when the cached prompts were tuned
+        evaluation = {
+            "eval_batch_size": cfg.eval.batch_size,
+            "limit_val": cfg.eval.limit_val,
+            "limit_test": cfg.eval.limit_test,
+        }
+        task_key = {**plain(cfg.task), **evaluation}
+        recipe = {"model": model, "task": task_key, "prompt": plain(cfg.prompt), "steps": cfg.trainer.max_steps}
         return self.prompts / task / model / f"{init}-seed{seed}-{digest(recipe)}"
 
     def tuned(self, task: str, model: str, init: str, seed: int) -> tuple[SoftPrompt, float]:
@@ -246,10 +254,11 @@ class Matrix:
             cfg = self.config(task, init, seed, model)
             side = self.model(model)
             log.info("Tuning %s / %s / %s / seed %d", task, model, init, seed)
-            ctx = Context(cfg)
-            prompt = tune(ctx, side, data_module(side, task_spec(cfg.task), cfg), "bench")
+            prompt, outcome = tune_prompt(cfg, side, data_module(side, task_spec(cfg.task), cfg), "bench")
             prompt.save(path)
-            record = {"tune_seconds": ctx.seconds["bench_tune_seconds"], **ctx.best_validation}
+            record = {"tune_seconds": outcome.seconds}
+            if outcome.best_step is not None:
+                record["bench"] = outcome.score
             (path / "tuned.json").write_text(json.dumps(record))  # "bench": the kept prompt's validation accuracy
         return SoftPrompt.load(path), json.loads((path / "tuned.json").read_text())["tune_seconds"]
 
@@ -286,10 +295,9 @@ class Matrix:
             for calibration in CALIBRATION_STEPS:
                 short = cfg.copy()
                 short.trainer.max_steps, short.trainer.limit_val_batches = calibration, 0
-                ctx = Context(short)
-                tune(ctx, side, data, "timing")
-                seconds.append(ctx.seconds["timing_tune_seconds"])
-                flops.append(ctx.seconds["timing_tune_flops"])
+                _, outcome = tune_prompt(short, side, data, "timing")
+                seconds.append(outcome.seconds)
+                flops.append(outcome.compute.flops)
             (few, many), (t_few, t_many) = CALIBRATION_STEPS, seconds
             per_step = max(t_many - t_few, 0.0) / (many - few)
             fixed = max(t_few - few * per_step, 0.0)

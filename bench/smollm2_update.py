@@ -112,10 +112,10 @@ def main() -> None:
     (out / "update.json").write_text(json.dumps(record, indent=2))
     log.info("SmolLM2 v2 in %s after %d steps (%.0f s): %s", out, args.steps, seconds, record)
     if args.register:
-        from mlflow_recycle.registry import ensure_base_model
+        from mlflow_recycle.registry import register_base_model
 
         for path in (v1.uri, str(out)):
-            version = ensure_base_model(path, "smollm2-135m", bos=cfg.source.get("bos"))
+            version = register_base_model(path, "smollm2-135m", bos=cfg.source.get("bos"))
             log.info("%s is smollm2-135m version %s", path, version.version)
 
 

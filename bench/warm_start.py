@@ -34,9 +34,9 @@ from recycling_matrix import Matrix  # noqa: E402
 from lightning_modules import PromptTuningModule  # noqa: E402
 from mlflow_recycle.anchors import embedding_table  # noqa: E402
 from mlflow_recycle.config import instantiate_partial  # noqa: E402
-from mlflow_recycle.job import data_module, task_spec  # noqa: E402
 from mlflow_recycle.prompt_init import initial_prompt  # noqa: E402
 from mlflow_recycle.recycle import fit_recycler  # noqa: E402
+from mlflow_recycle.tuning import data_module, task_spec  # noqa: E402
 
 log = logging.getLogger("bench.warm_start")
 

@@ -1,6 +1,6 @@
 """Lightning side of mlflow-recycle: prompt tuning, rank-classification evaluation, distillation, data."""
 
-from .callbacks import BestPrompt, ProgressLog, ScreenedGate, stop_above
+from .callbacks import BestPrompt, ProgressLog, stop_above
 from .data import TextClassificationDataModule, long_enough, read_examples
 from .distillation import MapDistillationModule, PromptDistillationModule, UnlabelledPairDataModule
 from .modules import (
@@ -24,7 +24,6 @@ __all__ = [
     "PromptTuningModule",
     "RankClassificationModule",
     "SchedulerFactory",
-    "ScreenedGate",
     "TextClassificationDataModule",
     "TrainablePromptModule",
     "TrainerFactory",

@@ -92,36 +92,6 @@ class BestPrompt(L.Callback):
             self.best_prompt = pl_module.tuned_prompt()
 
 
-class ScreenedGate(BestPrompt):
-    """A gate checked on a screen first: the trainer validates on its ``limit_val_batches`` (the
-    first batches of the split, the screen), and only a screen strictly above ``threshold``, or
-    the budget's last validation, is checked on the whole split (the confirmation). The best
-    *confirmed* prompt is kept (a screen's score is on other examples: not comparable) and
-    training stops at the first confirmation above ``threshold``.
-
-    A screen only decides whether a confirmation is worth its compute; the gate itself is decided
-    on the whole split as without one. A screen that misses a prompt that would pass costs the
-    steps to the next validation; one that lets a prompt through costs one confirmation.
-    """
-
-    def __init__(self, monitor: str, threshold: float, metric: str = "accuracy") -> None:
-        super().__init__(monitor)
-        self.threshold, self.metric = threshold, metric
-
-    def _validated(self, trainer: L.Trainer, pl_module: L.LightningModule, screen: float) -> None:
-        if not (screen > self.threshold or trainer.global_step >= trainer.max_steps):
-            return
-        result = pl_module.evaluate(trainer.val_dataloaders)
-        score = float("nan") if result is None else float(result[self.metric])
-        log.info(
-            "%s: step %d, screen %s %.4f, on the whole split %.4f (gate > %.4f)",
-            getattr(pl_module, "name", "training"), trainer.global_step, self.metric, screen, score, self.threshold,
-        )  # fmt: skip
-        self._consider(trainer, pl_module, score)
-        if score > self.threshold:
-            trainer.should_stop = True
-
-
 def stop_above(
     monitor: str, threshold: float | None, *, patience: int | None = None, start: float | None = None
 ) -> EarlyStopping:

@@ -247,18 +247,10 @@ class ByLength(Sampler[int]):
     A batch is padded to its longest row, so in a random order about a third of SST-2's
     evaluation positions were padding (1.67x the real ones at 64 a batch, 1.07x sorted); the
     scores are put back in example order (``RankClassificationModule``), so only the compute changes.
-    With ``lead``, the first ``lead`` examples are a seeded random draw (in length order among
-    themselves), then the rest: a validation limited to its first batches reads a fair sample
-    of the split (the screen of :class:`~lightning_modules.ScreenedGate`), not its shortest rows.
     """
 
-    def __init__(self, dataset: TokenizedExamples, lead: int = 0, seed: int = 0) -> None:
-        def by_length(indices):
-            return sorted(indices, key=lambda i: len(dataset.contexts[i]))
-
-        indices = list(range(len(dataset)))
-        drawn = set(random.Random(seed).sample(indices, lead)) if 0 < lead < len(indices) else set()
-        self.order = by_length(drawn) + by_length(i for i in indices if i not in drawn)
+    def __init__(self, dataset: TokenizedExamples) -> None:
+        self.order = sorted(range(len(dataset)), key=lambda i: len(dataset.contexts[i]))
 
     def __iter__(self):
         return iter(self.order)
@@ -299,8 +291,6 @@ class TextClassificationDataModule(L.LightningDataModule):
         limit_train / limit_val / limit_test: use a seeded random subset of this many
             examples (for quick runs and for IMDB's 25,000 test reviews).
         seed: seeds the subsets and the shuffling.
-        screen: validation's first ``screen`` examples are a seeded random draw of it (:class:`ByLength`),
-            for a validation limited to its first batches (``fit_prompt(screen_batches=...)``).
         train_batch: what a training batch holds, for the tuning objective
             (``PromptTuningModule(objective=...)``, one ``prompt.objective`` setting for both):
             ``lm``, each context followed by its label's verbalizer (the LM loss); ``classes``,
@@ -322,7 +312,6 @@ class TextClassificationDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         train_batch: str = "lm",
-        screen: int = 0,
     ) -> None:
         super().__init__()
         if train_batch not in TRAIN_BATCHES:
@@ -338,7 +327,6 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.splits = {"train": train_split, "validation": val_split, "test": test_split}
         self.limits = {"train": limit_train, "validation": limit_val, "test": limit_test}
         self.seed, self.num_workers, self.train_batch = seed, num_workers, train_batch
-        self.screen = screen
         self.datasets: dict[str, TokenizedExamples] = {}
 
     def examples(self, stage: str) -> list[tuple[str, int]]:
@@ -390,7 +378,7 @@ class TextClassificationDataModule(L.LightningDataModule):
     def eval_dataloader(self, stage: str) -> DataLoader:
         return DataLoader(
             self.dataset(stage),
-            sampler=ByLength(self.dataset(stage), self.screen if stage == "validation" else 0, self.seed),
+            sampler=ByLength(self.dataset(stage)),
             batch_size=self.eval_batch_size,
             collate_fn=self._collate_eval,
             num_workers=self.num_workers,

@@ -19,7 +19,7 @@ import torch
 
 from mlflow_recycle.compute import Compute, metered
 
-from .callbacks import BestPrompt, ProgressLog, ScreenedGate, StepProgressBar, stop_above
+from .callbacks import BestPrompt, ProgressLog, StepProgressBar, stop_above
 from .distillation import MapDistillationModule
 from .modules import TrainablePromptModule
 
@@ -116,7 +116,6 @@ def fit_prompt(
     patience: int | None = None,
     start_score: float | None = None,
     metric: str = "accuracy",
-    screen_batches: int | None = None,
     datamodule: L.LightningDataModule | None = None,
     train_dataloaders: Any = None,
     val_dataloaders: Any = None,
@@ -131,24 +130,11 @@ def fit_prompt(
     compared with ``start_score`` (the starting prompt's) when given. ``metric`` (accuracy or
     macro_f1) is what "best" and "above" are measured in. Without ``eval_every`` no
     validation runs and the last prompt is returned.
-
-    With ``screen_batches`` (and ``stop_above_score``), each validation runs on the first that
-    many batches of the validation data, and only a screen above the gate, or the last
-    validation, is checked on all of it (:class:`~lightning_modules.callbacks.ScreenedGate`):
-    the gate is decided on the whole split as without a screen, for the compute of a few
-    batches per validation. The returned prompt and score are the best checked on all of it.
     """
     monitor = f"{module.name}/validation_{metric}"
     callbacks: list[L.Callback] = list(trainer_kwargs.pop("callbacks", None) or []) + progress(trainer)
     best = BestPrompt(monitor)
-    if screen_batches is not None:
-        if not eval_every or stop_above_score is None or patience is not None:
-            raise ValueError("screen_batches screens validations for a gate: it needs eval_every and "
-                             "stop_above_score, and no patience (a screen's scores are not comparable)")  # fmt: skip
-        best = ScreenedGate(monitor, stop_above_score, metric)
-        callbacks.append(best)
-        validation = {"val_check_interval": min(eval_every, steps), "limit_val_batches": screen_batches}
-    elif eval_every:
+    if eval_every:
         callbacks.append(best)
         if stop_above_score is not None or patience is not None:
             callbacks.append(stop_above(monitor, stop_above_score, patience=patience, start=start_score))

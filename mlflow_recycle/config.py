@@ -7,10 +7,15 @@ tests use it to run jobs in-process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -31,7 +36,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 def with_overridden(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """``cfg`` recording, as ``overridden``, the settings ``overrides`` name (a group pick such as
     ``prompt/scheduler=one_cycle`` as ``prompt.scheduler``): what the user chose for this run,
-    which a model's ``recipe:`` block leaves as given (:func:`mlflow_recycle.job.with_recipe`)."""
+    which a model's ``recipe:`` block leaves as given (:func:`with_recipe`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -58,3 +63,37 @@ def instantiate_partial(config: DictConfig | dict | None, setting: str):
         return instantiate({**values, "_partial_": True})
     except InstantiationException as exc:
         raise RecycleError(f"Cannot build {setting} ({values['_target_']}): {exc}") from exc
+
+
+def with_recipe(cfg: DictConfig, model: Mapping[str, Any] | None) -> DictConfig:
+    """``cfg`` with a model's tuning recipe (the ``recipe:`` block of its ``conf/model`` entry, or
+    the one a registered base version carries) merged over ``prompt`` and ``trainer``: every
+    prompt tuned on that model, by the job, the benchmarks or a migration's re-tuning, uses it.
+    A setting the run's overrides name stays as given (a sweep over ``prompt.optimizer.lr``)."""
+    from .errors import RecycleError
+    from .tracking import flatten
+
+    recipe = model.get("recipe") if model is not None else None
+    if not recipe:
+        return cfg
+    recipe = OmegaConf.to_container(recipe) if isinstance(recipe, DictConfig) else dict(recipe)
+    unknown = set(recipe) - {"prompt", "trainer"}
+    if unknown:
+        raise RecycleError(
+            f"Model {model.get('name')!r}: recipe may set `prompt` and `trainer`, not {sorted(unknown)}."
+        )
+    given = tuple(cfg.get("overridden") or ())
+    merged = cfg.copy()
+    for key, value in flatten(recipe).items():
+        kept = next((g for g in given if key == g or key.startswith(f"{g}.")), None)
+        if kept is None:
+            OmegaConf.update(merged, key, value, merge=True, force_add=True)
+        else:
+            _kept_override(str(model.get("name")), key, str(value), kept)
+    return merged
+
+
+@cache
+def _kept_override(model: str, key: str, value: str, kept: str) -> None:
+    """Say once per process (the recipe is applied wherever a prompt is tuned or a config logged)."""
+    log.info("Model %s's recipe sets %s=%s; this run's override of %s is kept.", model, key, value, kept)

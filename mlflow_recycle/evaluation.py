@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from lightning_modules import RankClassificationModule, TextClassificationDataModule, TrainerFactory
-from lightning_modules.modules import METRICS, confusion_counts, macro_f1_of
+from lightning_modules.modules import confusion_counts, macro_f1_of
 
 from .anchors import embedding_table
 from .errors import RecycleError
@@ -44,7 +44,6 @@ def task_data(
     limit_val: int | None = None,
     limit_test: int | None = None,
     seed: int = 0,
-    screen: int = 0,
     datamodule: Callable[..., TextClassificationDataModule] | None = None,
 ) -> TextClassificationDataModule:
     """The task tokenised for ``side``, checked against its context window.
@@ -68,7 +67,6 @@ def task_data(
         limit_val=limit_val,
         limit_test=limit_test,
         seed=seed,
-        screen=screen,
     )
 
 
@@ -80,12 +78,16 @@ class Baselines:
     random_prompt: dict[str, float]
     random_prompt_std: dict[str, float]
     examples: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)  # one standard error of the best, in its metric
 
     def best(self, split: str) -> float:
         return max(self.zero_shot[split], self.random_prompt[split])
 
     def standard_error(self, split: str) -> float:
-        """One standard error of the best baseline's accuracy on ``split``: sqrt(p(1 - p) / n)."""
+        """One standard error of the best baseline on ``split``: as measured in its metric
+        (:meth:`ClassReport.standard_error`), else an accuracy's sqrt(p(1 - p) / n)."""
+        if split in self.errors:
+            return self.errors[split]
         n = self.examples.get(split)
         if not n:
             raise RecycleError(f"No example count recorded for the {split!r} baselines: cannot give a standard error.")
@@ -100,75 +102,12 @@ class Baselines:
             random_prompt={k: v for p in parts for k, v in p.random_prompt.items()},
             random_prompt_std={k: v for p in parts for k, v in p.random_prompt_std.items()},
             examples={k: v for p in parts for k, v in p.examples.items()},
+            errors={k: v for p in parts for k, v in p.errors.items()},
         )
 
     def beaten_by(self, accuracy: float, split: str) -> bool:
         """Strictly better than both baselines (the paper's success criterion)."""
         return accuracy > self.best(split)
-
-
-@dataclass(frozen=True)
-class Gate:
-    """When a prompt counts as working on a model, decided on ``split`` (validation, never test).
-
-    It must be strictly above the model's best baseline (max of zero-shot and random
-    prompt) plus ``margin`` points plus ``margin_se`` standard errors of that baseline on
-    the gate split (``sqrt(p(1 - p) / n)``: 1.645 asks for a one-sided 95% confidence that
-    the prompt is better, not a draw of a few lucky examples) and, with ``keep_gain``, keep
-    at least that fraction of the source prompt's gain over the source model's own best
-    baseline; all in ``metric`` (``accuracy``, or ``macro_f1`` for a multi-class task where
-    one class dominates; its standard error is approximated by the same formula).
-
-    ``screen``: check a prompt on that many examples of the split first (a seeded random draw,
-    rounded up to whole evaluation batches), and on the whole split only when the screen reads
-    above the threshold: a prompt passes on the whole split as without a screen, and a prompt
-    the screen turns away costs a fraction of a check (its score is then the screen's). None:
-    every check on the whole split.
-    """
-
-    split: str = "validation"
-    margin: float = 0.0
-    margin_se: float = 0.0
-    keep_gain: float | None = None
-    metric: str = "accuracy"
-    screen: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise RecycleError(f"gate.metric may be {' or '.join(METRICS)}, got {self.metric!r}.")
-        if self.split not in SPLITS:
-            raise RecycleError(f"gate.split may be {' or '.join(SPLITS)}, got {self.split!r}.")
-        if self.split == "test":
-            log.warning("gate.split=test: decisions on the test split overfit the reported numbers")
-        if self.keep_gain is not None and not 0 <= self.keep_gain <= 1:
-            raise RecycleError(f"gate.keep_gain is a fraction between 0 and 1 (or null), got {self.keep_gain}.")
-        if self.margin_se < 0:
-            raise RecycleError(f"gate.margin_se is a number of standard errors, 0 or more, got {self.margin_se}.")
-        if self.screen is not None and (isinstance(self.screen, bool) or not isinstance(self.screen, int)
-                                        or self.screen <= 0):  # fmt: skip
-            raise RecycleError(f"gate.screen is a number of examples, 1 or more, or null; got {self.screen!r}.")
-
-    def threshold(self, baselines: Baselines, source_gain: float | None = None) -> float:
-        """The accuracy a prompt must exceed on ``split``."""
-        best = baselines.best(self.split)
-        threshold = best + self.margin / 100
-        if self.margin_se:
-            threshold += self.margin_se * baselines.standard_error(self.split)
-        if self.keep_gain is not None and source_gain is not None:
-            threshold = max(threshold, best + self.keep_gain * source_gain)
-        return threshold
-
-    def describe(self, baselines: Baselines, source_gain: float | None = None) -> str:
-        """How the threshold is made, for logs: ``> 0.6281 (best baseline 0.5920 + 1.645 x 0.0220 SE, n=500)``."""
-        parts = [f"best baseline {baselines.best(self.split):.4f}"]
-        if self.margin:
-            parts.append(f"{self.margin:g} points")
-        if self.margin_se:
-            parts.append(f"{self.margin_se:g} x {baselines.standard_error(self.split):.4f} SE")
-        n = baselines.examples.get(self.split)
-        keep = f", keeping {self.keep_gain:g} of a {source_gain:.4f} gain" if self.keep_gain and source_gain else ""
-        shown = " + ".join(parts) + (f", n={n}" if n else "") + keep
-        return f"{self.metric} > {self.threshold(baselines, source_gain):.4f} ({shown})"
 
 
 def verdict_metrics(
@@ -222,6 +161,21 @@ class ClassReport:
     def predicted_share(self) -> dict[str, float]:
         total = self.examples or 1
         return {c: sum(row[i] for row in self.confusion) / total for i, c in enumerate(self.classes)}
+
+    def standard_error(self, metric: str, draws: int = 200) -> float:
+        """One standard error of ``metric`` on these examples: sqrt(p(1 - p) / n) for accuracy; for
+        macro-F1, the spread of a seeded bootstrap of the examples (resampled from the confusion counts)."""
+        n = self.examples
+        if not n:
+            return float("nan")
+        if metric == "accuracy":
+            return math.sqrt(self.accuracy * (1 - self.accuracy) / n)
+        k = len(self.classes)
+        cells = torch.tensor(self.confusion, dtype=torch.float64).flatten()
+        generator = torch.Generator().manual_seed(0)
+        samples = torch.multinomial(cells / n, n * draws, replacement=True, generator=generator).view(draws, n)
+        values = [macro_f1_of(torch.bincount(sample, minlength=k * k).view(k, k)) for sample in samples]
+        return statistics.pstdev(values)
 
     def value(self, metric: str) -> float:
         """``accuracy`` or ``macro_f1``."""
@@ -277,10 +231,9 @@ class Evaluator:
         data: TextClassificationDataModule,
         prompt: torch.Tensor | None,
         name: str,
-        limit_batches: int | None = None,
     ) -> dict[str, float]:
-        """``metric`` of ``prompt`` (None: zero-shot) on each split (its first ``limit_batches`` batches)."""
-        reports = self.report(side, data, prompt, name, limit_batches)
+        """``metric`` of ``prompt`` (None: zero-shot) on each split."""
+        reports = self.report(side, data, prompt, name)
         return {split: report.value(self.metric) for split, report in reports.items()}
 
     def report(
@@ -289,18 +242,15 @@ class Evaluator:
         data: TextClassificationDataModule,
         prompt: torch.Tensor | None,
         name: str,
-        limit_batches: int | None = None,
     ) -> dict[str, ClassReport]:
-        """``prompt`` (None: zero-shot) on each split, class by class; with ``limit_batches``, on
-        the first that many batches of each (a gate's screen: ``data``'s ``screen`` examples)."""
+        """``prompt`` (None: zero-shot) on each split, class by class."""
         module = RankClassificationModule(
             side.model, prompt, length_normalize=data.encoder.task.length_normalize, name=name
         )
         reports = {}
         for split in self.splits:
-            # every example of the split (or the screen), whatever the trainer config limits for training
-            limit = 1.0 if limit_batches is None else limit_batches
-            trainer: L.Trainer = self.trainer(logger=False, limit_val_batches=limit, limit_test_batches=limit)
+            # every example of the split, whatever the trainer config limits for training
+            trainer: L.Trainer = self.trainer(logger=False, limit_val_batches=1.0, limit_test_batches=1.0)
             run = trainer.test if split == "test" else trainer.validate
             run(module, datamodule=data, verbose=False)
             result = module.results[split]
@@ -309,8 +259,7 @@ class Evaluator:
                 reports[split] = ClassReport.of(result["labels"], result["predictions"], classes)
             else:  # an empty split
                 reports[split] = ClassReport(float("nan"), tuple(classes), ())
-            screen = "" if limit_batches is None else f" (screen: {reports[split].examples} examples)"
-            log.info("%s on %s/%s%s: %.4f", name, side.name, split, screen, reports[split].accuracy)
+            log.info("%s on %s/%s: %.4f", name, side.name, split, reports[split].accuracy)
         return reports
 
     def baselines(self, side: LoadedModel, data: TextClassificationDataModule, prompt_length: int) -> Baselines:
@@ -322,10 +271,16 @@ class Evaluator:
         for draw in range(self.random_draws):
             generator = torch.Generator().manual_seed(self.seed + 1000 + draw)
             rows = sample_vocab_rows(table, prompt_length, generator, exclude_ids=side.tokenizer.all_special_ids)
-            draws.append(self.score(side, data, rows, f"random_prompt_{draw}"))
+            draws.append(self.report(side, data, rows, f"random_prompt_{draw}"))
+        random_prompt = {s: statistics.fmean(d[s].value(self.metric) for d in draws) for s in self.splits}
+        errors = {}  # macro-F1's: zero-shot's or a random draw's bootstrap (accuracy's has a closed form)
+        for s in self.splits if self.metric != "accuracy" else ():
+            best = reports[s] if zero_shot[s] >= random_prompt[s] or not draws else draws[0][s]
+            errors[s] = best.standard_error(self.metric)
         return Baselines(
             zero_shot=zero_shot,
-            random_prompt={s: statistics.fmean(d[s] for d in draws) for s in self.splits},
-            random_prompt_std={s: statistics.pstdev(d[s] for d in draws) for s in self.splits},
+            random_prompt=random_prompt,
+            random_prompt_std={s: statistics.pstdev(d[s].value(self.metric) for d in draws) for s in self.splits},
             examples={split: report.examples for split, report in reports.items()},
+            errors=errors,
         )

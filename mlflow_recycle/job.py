@@ -15,60 +15,35 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cached_property
 from typing import Any
 
-import lightning as L
 import mlflow
 from hydra.utils import instantiate
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules import PromptTuningModule, TextClassificationDataModule, TrainerFactory, fit_prompt
+from lightning_modules import TextClassificationDataModule, TrainerFactory
 
 from . import registry
-from .anchors import embedding_table
 from .charts import accuracy_chart, confusion_chart
-from .config import instantiate_partial
+from .config import with_recipe
 from .errors import RecycleError
-from .evaluation import Baselines, Evaluator, task_data, verdict_metrics
+from .evaluation import Baselines, Evaluator, verdict_metrics
 from .models import LoadedModel, configure_threads, load_model, model_dir
-from .policy import Policy, PolicyOutcome, Transfer, fitter, run_policy
+from .policy import Policy, PolicyOutcome, Transfer, build_policy, build_transfer, run_policy
 from .prompt import SoftPrompt
-from .prompt_init import initial_prompt, regularization_anchor
-from .recyclers import Recycler, get_recycler
+from .recyclers import get_recycler
 from .task import TaskSpec
 from .tracking import configure, flatten, is_rank_zero, job_run, lightning_logger
+from .tuning import data_module, task_spec, tune_prompt
 
 log = logging.getLogger(__name__)
 
 JOBS = ("main", "tune", "recycle", "evaluate")
 #: The job's verdict on its report split, on the run and on the recycled prompt's version.
 TAG_VERDICT = "mlflow_recycle.verdict"
-
-
-def task_spec(cfg: DictConfig) -> TaskSpec:
-    return TaskSpec(
-        cfg.name,
-        cfg.template,
-        tuple(cfg.verbalizers),
-        data=str(cfg.data),
-        max_length=cfg.max_length,
-        truncation_side=cfg.truncation_side,
-        length_normalize=cfg.length_normalize,
-        text_field=str(cfg.get("text_field", "text")),
-        label_field=str(cfg.get("label_field", "label")),
-        header=cfg.get("header", True),
-        labels=tuple(cfg.get("labels") or ()),
-        validation_min_words=cfg.get("validation_min_words", 0),
-        train_min_words=cfg.get("train_min_words", 0),
-    )
-
-
-def data_module(side: LoadedModel, spec: TaskSpec, cfg: DictConfig) -> TextClassificationDataModule:
-    """The task's data for ``side``: ``conf/data`` built with ``_target_`` on ``side``'s tokenizer."""
-    return task_data(side, spec, prompt_length=cfg.prompt.length, datamodule=instantiate(cfg.data))
 
 
 # ---------------------------------------------------------------------- setup
@@ -89,8 +64,8 @@ class Setup:
 def prepare(cfg: DictConfig) -> Setup:
     if cfg.job not in JOBS:
         raise RecycleError(f"Unknown job {cfg.job!r}; choose one of {', '.join(JOBS)}.")
-    policy = migration_policy(cfg)
-    for choice in policy.stages[0].recyclers:  # a misspelt recycler or option fails before any loading
+    policy = build_policy(cfg, cfg.target)
+    for choice in policy.recycle.recyclers:  # a misspelt recycler or option fails before any loading
         get_recycler(choice.name, **choice.options)
     spec = task_spec(cfg.task)
     if cfg.job in ("recycle", "evaluate") and not cfg.prompt_uri:
@@ -157,7 +132,7 @@ class Context:
         """Find or register each side's base-model version, so prompts can be tied to it."""
         if is_rank_zero() and self.cfg.registry.register:
             for side in sides:
-                self.bases[side.name] = registry.ensure_base_model(side.uri, side.registered_name, bos=side.bos)
+                self.bases[side.name] = registry.register_base_model(side.uri, side.registered_name, bos=side.bos)
 
     def tied(self, prompt: SoftPrompt, side: LoadedModel) -> SoftPrompt:
         base = self.bases.get(side.name)
@@ -198,130 +173,17 @@ class Context:
         self.to_register.clear()
 
 
-def migration_policy(cfg: DictConfig) -> Policy:
-    """``cfg.policy``, its retune stage tuning with the target model's recipe."""
-    return Policy.from_config(with_recipe(cfg, cfg.target).policy)
-
-
-def with_recipe(cfg: DictConfig, model: DictConfig | None) -> DictConfig:
-    """``cfg`` with a model's tuning recipe (the ``recipe:`` block of its ``conf/model`` entry)
-    merged over ``prompt`` and ``trainer``: every prompt tuned on that model, by the job, the
-    benchmarks or a migration's re-tuning, uses it."""
-    recipe = model.get("recipe") if model is not None else None
-    if not recipe:
-        return cfg
-    unknown = set(recipe) - {"prompt", "trainer"}
-    if unknown:
-        raise RecycleError(f"Model {model.name!r}: recipe may set `prompt` and `trainer`, not {sorted(unknown)}.")
-    # What the run's overrides name stays as given (a sweep over prompt.optimizer.lr on a model
-    # whose recipe sets it sweeps it): the recipe is the model's default, not the user's choice.
-    given = tuple(cfg.get("overridden") or ())
-    merged = cfg.copy()
-    for key, value in flatten(OmegaConf.to_container(recipe)).items():
-        kept = next((g for g in given if key == g or key.startswith(f"{g}.")), None)
-        if kept is None:
-            OmegaConf.update(merged, key, value, merge=True, force_add=True)
-        else:
-            _kept_override(model.name, key, str(value), kept)
-    return merged
-
-
-@cache
-def _kept_override(model: str, key: str, value: str, kept: str) -> None:
-    """Say once per process (the recipe is applied wherever a prompt is tuned or a config logged)."""
-    log.info("Model %s's recipe sets %s=%s; this run's override of %s is kept.", model, key, value, kept)
-
-
 def tune(
     ctx: Context, side: LoadedModel, data: TextClassificationDataModule, name: str, model: DictConfig | None = None
 ) -> SoftPrompt:
-    """Tune a prompt on ``side`` with the recipe of its model config ``model``; the training curve
-    goes to the run as ``{name}/...``."""
-    cfg = with_recipe(ctx.cfg, model)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    init = initial_prompt(
-        cfg.prompt.init,
-        embedding_table(side.model),
-        cfg.prompt.length,
-        seed=cfg.seed,
-        class_token_ids=data.encoder.verbalizer_ids,
-        exclude_ids=side.tokenizer.all_special_ids,
-    )
-    instruction = cfg.task.get("instruction") or ""
-    anchor = regularization_anchor(
-        cfg.prompt.regularizer,
-        embedding_table(side.model),
-        cfg.prompt.length,
-        side.tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else (),
-    )
-    module: PromptTuningModule = instantiate(
-        cfg.module,
-        optimizer=instantiate_partial(cfg.prompt.optimizer, "prompt.optimizer"),
-        scheduler=instantiate_partial(cfg.prompt.get("scheduler"), "prompt.scheduler"),
-    )(side.model, init, length_normalize=data.encoder.task.length_normalize, name=name, anchor=anchor)
-    steps = cfg.trainer.max_steps
-    log.info("Tuning a %d-token prompt on %s for %d steps", cfg.prompt.length, side.name, steps)
-    validates = cfg.trainer.get("limit_val_batches") != 0
-    outcome = fit_prompt(
-        module,
-        instantiate(cfg.trainer, _partial_=True),
-        steps=steps,
-        eval_every=cfg.trainer.val_check_interval if validates else None,
-        datamodule=data,
-        logger=ctx.logger,
-    )
+    """Tune a prompt on ``side`` with the recipe of its model config ``model``, tied to its base version;
+    the training curve goes to the run as ``{name}/...``, the cost to the job's metrics."""
+    prompt, outcome = tune_prompt(with_recipe(ctx.cfg, model), side, data, name, logger=ctx.logger)
     ctx.seconds[f"{name}_tune_seconds"] = outcome.seconds
     ctx.seconds[f"{name}_tune_flops"] = outcome.compute.flops
     if outcome.best_step is not None:
         ctx.best_validation[name] = outcome.score
-        log.info(
-            "Best validation accuracy %.4f at step %d of %d: keeping that prompt",
-            outcome.score,
-            outcome.best_step,
-            outcome.steps,
-        )
-    prompt = SoftPrompt(
-        outcome.prompt,
-        base_model=side.name,
-        base_model_uri=side.uri,
-        tokenizer_fingerprint=side.fingerprint,
-        task_type="SEQ_2_SEQ_LM" if side.seq2seq else "CAUSAL_LM",
-        init=cfg.prompt.init,
-        task=data.encoder.task,
-        cost={
-            "steps": outcome.steps,
-            "seconds": outcome.seconds,
-            "flops": outcome.compute.flops,
-            "parameters": side.parameters,
-        },
-    )
     return ctx.tied(prompt, side)
-
-
-def transfer(ctx: Context, source: LoadedModel, target: LoadedModel) -> Transfer:
-    """The model pair with a recycler fit per policy choice, each fitted once, timed, its anchors counted."""
-
-    def record(recycler: Recycler, seconds: float) -> None:
-        ctx.seconds["recycler_fit_seconds"] = ctx.seconds.get("recycler_fit_seconds", 0.0) + seconds
-        stats = getattr(recycler, "anchor_stats", None) or {}
-        ctx.seconds.update({f"anchors_{key}": float(value) for key, value in stats.items()})
-
-    anchors = ctx.cfg.anchors
-    fit = fitter(
-        source, target, anchor_offset=anchors.offset, anchor_size=anchors.size, on_fit=record,
-        trainer=ctx.trainer, seed=ctx.cfg.seed,
-    )  # fmt: skip
-    task = ctx.cfg.task
-    return Transfer(
-        source,
-        target,
-        ctx.trainer,
-        fit,
-        limit_val=task.limit_val,
-        eval_batch_size=task.eval_batch_size,
-        random_draws=ctx.cfg.eval.random_prompt_draws,
-        seed=ctx.cfg.seed,
-    )
 
 
 def migrate_prompt(
@@ -330,6 +192,7 @@ def migrate_prompt(
     """Run the policy on one prompt and tie the result to the target's registered version."""
     outcome = run_policy(policy, pair, prompt, recycled_from)
     ctx.seconds["recycle_seconds"] = outcome.seconds
+    ctx.seconds.update(pair.costs)  # the maps' fits: seconds, anchors
     outcome.prompt = ctx.tied(outcome.prompt, pair.target)
     return outcome
 
@@ -353,7 +216,7 @@ def log_config(cfg: DictConfig) -> None:
     mlflow.log_dict(resolved, "config.yaml")
     params = {k: v for k, v in flatten(resolved).items() if not k.startswith(("paths.", "mlflow."))}
     # what recycles, in full (`recycler.name` alone reads `linear` for linear+distill)
-    params["recycler.method"] = " / ".join(c.label for c in migration_policy(cfg).stages[0].recyclers)
+    params["recycler.method"] = " / ".join(c.label for c in build_policy(cfg, cfg.target).recycle.recyclers)
     # Under Hydra, its config-group picks too (choices.prompt/scheduler: one_cycle), as a sweep sets them.
     from hydra.core.hydra_config import HydraConfig
 
@@ -473,7 +336,7 @@ def _policy_record(outcome: PolicyOutcome) -> dict[str, float]:
 
 def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.target)
-    outcome = migrate_prompt(ctx, transfer(ctx, s.source, s.target), s.policy, s.prompt, s.prompt_uri)
+    outcome = migrate_prompt(ctx, build_transfer(ctx.cfg, s.source, s.target), s.policy, s.prompt, s.prompt_uri)
     metrics = _policy_record(outcome)
     ctx.publish(outcome.prompt, "recycled_prompt", tags=registry.outcome_tags(outcome, metrics))
     return metrics
@@ -504,10 +367,10 @@ def run_evaluate(ctx: Context, s: Setup) -> dict[str, float]:
 def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     cfg, evaluator = ctx.cfg, ctx.evaluator
     ctx.register_bases(s.source, s.target)
-    pair = transfer(ctx, s.source, s.target)
-    for choice in s.policy.stages[0].recyclers:  # before tuning: a pair a recycler cannot map fails fast
+    pair = build_transfer(cfg, s.source, s.target)
+    for choice in s.policy.recycle.recyclers:  # before tuning: a pair a recycler cannot map fails fast
         if choice.when is None:
-            pair.fit(choice, None)
+            pair.recycler(choice)
     if s.prompt is not None and str(s.prompt_uri).startswith("models:/"):
         source_prompt, source_uri = s.prompt, s.prompt_uri  # already registered
     else:

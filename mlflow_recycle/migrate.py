@@ -38,10 +38,21 @@ from .config import compose
 from .errors import RecycleError
 from .evaluation import verdict_metrics
 from .models import LoadedModel, configure_threads, load_base_model
-from .policy import Policy, PolicyOutcome, RecyclerChoice, Transfer, fit_choice, retune_reference, run_policy
+from .policy import (
+    DEGRADED,
+    FAILED,
+    PASSED,
+    UNEVALUATED,
+    Policy,
+    PolicyOutcome,
+    build_policy,
+    build_transfer,
+    retune_reference,
+    run_policy,
+)
+from .policy.transfer import MapMaker
 from .prompt import SoftPrompt
 from .recyclers import Recycler, load_recycler
-from .refine import distill_map
 from .tracking import configure
 
 log = logging.getLogger(__name__)
@@ -51,7 +62,7 @@ TAG_MIGRATION_KEY = "mlflow_recycle.migration_key"
 Guard = Callable[[], None]
 TAG_RECYCLER_KEY = "mlflow_recycle.recycler_key"
 TAG_GATE, TAG_STAGE, TAG_GATE_REASON = registry.TAG_GATE, registry.TAG_STAGE, registry.TAG_GATE_REASON
-GATE_PASSED, GATE_FAILED, GATE_UNEVALUATED = "passed", "failed", "unevaluated"
+GATE_PASSED, GATE_FAILED, GATE_UNEVALUATED = PASSED, FAILED, UNEVALUATED
 
 
 class MigrationError(RecycleError):
@@ -149,25 +160,18 @@ class _Migration:
     def __init__(
         self, cfg: DictConfig, base_model: str, from_version: str, to_version: str, sources: Sequence[ModelVersion]
     ) -> None:
-        from hydra.utils import instantiate
-
         self.cfg, self.base_model, self.from_version, self.to_version = cfg, base_model, from_version, to_version
         self.client = MlflowClient()
-        self.policy = Policy.from_config(cfg.policy)
-        self._fitted: dict[str, Recycler] = {}
+        target_base = self.client.get_model_version(base_model, to_version)
+        # re-tuning on the new base uses its recipe (the tag its registration kept), as the job does
+        recipe = registry.base_recipe(target_base)
+        self.policy = build_policy(cfg, {"name": f"{base_model} v{to_version}", "recipe": recipe})
         self._prompts: dict[str, SoftPrompt] = {}
-        self.transfer = Transfer(
-            self._side(from_version),
-            self._side(to_version),
-            instantiate(cfg.trainer, _partial_=True),
-            self.fitted_recycler,
-            limit_val=cfg.eval.limit_val,
-            eval_batch_size=cfg.eval.eval_batch_size,
-            random_draws=cfg.eval.random_prompt_draws,
-            seed=cfg.seed,
-            # every prompt of from_version, those migrated before a crash too: a map trained on behaviour learns
-            # from the same prompts on a retry, so it is found (reused) rather than trained again
-            prompts=[prompt for prompt in map(self._loaded, sources) if prompt is not None],
+        # every prompt of from_version, those migrated before a crash too: a map trained on behaviour learns
+        # from the same prompts on a retry, so it is found (reused) rather than trained again
+        prompts = [prompt for prompt in map(self._loaded, sources) if prompt is not None]
+        self.transfer = build_transfer(
+            cfg, self._side(from_version), self._side(to_version), prompts=prompts, store=self._logged
         )
 
     def _loaded(self, source: ModelVersion) -> SoftPrompt | None:
@@ -190,42 +194,12 @@ class _Migration:
             self._prompts[uri] = registry.load_prompt(uri)
         return self._prompts[uri]
 
-    def fitted_recycler(self, choice: RecyclerChoice, prompts: Sequence[SoftPrompt] | None = None) -> Recycler:
-        """The map for this pair (with ``train_map`` and ``prompts``, trained on their behaviour): reused
-        from an earlier migration's run when one logged it, else fitted (trained) and logged in a nested run."""
+    def _logged(self, key: str, run_name: str, make: MapMaker) -> Recycler:
+        """The map logged under ``key`` (the transfer's key for it, with this base pair and anchors) by an
+        earlier run, or ``make()``'s, logged now in a nested run with what making it cost, tagged last."""
         anchors = OmegaConf.to_container(self.cfg.anchors, resolve=True)
         pair = {"base": self.base_model, "from": self.from_version, "to": self.to_version, "anchors": anchors}
-        source, target = self.transfer.source, self.transfer.target
-
-        def fit() -> tuple[Recycler, dict[str, float]]:
-            recycler = fit_choice(
-                choice, source, target, anchor_offset=self.cfg.anchors.offset, anchor_size=self.cfg.anchors.size
-            )
-            stats = getattr(recycler, "anchor_stats", None) or {}
-            return recycler, {f"anchors_{key}": float(value) for key, value in stats.items()}
-
-        key = _digest(pair | {"recycler": choice.name, "options": dict(choice.options)})
-        fitted = self._logged(key, f"fit {choice.name}", fit)
-        if choice.train_map is None or not prompts:
-            return fitted
-
-        def train() -> tuple[Recycler, dict[str, float]]:
-            trained, outcome = distill_map(
-                source, prompts, target, fitted, choice.train_map, self.transfer.trainer, seed=self.cfg.seed
-            )
-            costs = {"map_steps": outcome.steps, "map_seconds": outcome.seconds, "map_flops": outcome.compute.flops}
-            return trained, costs | ({"map_agreement": outcome.agreement} if outcome.agreement is not None else {})
-
-        task = prompts[0].task.to_dict() if prompts[0].task else None
-        digests = sorted(p.digest for p in prompts)
-        key = _digest(pair | {"trained": choice.trained_key, "task": task, "prompts": digests})
-        return self._logged(key, f"train {choice.label} map on {len(prompts)} prompts", train)
-
-    def _logged(self, key: str, run_name: str, make: Callable[[], tuple[Recycler, dict[str, float]]]) -> Recycler:
-        """The recycler logged under ``key`` by an earlier run, or ``make()``'s, logged now in a nested run
-        with its metrics (what fitting or training it cost), the run tagged with ``key`` last."""
-        if key in self._fitted:
-            return self._fitted[key]
+        key = _digest({**pair, "map": key})
         earlier = mlflow.search_runs(
             search_all_experiments=True, filter_string=f"tags.`{TAG_RECYCLER_KEY}` = '{key}'", output_format="list"
         )
@@ -245,7 +219,6 @@ class _Migration:
                 with tempfile.TemporaryDirectory() as tmp:
                     mlflow.log_artifacts(str(recycler.save(tmp)), "recycler")
                 mlflow.set_tag(TAG_RECYCLER_KEY, key)  # after the artifact: a tagged run always has it
-        self._fitted[key] = recycler
         return recycler
 
     def report_test(self, outcome: PolicyOutcome) -> dict[str, float]:
@@ -385,6 +358,7 @@ def _totals(prompts: list[MigratedPrompt]) -> dict[str, float]:
     created = [p for p in prompts if p.created]
     totals: dict[str, float] = {"migrated_prompts": len(created)}
     totals["passed_prompts"] = sum(p.gate == GATE_PASSED for p in created)
+    totals["degraded_prompts"] = sum(p.gate == DEGRADED for p in created)
     for name in sorted({k for p in created for k in p.metrics if k.endswith(("/steps", "/seconds", "/flops"))}):
         if name.startswith(("policy/", "retune_reference/")):
             totals[f"total/{name}"] = sum(p.metrics.get(name, 0.0) for p in created)

@@ -55,6 +55,21 @@ def load_model(model_dir):
 
 
 @pytest.fixture(scope="session")
+def reexported(model_dir, tmp_path_factory):
+    """A re-export of small-a: the same model with one norm weight nudged by 1e-6, so other weight files
+    (registering the same files twice gives one version) in the same embedding space."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("small-a-reexported")
+    model = AutoModelForCausalLM.from_pretrained(model_dir("small-a"), dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight[0] += 1e-6
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir("small-a")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def data_dir():
     return lambda task: _require(DATA / task)
 

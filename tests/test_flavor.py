@@ -36,7 +36,6 @@ from mlflow_recycle.registry import (
     base_of,
     base_versions,
     check_prompt_fits_base,
-    ensure_base_model,
     log_prompt,
     prompts_for,
     register_base_model,
@@ -91,7 +90,7 @@ def test_base_model_version_records_what_prompts_need(base, load_model, model_di
     assert base.tags["mlflow_recycle.embedding_dim"] == "256"
     assert base.tags[TAG_DIGEST] == weights_digest(str(model_dir("small-a")))
     # the same weights are found, not registered twice
-    assert ensure_base_model(str(model_dir("small-a")), "imdb-lm").version == base.version
+    assert register_base_model(str(model_dir("small-a")), "imdb-lm").version == base.version
     assert [str(v.version) for v in base_versions("imdb-lm")] == ["1"]
 
 

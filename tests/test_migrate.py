@@ -28,12 +28,13 @@ SMALL = ["eval.limit_val=48", "eval.limit_test=48", "eval.random_prompt_draws=1"
 REFERENCE = 1e15
 SMALL += ["policy.gate.margin_se=0"]  # on 48 examples a standard error is 7 points: these tests check the stages
 #: the default policy with budgets a test can afford
-BUDGETS = ["policy.stages.1.steps=2", "policy.stages.1.eval_every=1", "policy.stages.1.texts=16"]
-BUDGETS += ["policy.stages.2.steps=2", "policy.stages.2.eval_every=1", "policy.stages.2.limit_train=16"]
+BUDGETS = ["policy.stages.refine.steps=2", "policy.stages.refine.eval_every=1", "policy.stages.refine.texts=16"]
+BUDGETS += ["policy.stages.retune.steps=2", "policy.stages.retune.eval_every=1", "policy.stages.retune.limit_train=16"]
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) go beside it
     previous = mlflow.get_tracking_uri()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
@@ -47,9 +48,9 @@ def config(store: str, *overrides: str):
 
 
 @pytest.fixture
-def registered(store, model_dir, data_dir):
+def registered(store, model_dir, data_dir, reexported):
     """Base model `lm` v1 = small-a with a tuned prompt (`good`) and one whose task data is gone (`nodata`);
-    v2 = the same weights registered again (a re-export: identity recycles)."""
+    v2 = a re-export of small-a (other files, the same embedding space: identity recycles)."""
     v1 = register_base_model(str(model_dir("small-a")), "lm")
     good = SoftPrompt.load(PROMPT)
     good = good.replace(task=good.task.replace(data=str(data_dir("sst2"))), cost={**good.cost, "flops": REFERENCE})
@@ -57,7 +58,7 @@ def registered(store, model_dir, data_dir):
         "good": log_prompt(tie(good, v1), "prompt", "good-prompt"),
         "nodata": log_prompt(tie(good.replace(task=good.task.replace(data="/gone/sst2")), v1), "prompt", "nodata"),
     }
-    register_base_model(str(model_dir("small-a")), "lm")
+    register_base_model(str(reexported), "lm")
     return versions
 
 
@@ -101,7 +102,7 @@ def test_a_prompt_failing_every_stage_is_registered_failed_and_the_alias_stays(s
     client = MlflowClient()
     passed = client.get_model_version_by_alias("good-prompt", "candidate").version
     # another policy: a new migration; refining although the teacher cannot pass such a gate either
-    refining = ("policy.stages.1.skip=false", "policy.stages.1.when=null")
+    refining = ("policy.stages.refine.skip=false",)
     hopeless = migrate("lm", 2, cfg=config(store, "policy.gate.margin=100", *refining))
     (failed,) = [p for p in hopeless.prompts if p.source.startswith("models:/good-prompt")]
     assert failed.created and failed.gate == "failed" and failed.stage is None
@@ -201,3 +202,33 @@ def test_a_map_trained_on_behaviour_learns_from_every_prompt_of_the_task_once(st
 
     migrate("lm", 2, cfg=config(store, *trained, "policy.gate.margin=100"))  # another policy, the same map
     assert len(mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name LIKE 'train %'")) == 1
+
+
+def test_a_migration_re_tunes_with_the_new_bases_recipe_and_registers_a_prompt_short_of_its_share_degraded(
+    store, model_dir, data_dir
+):
+    """v2 = small-b registered with a recipe (lr 0: re-tuning cannot move the prompt): the migration re-tunes
+    with that recipe, not the config's; the prompt works (over the floor) but keeps less than all of its
+    source gain, so it is registered `degraded` with the share it kept, and the alias stays where it was."""
+    v1 = register_base_model(str(model_dir("small-a")), "lm")
+    good = SoftPrompt.load(PROMPT)
+    good = good.replace(task=good.task.replace(data=str(data_dir("sst2"))), cost={**good.cost, "flops": REFERENCE})
+    log_prompt(tie(good, v1), "prompt", "good-prompt")
+    recipe = {"prompt": {"optimizer": {"lr": 0.0}}}
+    assert register_base_model(str(model_dir("small-b")), "lm", recipe=recipe).tags["mlflow_recycle.recipe"]
+    share = ["policy.gate.margin=-100", "policy.gate.keep_gain=1.0", "policy.stages.retune.patience=1"]
+    report = migrate("lm", 2, cfg=config(store, *share))
+    (migrated,) = report.prompts
+    assert migrated.gate == "degraded" and migrated.stage is None, report.lines()
+    assert "degraded: best validation accuracy" in report.lines()[0] and "of the source's gain" in report.lines()[0]
+    (version,) = prompts_for("lm", 2)
+    kept = float(version.tags["mlflow_recycle.gain_kept"])
+    assert kept < 1.0 and float(version.tags["mlflow_recycle.metric.policy/gain_kept"]) == pytest.approx(kept, abs=1e-3)
+    (run,) = mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`mlflow_recycle.job` = 'migrate'", output_format="list"
+    )
+    policy = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/policy.json")
+    assert policy["stages"]["retune"]["optimizer"]["lr"] == 0.0  # the new base's recipe, not prompt.optimizer's 0.3
+    assert run.data.metrics["degraded_prompts"] == 1 and run.data.metrics["passed_prompts"] == 0
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        MlflowClient().get_model_version_by_alias("good-prompt", "candidate")  # never moved to a degraded version

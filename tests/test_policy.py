@@ -21,20 +21,22 @@ from lightning_modules import (
     fit_prompt,
     read_examples,
 )
-from lightning_modules.data import ByLength
 from mlflow_recycle import RecycleError, SoftPrompt, TaskSpec
-from mlflow_recycle.evaluation import Baselines, Evaluator, Gate
+from mlflow_recycle.evaluation import Baselines, ClassReport, Evaluator
 from mlflow_recycle.models import LoadedModel
 from mlflow_recycle.policy import (
+    DEGRADED,
     FAILED,
     PASSED,
     SKIPPED,
     UNEVALUATED,
+    Gate,
     Policy,
+    RecyclerChoice,
     Transfer,
-    _trained_like_validation,
     run_policy,
 )
+from mlflow_recycle.policy.stages import like_validation
 from mlflow_recycle.prompt_init import initial_prompt
 from mlflow_recycle.prompted_lm import TaskEncoder
 from mlflow_recycle.recycle import fit_recycler
@@ -63,39 +65,66 @@ def good_prompt(data_dir):
     return prompt.replace(task=prompt.task.replace(data=str(data_dir("sst2"))))
 
 
-def transfer(sides, source: str, target: str, fits: list[str] | None = None, **kwargs) -> Transfer:
-    src, tgt = sides(source), sides(target)
+def recording(made: list) -> callable:
+    """A map store that keeps nothing and notes each map made: ``fit linear``, the behaviour of a trained one."""
 
-    def fit(choice, prompt=None):
-        if fits is not None:
-            fits.append(choice.label)
-        return fit_recycler(
-            get_recycler(choice.name, **choice.options), src.model, src.tokenizer, tgt.model, tgt.tokenizer
-        )
+    def store(key, label, make):
+        recycler, _ = make()
+        made.append(label.split(" map on")[0] if recycler.behaviour is None else recycler.behaviour["prompts"])
+        return recycler
 
-    return Transfer(src, tgt, trainer, fit, **{"limit_val": 48, "random_draws": 1, **kwargs})
+    return store
 
 
-def policy(*stages: dict, margin: float = 0.0, **gate) -> Policy:
-    return Policy.from_config({"gate": {"margin": margin, **gate}, "stages": list(stages)})
+def transfer(sides, source: str, target: str, fits: list | None = None, **kwargs) -> Transfer:
+    store = recording(fits) if fits is not None else None
+    return Transfer(sides(source), sides(target), trainer, **{"limit_val": 48, "random_draws": 1, "store": store,
+                                                              **kwargs})  # fmt: skip
 
 
-RECYCLE = {"stage": "recycle", "recyclers": [{"name": "identity", "when": "same_space"}, {"name": "linear"}]}
-REFINE = {"stage": "refine", "steps": 4, "eval_every": 2, "texts": 64, "batch_size": 8}
-RETUNE = {"stage": "retune", "steps": 4, "eval_every": 2, "batch_size": 8, "limit_train": 64}
+def policy(*stages: tuple[str, dict], margin: float = 0.0, **gate) -> Policy:
+    return Policy.from_config({"gate": {"margin": margin, **gate}, "stages": dict(stages)})
+
+
+RECYCLE = ("recycle", {"recyclers": [{"name": "identity", "when": "same_space"}, {"name": "linear"}]})
+REFINE = ("refine", {"steps": 4, "eval_every": 2, "texts": 64, "batch_size": 8})
+RETUNE = ("retune", {"steps": 4, "eval_every": 2, "batch_size": 8, "limit_train": 64})
+
+
+def stage(named: tuple[str, dict], **settings) -> tuple[str, dict]:
+    """``named`` with ``settings`` over its own."""
+    return named[0], {**named[1], **settings}
+
+
+def recycling(*recyclers: dict) -> tuple[str, dict]:
+    return "recycle", {"recyclers": list(recyclers)}
 
 
 # ---------------------------------------------------------------------- the gate
-def test_gate_threshold_margin_and_kept_gain():
+def test_the_gate_sets_a_floor_and_a_share_of_the_source_gain_to_keep():
     baselines = Baselines({"validation": 0.70}, {"validation": 0.60}, {"validation": 0.02})
-    assert Gate().threshold(baselines) == pytest.approx(0.70)
-    assert Gate(margin=2).threshold(baselines) == pytest.approx(0.72)
+    assert Gate().bar(baselines).threshold == pytest.approx(0.70)
+    assert Gate(margin=2).bar(baselines).threshold == pytest.approx(0.72)
     # keep half of a 20-point source gain: 0.70 + 0.10, above the margin's 0.72
-    assert Gate(margin=2, keep_gain=0.5).threshold(baselines, source_gain=0.20) == pytest.approx(0.80)
-    with pytest.raises(RecycleError, match="gate.split may be"):
+    bar = Gate(margin=2, keep_gain=0.5).bar(baselines, source_gain=0.20)
+    assert (bar.floor, bar.keep, bar.threshold) == pytest.approx((0.72, 0.80, 0.80))
+    assert bar.gain_kept(0.78) == pytest.approx(0.40)  # (0.78 - 0.70) / 0.20
+    assert Gate(keep_gain=0.5).bar(baselines, source_gain=-0.1).threshold == pytest.approx(0.70)  # nothing to keep
+    with pytest.raises(RecycleError, match="policy.gate.split may be"):
         Gate(split="train")
-    with pytest.raises(RecycleError, match="keep_gain is a fraction"):
+    with pytest.raises(RecycleError, match="policy.gate.keep_gain is a share between 0 and 1"):
         Gate(keep_gain=5)
+
+
+def test_the_verdict_is_passed_degraded_or_failed_and_decided_in_one_place():
+    """Over the bar: passed. Over the floor, under the share to keep: degraded (it works, worse than
+    it did). At or under the floor: failed. ``passes`` is strict."""
+    gate = Gate(keep_gain=0.9)
+    bar = gate.bar(Baselines({"validation": 0.70}, {"validation": 0.60}, {"validation": 0.0}), source_gain=0.10)
+    assert bar.threshold == pytest.approx(0.79)
+    verdicts = [gate.verdict(score, bar) for score in (0.80, 0.785, 0.75, 0.70, None)]
+    assert verdicts == [PASSED, DEGRADED, DEGRADED, FAILED, FAILED]
+    assert gate.passes(0.7901, bar) and not gate.passes(bar.threshold, bar)
 
 
 def test_gate_margin_in_standard_errors_of_the_baseline():
@@ -103,17 +132,33 @@ def test_gate_margin_in_standard_errors_of_the_baseline():
     few lucky examples does not pass; a smaller split asks for more."""
     on = {"validation": 0.70}, {"validation": 0.60}, {"validation": 0.02}
     large, small = Baselines(*on, examples={"validation": 2100}), Baselines(*on, examples={"validation": 84})
-    assert Gate(margin_se=2).threshold(large) == pytest.approx(0.70 + 2 * 0.01)  # sqrt(.21 / 2100) = 0.01
-    assert Gate(margin_se=2).threshold(small) == pytest.approx(0.70 + 2 * 0.05)
-    assert Gate(margin=1, margin_se=2).threshold(large) == pytest.approx(0.73)  # points and errors add up
-    assert Gate().threshold(Baselines(*on)) == pytest.approx(0.70)  # no count needed without margin_se
-    assert Gate(margin=1, margin_se=2).describe(large) == (
+    assert Gate(margin_se=2).bar(large).threshold == pytest.approx(0.70 + 2 * 0.01)  # sqrt(.21 / 2100) = 0.01
+    assert Gate(margin_se=2).bar(small).threshold == pytest.approx(0.70 + 2 * 0.05)
+    assert Gate(margin=1, margin_se=2).bar(large).threshold == pytest.approx(0.73)  # points and errors add up
+    assert Gate().bar(Baselines(*on)).threshold == pytest.approx(0.70)  # no count needed without margin_se
+    gate = Gate(margin=1, margin_se=2)
+    assert gate.describe(gate.bar(large), large) == (
         "accuracy > 0.7300 (best baseline 0.7000 + 1 points + 2 x 0.0100 SE, n=2100)"
     )
     with pytest.raises(RecycleError, match="No example count recorded for the 'validation' baselines"):
-        Gate(margin_se=1).threshold(Baselines(*on))
-    with pytest.raises(RecycleError, match="gate.margin_se is a number of standard errors"):
+        Gate(margin_se=1).bar(Baselines(*on))
+    with pytest.raises(RecycleError, match="policy.gate.margin_se is a number of standard errors"):
         Gate(margin_se=-1)
+
+
+def test_a_macro_f1_standard_error_is_a_macro_f1s_not_a_binomial_one():
+    """A 4-class prompt that never predicts one class: its macro-F1's bootstrap spread, measured from
+    the confusion counts, is not sqrt(p(1 - p) / n) of the macro-F1 read as an accuracy."""
+    confusion = ((30, 5, 5, 0), (5, 30, 5, 0), (5, 5, 30, 0), (10, 10, 20, 0))
+    report = ClassReport(0.6, ("a", "b", "c", "d"), confusion)
+    se = report.standard_error("macro_f1")
+    binomial = (report.macro_f1() * (1 - report.macro_f1()) / report.examples) ** 0.5
+    assert 0.01 < se < 0.1 and abs(se - binomial) > 0.1 * binomial, (se, binomial)
+    assert report.standard_error("macro_f1") == se  # seeded: the same bar every time
+    assert report.standard_error("accuracy") == pytest.approx((0.6 * 0.4 / 160) ** 0.5)
+    errors = Baselines({"validation": 0.5}, {"validation": 0.4}, {"validation": 0.0}, {"validation": 160},
+                       errors={"validation": se})  # fmt: skip
+    assert Gate(margin_se=1, metric="macro_f1").bar(errors).floor == pytest.approx(0.5 + se)
 
 
 def test_a_macro_f1_gate_decides_and_stops_in_macro_f1(sides, good_prompt, load_model, data_dir):
@@ -128,6 +173,7 @@ def test_a_macro_f1_gate_decides_and_stops_in_macro_f1(sides, good_prompt, load_
     assert outcome.score == pytest.approx(report.macro_f1()) and outcome.score != pytest.approx(report.accuracy)
     zero_shot = pair.evaluator("validation").report(pair.target, data, None, "zero")["validation"]
     assert outcome.baselines.zero_shot["validation"] == pytest.approx(zero_shot.macro_f1())
+    assert "policy/recycle/gate_macro_f1" in outcome.metrics()  # records name the metric they hold
     # an early stop watches the module's logged macro-F1, the same number ClassReport computes
     module, data = tuning_module(load_model, data_dir)
     fit = fit_prompt(module, trainer, steps=2, eval_every=2, metric="macro_f1", datamodule=data)
@@ -137,53 +183,49 @@ def test_a_macro_f1_gate_decides_and_stops_in_macro_f1(sides, good_prompt, load_
 
 
 def test_bad_policies_are_refused_with_the_setting_to_change():
-    with pytest.raises(RecycleError, match="starts with a `recycle` stage"):
+    with pytest.raises(RecycleError, match="A policy has a recycle stage: set policy.stages.recycle.recyclers"):
         policy(REFINE)
-    with pytest.raises(RecycleError, match="Unknown policy stage 'finetune'"):
-        policy(RECYCLE, {"stage": "finetune"})
-    with pytest.raises(RecycleError, match="Bad settings for policy stage 'retune'"):
-        policy(RECYCLE, {"stage": "retune", "epochs": 3})
-    with pytest.raises(RecycleError, match="Unknown recycler condition"):
-        policy({"stage": "recycle", "recyclers": [{"name": "identity", "when": "always"}]})
-    with pytest.raises(RecycleError, match="Unknown refine condition when='same_space'; choose one of teacher_passes"):
-        policy(RECYCLE, {**REFINE, "when": "same_space"})
-    with pytest.raises(RecycleError, match=r"patience=0; set policy\.stages\.1\.patience to a positive .*, or null"):
-        policy(RECYCLE, {**REFINE, "patience": 0})
-    with pytest.raises(RecycleError, match=r"eval_every=-25; set policy\.stages\.2\.eval_every"):
-        policy(RECYCLE, REFINE, {"stage": "retune", "eval_every": -25})
-    with pytest.raises(RecycleError, match=r"objective='ce'; set policy\.stages\.1\.objective to one of lm, classes"):
-        policy(RECYCLE, {**RETUNE, "objective": "ce"})
-    with pytest.raises(RecycleError, match=r"start='init'; set policy\.stages\.1\.start to one of best, best_or_init"):
-        policy(RECYCLE, {**RETUNE, "start": "init"})
+    with pytest.raises(RecycleError, match=r"Unknown policy stage\(s\) \['finetune'\]: policy.stages may name"):
+        policy(RECYCLE, ("finetune", {}))
+    with pytest.raises(RecycleError, match=r"Unknown setting\(s\) \['epochs'\] in policy.stages.retune; it takes"):
+        policy(RECYCLE, ("retune", {"epochs": 3}))
+    with pytest.raises(RecycleError, match="Unknown when='always' for recycler 'identity'"):
+        policy(recycling({"name": "identity", "when": "always"}))
+    with pytest.raises(RecycleError, match=r"Bad policy.stages.refine.patience=0: set a positive whole number"):
+        policy(RECYCLE, stage(REFINE, patience=0))
+    with pytest.raises(RecycleError, match=r"Bad policy.stages.retune.eval_every=-25"):
+        policy(RECYCLE, REFINE, ("retune", {"eval_every": -25}))
+    with pytest.raises(RecycleError, match=r"Bad policy.stages.retune.objective='ce'; choose one of lm, classes"):
+        policy(RECYCLE, stage(RETUNE, objective="ce"))
+    with pytest.raises(RecycleError, match=r"Unknown setting\(s\) \['start'\] in policy.stages.retune"):
+        policy(RECYCLE, stage(RETUNE, start="best_or_init"))  # an option the benchmark rejected, removed
+    with pytest.raises(RecycleError, match=r"Unknown setting\(s\) \['screen'\] in policy.gate"):
+        policy(RECYCLE, screen=64)
     with pytest.raises(RecycleError, match=r"'procrustes' recycler's map cannot be trained.*linear_behaviour"):
-        policy({"stage": "recycle", "recyclers": [{"name": "procrustes", "train_map": {"steps": 10}}]})
+        policy(recycling({"name": "procrustes", "train_map": {"steps": 10}}))
     with pytest.raises(RecycleError, match="Bad refine settings"):
-        policy({"stage": "recycle", "recyclers": [{"name": "linear", "train_map": {"epochs": 10}}]})
-    assert policy(RECYCLE, {**REFINE, "patience": None}).stages[1].patience is None
-    assert policy(RECYCLE, {**RETUNE, "objective": "classes"}).stages[1].objective == "classes"
+        policy(recycling({"name": "linear", "train_map": {"epochs": 10}}))
+    with pytest.raises(RecycleError, match="policy.stages maps stage names to settings"):
+        Policy.from_config({"stages": [{"stage": "recycle"}]})
+    assert policy(RECYCLE, stage(REFINE, patience=None)).stage("refine").patience is None
+    assert policy(RECYCLE, stage(RETUNE, objective="lm")).stage("retune").objective == "lm"
+    assert policy(RECYCLE).stage("retune") is None
 
 
-def test_train_like_validation_hands_the_validation_rule_to_the_stages_training():
-    """train_like_validation: the refine and retune stages train on what the gate's validation rule
-    keeps (the task's validation_min_words as its train_min_words); off, the task is untouched."""
-    like = policy(RECYCLE, {**REFINE, "train_like_validation": True}, {**RETUNE, "train_like_validation": True})
-    off = policy(RECYCLE, REFINE, RETUNE)
+def test_the_stages_train_on_what_the_validation_rule_keeps():
+    """Refining and re-tuning train on the examples the gate's validation rule keeps (the task's
+    validation_min_words as its train_min_words: SST-2's phrases of 12+ words read like its test)."""
     prompt = SoftPrompt(torch.zeros(2, 4), task=TaskSpec("t", "{text}", (" a", " b"), validation_min_words=12))
-    for stage in like.stages[1:]:
-        assert _trained_like_validation(prompt, stage).task.train_min_words == 12
-    for stage in off.stages[1:]:
-        assert _trained_like_validation(prompt, stage) is prompt
-    assert like.to_dict() != off.to_dict()  # part of what keys a migration
+    assert like_validation(prompt).task.train_min_words == 12
+    assert like_validation(SoftPrompt(torch.zeros(2, 4))).task is None
 
 
 # ---------------------------------------------------------------------- stop rules
-def tuning_module(load_model, data_dir, lr=0.05, screen=0):
+def tuning_module(load_model, data_dir, lr=0.05):
     model, tokenizer = load_model("small-a")
     prompt = SoftPrompt.load(PROMPT)
     encoder = TaskEncoder(tokenizer, prompt.task.replace(data=str(data_dir("sst2"))))
-    data = TextClassificationDataModule(
-        encoder, batch_size=8, limit_train=96, limit_val=32, eval_batch_size=8 if screen else 64, screen=screen
-    )
+    data = TextClassificationDataModule(encoder, batch_size=8, limit_train=96, limit_val=32)
     init = initial_prompt("vocab", model.get_input_embeddings().weight, 8, seed=0)
     return PromptTuningModule(model, init, optimizer=adamw(lr), name="t"), data
 
@@ -195,39 +237,6 @@ def test_fit_stops_at_the_first_validation_above_the_gate(load_model, data_dir):
     module, data = tuning_module(load_model, data_dir)
     never = fit_prompt(module, trainer, steps=6, eval_every=3, stop_above_score=2.0, datamodule=data)
     assert (never.steps, never.stopped_early) == (6, False)
-
-
-def test_a_screened_gate_checks_on_a_few_batches_and_decides_on_the_whole_split(load_model, data_dir):
-    """screen_batches: validations run on the first batches (a seeded random draw of the split, not
-    its shortest rows); only a screen above the gate, or the last validation, is checked on all of
-    it, so the returned score is the whole split's and the checks cost a fraction of full ones."""
-    module, data = tuning_module(load_model, data_dir, screen=8)
-    order = ByLength(data.dataset("validation"), lead=8, seed=0).order
-    lengths = [len(data.dataset("validation").contexts[i]) for i in order]
-    assert sorted(order) == list(range(32)) and lengths[8:] == sorted(lengths[8:])
-    assert lengths[:8] != sorted(lengths)[:8], "the screen is a random draw, not the shortest rows"
-
-    def whole_split(prompt):
-        side = LoadedModel("small-a", "", module.lm.model, None)
-        return Evaluator(trainer, ("validation",)).accuracy(side, data, prompt, "whole")["validation"]
-
-    never = fit_prompt(module, trainer, steps=6, eval_every=2, stop_above_score=2.0, screen_batches=1, datamodule=data)
-    assert (never.steps, never.stopped_early, never.best_step) == (6, False, 6)  # only the last one is checked
-    assert never.score == pytest.approx(whole_split(never.prompt))
-    module, data = tuning_module(load_model, data_dir, screen=8)
-    full = fit_prompt(module, trainer, steps=6, eval_every=2, stop_above_score=2.0, datamodule=data)
-    trained = full.compute.backward
-    assert never.compute.backward == trained  # the same training; validations: 3 screens + 1 whole split
-    whole = (full.compute.forward - trained) / 3  # positions one validation on the whole split reads
-    screen = ((never.compute.forward - trained) - whole) / 3
-    assert 0 < screen < whole / 2  # a screen of 8 of the 32 examples
-    module, data = tuning_module(load_model, data_dir, screen=8)
-    passed = fit_prompt(module, trainer, steps=6, eval_every=2, stop_above_score=-1.0, screen_batches=1,
-                        datamodule=data)  # fmt: skip
-    assert (passed.steps, passed.stopped_early) == (2, True)
-    assert passed.score == pytest.approx(whole_split(passed.prompt))
-    with pytest.raises(ValueError, match="needs eval_every and stop_above_score, and no patience"):
-        fit_prompt(module, trainer, steps=2, eval_every=2, screen_batches=1, datamodule=data)
 
 
 def test_patience_stops_a_fit_that_does_not_improve_on_its_start(load_model, data_dir):
@@ -279,34 +288,10 @@ def test_recycle_stops_at_the_first_recycler_that_passes(sides, good_prompt):
     fits: list[str] = []
     outcome = run_policy(policy(RECYCLE, REFINE, RETUNE), transfer(sides, "small-a", "small-a", fits), good_prompt)
     assert (outcome.gate, outcome.stage) == (PASSED, "recycle")
-    assert fits == ["identity"] and list(outcome.records[0].tried) == ["identity"]  # linear never fitted
+    assert fits == ["fit identity"] and list(outcome.records[0].tried) == ["identity"]  # linear never fitted
     assert len(outcome.records) == 1 and outcome.steps == 0  # no training once the gate passed
     assert outcome.score > outcome.threshold == outcome.baselines.best("validation")
     assert outcome.baselines.examples == {"validation": 48}  # the gate split's draw (limit_val)
-
-
-def test_a_gate_screen_turns_prompts_away_cheaply_and_passes_them_on_the_whole_split(sides, good_prompt):
-    """gate.screen: a recycled prompt is read on a few examples first; one that reads above the
-    threshold there is judged on the whole split (its score that split's), one that does not is
-    turned away at a screen's cost, recorded as a screen; re-tuning's checks are screened too."""
-    with pytest.raises(RecycleError, match="gate.screen is a number of examples, 1 or more, or null; got 0"):
-        Gate(screen=0)
-    pair = transfer(sides, "small-a", "small-b", eval_batch_size=16)
-    data = pair.data(pair.target, good_prompt)
-    passes = run_policy(policy(RECYCLE, RETUNE, margin=-100, screen=16), pair, good_prompt)
-    assert passes.stage == "recycle" and list(passes.records[0].tried) == ["linear"]
-    whole = pair.evaluator("validation").score(pair.target, data, passes.prompt.embeddings, "whole")["validation"]
-    assert passes.score == pytest.approx(whole)
-    unscreened = run_policy(policy(RECYCLE, RETUNE, margin=-100), pair, good_prompt)
-    assert unscreened.score == pytest.approx(passes.score)  # the same verdict and score, plus a screen's cost
-    # the gate's baselines: measured (and charged) for the first prompt of the transfer, shared by the next
-    assert passes.metrics()["policy/gate_flops"] > 0 == unscreened.gate_flops
-    never = run_policy(policy(RECYCLE, RETUNE, margin=100, screen=16), pair, good_prompt)
-    recycle, retune = never.records
-    assert list(recycle.tried) == ["linear (screen)"] and recycle.flops < unscreened.records[0].flops / 2
-    assert never.gate == FAILED and retune.steps == 4  # the budget's last check reads the whole split
-    trained = pair.evaluator("validation").score(pair.target, data, never.prompt.embeddings, "whole")["validation"]
-    assert never.score == pytest.approx(trained)  # the better of the two on the whole split, whichever it is
 
 
 def test_baselines_are_those_of_the_draw_a_prompt_is_judged_on(sides, good_prompt):
@@ -338,7 +323,7 @@ def test_a_margin_in_standard_errors_raises_the_bar_the_stages_see(sides, good_p
 def test_identity_is_only_tried_when_the_embedding_space_is_kept(sides, good_prompt):
     fits: list[str] = []
     outcome = run_policy(policy(RECYCLE, margin=-100), transfer(sides, "small-a", "small-b", fits), good_prompt)
-    assert fits == ["linear"] and outcome.records[0].method == "linear"
+    assert fits == ["fit linear"] and outcome.records[0].method == "linear"
     assert outcome.prompt.recycler == "linear" and outcome.prompt.base_model == "small-b"
 
 
@@ -385,7 +370,7 @@ def test_without_labelled_train_data_refine_and_retune_are_skipped_with_reasons(
 
 def test_a_stage_the_policy_turns_off_is_skipped_and_says_so(sides, good_prompt):
     outcome = run_policy(
-        policy(RECYCLE, {**REFINE, "skip": True}, {**RETUNE, "skip": True}, margin=100),
+        policy(RECYCLE, stage(REFINE, skip=True), stage(RETUNE, skip=True), margin=100),
         transfer(sides, "small-a", "small-b"),
         good_prompt,
     )
@@ -394,55 +379,24 @@ def test_a_stage_the_policy_turns_off_is_skipped_and_says_so(sides, good_prompt)
         ("retune", SKIPPED, 0, 0.0),
     ]
     assert [r.reason for r in outcome.records[1:]] == [
-        "the policy skips it (policy.stages.1.skip)",
-        "the policy skips it (policy.stages.2.skip)",
+        "the policy skips it (policy.stages.refine.skip)",
+        "the policy skips it (policy.stages.retune.skip)",
     ]
-    assert outcome.gate == FAILED and "policy.stages.2.skip" in outcome.reason
-    assert policy(RECYCLE, {**REFINE, "skip": True}, RETUNE).label == "identity/linear > retune(4)"  # what runs
-
-
-def test_refinement_is_skipped_when_its_teacher_does_not_pass_the_gate(sides, good_prompt):
-    """when: teacher_passes: the source prompt on its own model is the ceiling of a student that
-    matches it; under the gate it cannot pass, so the budget goes to re-tuning, and the record says why.
-    A teacher just over the gate: the same stage refines."""
-    pair = transfer(sides, "small-a", "small-b", limit_val=200)  # 48 examples put small-b's baseline over the teacher
-    conditional = {**REFINE, "when": "teacher_passes"}
-    teacher = pair.evaluator("validation").score(
-        pair.source, pair.data(pair.source, good_prompt), good_prompt.embeddings, "t"
-    )
-    best = pair.baselines(pair.target, good_prompt, "validation", pair.data(pair.target, good_prompt)).best(
-        "validation"
-    )
-    above_teacher = 100 * (teacher["validation"] - best) + 1  # margin in points: the gate 1 point over the teacher
-    outcome = run_policy(policy(RECYCLE, conditional, RETUNE, margin=above_teacher), pair, good_prompt)
-    assert outcome.source_score == pytest.approx(teacher["validation"])
-    assert [(r.stage, r.status, r.steps) for r in outcome.records] == [
-        ("recycle", FAILED, 0),
-        ("refine", SKIPPED, 0),
-        ("retune", FAILED, 4),
-    ]
-    assert (
-        f"the teacher (the prompt on small-a) reads {outcome.source_score:.4f} on validation"
-        in outcome.records[1].reason
-    )
-    assert outcome.metrics()["policy/source_gate_accuracy"] == outcome.source_score
-
-    taught = run_policy(policy(RECYCLE, conditional, margin=above_teacher - 2), pair, good_prompt)
-    assert [(r.stage, r.status != SKIPPED, r.steps > 0) for r in taught.records] == [
-        ("recycle", True, False),
-        ("refine", True, True),
-    ]
+    assert outcome.gate == FAILED and "policy.stages.retune.skip" in outcome.reason
+    assert policy(RECYCLE, stage(REFINE, skip=True), RETUNE).label == "identity/linear > retune(4)"  # what runs
 
 
 def test_refinement_that_does_not_beat_its_start_stops_with_its_reason(sides, good_prompt):
     """patience=1 and a learning rate of 0: the student never improves on the recycled prompt it
     starts from, so refinement stops at its first validation and the record says why."""
     pair = transfer(sides, "small-a", "small-b", limit_val=200)
-    frozen = {**REFINE, "steps": 8, "lr": 0.0, "patience": 1}
+    frozen = stage(REFINE, steps=8, lr=0.0, patience=1)
     outcome = run_policy(policy(RECYCLE, frozen, margin=100), pair, good_prompt)
     refine = outcome.records[1]
     assert (refine.stage, refine.status, refine.steps) == ("refine", FAILED, 2)
-    assert refine.reason.startswith("stopped after 2 of 8 steps: 1 validations in a row did not improve on")
+    assert (
+        refine.reason == "stopped after 2 of 8 steps: 1 checks in a row did not improve (policy.stages.refine.patience)"
+    )
     assert refine.score == outcome.records[0].score
 
 
@@ -469,9 +423,9 @@ def test_without_task_data_the_prompt_is_recycled_unevaluated(sides, good_prompt
 
 def test_refinement_and_re_tuning_carry_a_failing_recycled_prompt_over_the_gate(sides, good_prompt):
     """small-a -> small-b (another seed): the linear map loses the task; the policy brings it back."""
-    refine = {**REFINE, "steps": 60, "eval_every": 10, "texts": 960}
+    refine = stage(REFINE, steps=60, eval_every=10, texts=960)
     faster = {"_target_": "torch.optim.AdamW", "lr": 0.03}
-    retune = {**RETUNE, "steps": 60, "eval_every": 10, "limit_train": 960, "optimizer": faster}
+    retune = stage(RETUNE, steps=60, eval_every=10, limit_train=960, optimizer=faster)
     outcome = run_policy(policy(RECYCLE, refine, retune), transfer(sides, "small-a", "small-b"), good_prompt)
     statuses = [(r.stage, r.status) for r in outcome.records]
     assert statuses[0] == ("recycle", FAILED), statuses
@@ -479,25 +433,6 @@ def test_refinement_and_re_tuning_carry_a_failing_recycled_prompt_over_the_gate(
     passing = outcome.records[-1]
     assert passing.status == PASSED and passing.steps < 60 and passing.steps % 10 == 0  # stopped at the gate
     assert outcome.score > outcome.threshold
-
-
-def test_re_tuning_starts_afresh_only_from_a_prompt_worse_than_a_random_one(sides, good_prompt):
-    """start: best_or_init re-tunes from a fresh init on the target when the best prompt so far reads
-    under the target's random-token prompt (here a prompt scaled 1000x: it drowns the input), and
-    from the best prompt so far otherwise; the record says which and why."""
-    drowned = good_prompt.replace(embeddings=good_prompt.embeddings * 1000)
-    pair = transfer(sides, "small-a", "small-b")
-    afresh = run_policy(policy(RECYCLE, {**RETUNE, "start": "best_or_init"}), pair, drowned)
-    recycle, retune = afresh.records
-    assert recycle.score < afresh.baselines.random_prompt["validation"]
-    assert retune.reason.startswith("started from a fresh class_labels init: the best prompt so far read")
-    assert retune.score > recycle.score  # the fresh start is what re-tuning kept
-    assert afresh.prompt.recycler_config["retune_started_from"] == "a fresh class_labels init"
-    warm = run_policy(policy(RECYCLE, {**RETUNE, "start": "best_or_init"}), pair, good_prompt)
-    assert warm.records[0].score >= warm.baselines.random_prompt["validation"], warm.summary()
-    assert "fresh" not in warm.records[1].reason  # a start no worse than a random prompt is kept
-    kept = run_policy(policy(RECYCLE, RETUNE), pair, drowned)  # start: best (the default) keeps it regardless
-    assert "fresh" not in kept.records[1].reason
 
 
 # ---------------------------------------------------------------------- data for the gate
@@ -515,14 +450,13 @@ def test_a_task_without_validation_split_holds_out_train(data_dir, tmp_path):
 
 
 def test_each_distinct_map_is_fitted_once_per_pair(sides):
-    from mlflow_recycle.policy import RecyclerChoice, fitter
-
-    fits = []
-    fit = fitter(sides("small-a"), sides("small-b"), on_fit=lambda recycler, seconds: fits.append(recycler.config))
+    fits: list = []
+    pair = transfer(sides, "small-a", "small-b", fits)
     plain, ridged = RecyclerChoice("linear"), RecyclerChoice("linear", {"ridge": 1.0})
-    refined = RecyclerChoice("linear", refine=policy(RECYCLE, REFINE).stages[1].settings)  # the same map, then refined
-    assert fit(plain) is fit(refined) and fit(ridged) is not fit(plain)
-    assert len(fits) == 2 and fits[0] != fits[1]
+    refined = RecyclerChoice("linear", refine=policy(RECYCLE, REFINE).stage("refine").settings)  # the same map, refined
+    assert pair.recycler(plain) is pair.recycler(refined) and pair.recycler(ridged) is not pair.recycler(plain)
+    assert fits == ["fit linear", "fit linear"]  # two fits: plain (also refined's) and ridged
+    assert pair.costs["recycler_fit_seconds"] > 0 and pair.costs["anchors_used"] > 0  # what fitting cost, for the run
 
 
 # ---------------------------------------------------------------------- a map trained on behaviour
@@ -563,42 +497,23 @@ def test_a_map_trained_on_behaviour_carries_the_sources_decisions_across_seeds(s
 def test_a_trained_map_is_trained_once_per_task_on_its_prompts_and_costed_apart(sides, good_prompt):
     """Two prompts of one task, one of another: the map trains once per task, on that task's prompts,
     and its compute is the transfer's (map_flops, on the first prompt to need it), not a prompt's."""
-    from mlflow_recycle.policy import fitter
-
     other_task = good_prompt.replace(task=good_prompt.task.replace(name="sst2-again"))
     second = good_prompt.replace(embeddings=good_prompt.embeddings.flip(0))
-    src, tgt = sides("small-a"), sides("small-b")
-    trained_on = []
-    fit = fitter(
-        src, tgt, trainer=trainer, on_fit=lambda r, seconds: trained_on.append(r.behaviour and r.behaviour["prompts"])
-    )
-    transfer = Transfer(src, tgt, trainer, fit, limit_val=48, random_draws=1, prompts=[good_prompt, second, other_task])
-    assert [p.task.name for p in transfer.peers(good_prompt)] == ["sst2", "sst2"]  # itself, not twice
-    assert len(transfer.peers(good_prompt.replace(embeddings=good_prompt.embeddings * 2))) == 3  # one not held
+    made: list = []
+    pair = transfer(sides, "small-a", "small-b", made, prompts=[good_prompt, second, other_task])
+    assert [p.task.name for p in pair.peers(good_prompt)] == ["sst2", "sst2"]  # itself, not twice
+    assert len(pair.peers(good_prompt.replace(embeddings=good_prompt.embeddings * 2))) == 3  # one not held
     trained = {"name": "linear", "train_map": {"steps": 3, "texts": 32, "batch_size": 4}}
-    rule = policy({"stage": "recycle", "recyclers": [trained]}, margin=-100)  # passes: the test is the cost
-    first, again = run_policy(rule, transfer, good_prompt), run_policy(rule, transfer, second)
-    assert trained_on == [None, 2]  # the anchor fit, then one training on the task's two prompts
+    rule = policy(recycling(trained), margin=-100)  # passes: the test is the cost
+    first, again = run_policy(rule, pair, good_prompt), run_policy(rule, pair, second)
+    assert made == ["fit linear", 2]  # the anchor fit, then one training on the task's two prompts
     assert list(first.records[0].tried) == ["linear+map(3)"]
     assert first.prompt.recycler_config["behaviour"]["prompts"] == 2
     assert first.map_flops > 0 and again.map_flops == 0 and first.metrics()["policy/map_flops"] == first.map_flops
     # the recycle stage's own compute is its gate check, the same for both prompts: the map is not in it
     assert first.records[0].flops == again.records[0].flops > 0
-    run_policy(rule, transfer, other_task)
-    assert trained_on == [None, 2, 1]  # another task: another map, on its one prompt
-
-
-def test_a_map_worth_training_only_over_many_prompts_waits_for_them(sides, good_prompt):
-    """``when: enough_prompts``: a choice is tried only when the transfer migrates at least ``min_prompts``
-    prompts of the task; otherwise the next recycler is, and nothing is trained."""
-    fits = []
-    guarded = {"name": "linear", "when": "enough_prompts", "min_prompts": 3, "train_map": {"steps": 2, "texts": 16}}
-    rule = policy({"stage": "recycle", "recyclers": [guarded, {"name": "identity"}]}, margin=-100)
-    few = transfer(sides, "small-a", "small-b", fits, prompts=[good_prompt])
-    outcome = run_policy(rule, few, good_prompt)
-    assert fits == ["identity"] and list(outcome.records[0].tried) == ["identity"] and outcome.map_flops == 0
-    with pytest.raises(RecycleError, match="Unknown recycler condition when='many'; choose one of same_space, enough"):
-        policy({"stage": "recycle", "recyclers": [{**guarded, "when": "many"}]})
+    run_policy(rule, pair, other_task)
+    assert made == ["fit linear", 2, 1]  # another task: another map, on its one prompt
 
 
 def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, good_prompt):
@@ -606,38 +521,32 @@ def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, goo
     checked with the maps tried before it; it trains only when at least ``min_prompts`` of them (this one
     included) fail. The checks made ahead are the transfer's cost (map_flops, as deciding on the map), kept
     and not made again when their prompts' turn comes."""
-    from mlflow_recycle.policy import fitter
-
-    src = sides("small-a")
-    trained_on = []
-    fit = fitter(
-        src, src, trainer=trainer, on_fit=lambda r, s: trained_on.append(r.behaviour and r.behaviour["prompts"])
-    )
+    made: list = []
     broken = [good_prompt.replace(embeddings=good_prompt.embeddings * k) for k in (-1.0, 8.0)]
     held = [good_prompt, *broken]
 
     def rule(min_prompts: int) -> Policy:
         trained = {"name": "linear", "when": "enough_failing", "min_prompts": min_prompts,
                    "train_map": {"steps": 2, "texts": 16, "batch_size": 4}}  # fmt: skip
-        return policy({"stage": "recycle", "recyclers": [{"name": "identity"}, trained]}, margin=5)
+        return policy(recycling({"name": "identity"}, trained), margin=5)
 
     # small-a -> small-a: identity carries the tuned prompt, not the broken ones
-    strict = Transfer(src, src, trainer, fit, limit_val=48, random_draws=1, prompts=held)
+    strict = transfer(sides, "small-a", "small-a", made, prompts=held)
     first = run_policy(rule(3), strict, broken[0])
     assert first.records[0].tried["identity"] < first.threshold  # the fixture: a broken prompt fails identity
-    assert list(first.records[0].tried) == ["identity"] and trained_on == [None]  # no map trained
+    assert list(first.records[0].tried) == ["identity"] and made == ["fit identity"]  # no map trained
     good, second = run_policy(rule(3), strict, good_prompt), run_policy(rule(3), strict, broken[1])
     assert good.stage == "recycle" and second.records[0].tried["identity"] < second.threshold
     # the first run made the other two prompts' identity checks ahead, as the map's cost; they reuse them
     assert first.map_flops == 2 * first.records[0].flops > 0
     assert good.records[0].flops == second.records[0].flops == good.map_flops == 0
 
-    eager = Transfer(src, src, trainer, fit, limit_val=48, random_draws=1, prompts=held)
+    made.clear()
+    eager = transfer(sides, "small-a", "small-a", made, prompts=held)
     outcome = run_policy(rule(2), eager, broken[0])  # two of three fail identity: enough for min_prompts=2
-    assert list(outcome.records[0].tried) == ["identity", "linear+map(2)"] and trained_on == [None, None, 3]
+    assert list(outcome.records[0].tried) == ["identity", "linear+map(2)"] and made == ["fit identity", "fit linear", 3]
     assert outcome.records[0].flops == first.records[0].flops * 2  # its own two checks; those made ahead: the map's
     eager.seed = 1  # another validation draw: no new count once the map is trained, its use costs a check
     again = run_policy(rule(2), eager, broken[1])
-    assert again.map_flops == 0 and trained_on == [None, None, 3] and "linear+map(2)" in again.records[0].tried
-    with pytest.raises(RecycleError, match="choose one of same_space, enough_prompts, enough_failing"):
-        policy({"stage": "recycle", "recyclers": [{"name": "linear", "when": "many"}]})
+    assert again.map_flops == 0 and made == ["fit identity", "fit linear", 3]
+    assert "linear+map(2)" in again.records[0].tried

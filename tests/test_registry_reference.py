@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from mlflow_recycle import RecycleError
 from mlflow_recycle.models import REFERENCE_FILE, REFERENCE_FLAVOR, load_base_model
-from mlflow_recycle.registry import TAG_DIGEST, ensure_base_model, register_base_model, weights_digest
+from mlflow_recycle.registry import TAG_DIGEST, register_base_model, weights_digest
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_reference_registration_stores_no_weights_and_refuses_changed_ones(store
     assert REFERENCE_FLAVOR in mlflow.models.Model.load(uri).flavors
     assert (tmp_path / "dl" / REFERENCE_FILE).is_file()
     # Registering the same weights again finds this version, wherever they lie.
-    assert ensure_base_model(str(model_dir("small-a")), "lm-ref").version == version.version
+    assert register_base_model(str(model_dir("small-a")), "lm-ref").version == version.version
 
     model, tokenizer = load_base_model(uri)
     reference, _ = load_model("small-a")

@@ -1,0 +1,249 @@
+"""One source -> target model pair and what a policy's stages share on it: the data, the
+baselines, the fitted maps (one cache) and each prompt's gate (:class:`Judge`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_modules import TrainerFactory, read_examples
+
+from ..anchors import DEFAULT_OFFSET, DEFAULT_SIZE, embedding_table
+from ..compute import metered
+from ..errors import RecycleError
+from ..evaluation import Baselines, Evaluator, task_data
+from ..models import LoadedModel
+from ..prompt import SoftPrompt
+from ..recycle import fit_recycler
+from ..recyclers import Recycler, get_recycler
+from ..refine import distill, distill_map, refined
+from .config import RecyclerChoice
+from .gate import Gate
+
+log = logging.getLogger(__name__)
+
+#: Makes a map and says what making it cost: ``() -> (recycler, metrics)``.
+MapMaker = Callable[[], tuple[Recycler, dict[str, float]]]
+#: Where maps live beyond one transfer: ``store(key, label, make)`` returns the map stored under ``key``
+#: (a JSON string), or ``make()``'s, stored. A migration keeps them in MLflow runs; None: in memory only.
+MapStore = Callable[[str, str, MapMaker], Recycler]
+
+
+@dataclass
+class Transfer:
+    """One source -> target pair, with what the stages need to run on it.
+
+    Args:
+        source, target: the two loaded models.
+        trainer: builds Lightning trainers (``instantiate(cfg.trainer, _partial_=True)``).
+        prompts: the prompts this transfer migrates: a map trained on behaviour learns from those of
+            a prompt's task, and ``when: enough_failing`` counts them.
+        limit_val, eval_batch_size, random_draws, seed: evaluation settings (``conf/eval``).
+        anchor_offset, anchor_size: the anchors the maps are fitted on (``conf/anchors``).
+        store: where fitted and trained maps are kept beyond this transfer (a migration's MLflow runs).
+    """
+
+    source: LoadedModel
+    target: LoadedModel
+    trainer: TrainerFactory
+    prompts: Sequence[SoftPrompt] = ()
+    limit_val: int | None = 500
+    eval_batch_size: int = 64
+    random_draws: int = 3
+    seed: int = 0
+    anchor_offset: int = DEFAULT_OFFSET
+    anchor_size: int = DEFAULT_SIZE
+    store: MapStore | None = None
+    costs: dict[str, float] = field(default_factory=dict)  # what making each map cost, summed by metric
+    _maps: dict[str, Recycler] = field(default_factory=dict, repr=False)
+    _baselines: dict[tuple[Any, ...], Baselines] = field(default_factory=dict, repr=False)
+    _judges: dict[tuple[Any, ...], Judge] = field(default_factory=dict, repr=False)
+
+    def peers(self, prompt: SoftPrompt) -> list[SoftPrompt]:
+        """The transfer's prompts of ``prompt``'s task, ``prompt`` among them (added when it is not)."""
+        same = [p for p in self.prompts if p.task == prompt.task]
+        if not any(p.length == prompt.length and torch.equal(p.embeddings, prompt.embeddings) for p in same):
+            same.append(prompt)
+        return same
+
+    # ------------------------------------------------------------------ maps
+    def recycler(self, choice: RecyclerChoice, prompts: Sequence[SoftPrompt] | None = None) -> Recycler:
+        """``choice``'s map fitted on the pair's anchors, once; with ``train_map`` and ``prompts``, that map
+        trained on their behaviour, once per task and set of prompts."""
+        fitted = self._map({"fit": choice.map_key}, f"fit {choice.name}", lambda: self._fit(choice))
+        if choice.train_map is None or not prompts:
+            return fitted
+        key = self.trained_key(choice, prompts)
+        return self._map(
+            key, f"train {choice.label} map on {len(prompts)} prompts", lambda: self._train(choice, fitted, prompts)
+        )
+
+    @staticmethod
+    def trained_key(choice: RecyclerChoice, prompts: Sequence[SoftPrompt]) -> dict[str, Any]:
+        task = prompts[0].task.to_dict() if prompts[0].task else None
+        return {"trained": choice.trained_key, "task": task, "prompts": sorted(p.digest for p in prompts)}
+
+    def has_map(self, key: dict[str, Any]) -> bool:
+        return json.dumps(key, sort_keys=True) in self._maps
+
+    def _map(self, key: dict[str, Any], label: str, make: MapMaker) -> Recycler:
+        text = json.dumps(key, sort_keys=True)
+        if text not in self._maps:
+
+            def costed() -> tuple[Recycler, dict[str, float]]:
+                recycler, metrics = make()
+                for name, value in metrics.items():  # costs add up; other figures (anchors) are the last map's
+                    summed = name.endswith(("_seconds", "_flops", "_steps"))
+                    self.costs[name] = self.costs.get(name, 0.0) + value if summed else value
+                return recycler, metrics
+
+            self._maps[text] = self.store(text, label, costed) if self.store else costed()[0]
+        return self._maps[text]
+
+    def _fit(self, choice: RecyclerChoice) -> tuple[Recycler, dict[str, float]]:
+        start = time.perf_counter()
+        recycler = fit_recycler(
+            get_recycler(choice.name, **choice.options), self.source.model, self.source.tokenizer,
+            self.target.model, self.target.tokenizer, anchor_offset=self.anchor_offset, anchor_size=self.anchor_size,
+        )  # fmt: skip
+        stats = getattr(recycler, "anchor_stats", None) or {}
+        metrics = {f"anchors_{key}": float(value) for key, value in stats.items()}
+        return recycler, {**metrics, "recycler_fit_seconds": time.perf_counter() - start}
+
+    def _train(self, choice: RecyclerChoice, fitted: Recycler, prompts: Sequence[SoftPrompt]):
+        trained, outcome = distill_map(
+            self.source, prompts, self.target, fitted, choice.train_map, self.trainer, seed=self.seed
+        )
+        costs = {"map_steps": outcome.steps, "map_seconds": outcome.seconds, "map_flops": outcome.compute.flops}
+        return trained, costs | ({"map_agreement": outcome.agreement} if outcome.agreement is not None else {})
+
+    # ------------------------------------------------------------------ data and baselines
+    def judge(self, gate: Gate, prompt: SoftPrompt, problem: str | None) -> Judge:
+        """The gate for ``prompt`` (``problem``: why it cannot be judged), built once per prompt and gate."""
+        key = (prompt.digest, gate, problem, self.seed, self.limit_val, self.eval_batch_size, self.random_draws)
+        if key not in self._judges:
+            self._judges[key] = Judge(gate, self, prompt, problem)
+        return self._judges[key]
+
+    def evaluator(self, split: str, metric: str = "accuracy") -> Evaluator:
+        return Evaluator(self.trainer, (split,), self.random_draws, self.seed, metric)
+
+    def data(self, side: LoadedModel, prompt: SoftPrompt, **settings: Any):
+        """The prompt's task on ``side``, with the gate's draw of validation."""
+        return task_data(
+            side, prompt.task, prompt_length=prompt.length, eval_batch_size=self.eval_batch_size,
+            limit_val=self.limit_val, seed=self.seed, **settings,
+        )  # fmt: skip
+
+    def baselines(self, side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str = "accuracy") -> Baselines:
+        """Zero-shot and random-prompt ``metric`` of ``side`` on ``data``'s draw of ``split``, measured once per
+        task, prompt length, metric, draw and random-prompt seed."""
+        draw = (data.seed, data.limits[split])
+        key = (side.uri, prompt.task, prompt.length, split, metric, draw, self.seed, self.random_draws)
+        if key not in self._baselines:
+            self._baselines[key] = self.evaluator(split, metric).baselines(side, data, prompt.length)
+        return self._baselines[key]
+
+    def same_space(self, min_cosine: float) -> tuple[bool, str]:
+        """Whether the target kept the source's embedding space (same tokenizer and dim, close rows)."""
+        if self.source.fingerprint != self.target.fingerprint:
+            return False, "the tokenizers differ"
+        source, target = embedding_table(self.source.model), embedding_table(self.target.model)
+        if source.shape != target.shape:
+            return False, f"the embedding tables differ in shape ({tuple(source.shape)} vs {tuple(target.shape)})"
+        cosine = float(torch.nn.functional.cosine_similarity(source.float(), target.float(), dim=1).mean())
+        if cosine < min_cosine:
+            return False, f"mean embedding cosine {cosine:.3f} < min_cosine {min_cosine}"
+        return True, f"mean embedding cosine {cosine:.3f}"
+
+
+@dataclass
+class Check:
+    """A recycler's candidate for one prompt and its gate score."""
+
+    candidate: SoftPrompt
+    score: float
+    steps: int
+
+
+class Judge:
+    """The gate for one prompt of a transfer: the target's data on the gate split's draw, its
+    baselines, the prompt's :class:`Bar`, and the recycle stage's checks of the prompt (kept, so
+    that a check made ahead for a peer, ``when: enough_failing``, is not made twice). What
+    building it cost (measuring the gate) is :attr:`gate_flops`."""
+
+    def __init__(self, gate: Gate, transfer: Transfer, prompt: SoftPrompt, problem: str | None) -> None:
+        self.gate, self.transfer, self.prompt, self.problem = gate, transfer, prompt, problem
+        self.data = self.bar = self.baselines = None
+        self.description = ""
+        self.checks: dict[str, Check] = {}  # by RecyclerChoice.key
+        self.source_score: float | None = None
+        with metered() as used:
+            if problem is None:
+                self.data = transfer.data(transfer.target, prompt)
+                self.baselines = transfer.baselines(transfer.target, prompt, gate.split, self.data, gate.metric)
+                self.bar = gate.bar(self.baselines, self._source_gain() if gate.keep_gain is not None else None)
+                self.description = gate.describe(self.bar, self.baselines)
+        self.gate_flops = used.flops
+
+    def _source_gain(self) -> float:
+        """The source prompt's gain over its own model's best baseline, on the gate split."""
+        side, gate = self.transfer.source, self.gate
+        data = self.transfer.data(side, self.prompt)
+        evaluator = self.transfer.evaluator(gate.split, gate.metric)
+        self.source_score = evaluator.score(side, data, self.prompt.embeddings, "source")[gate.split]
+        return self.source_score - self.transfer.baselines(side, self.prompt, gate.split, data, gate.metric).best(
+            gate.split
+        )
+
+    def score(self, candidate: SoftPrompt, name: str) -> float:
+        evaluator = self.transfer.evaluator(self.gate.split, self.gate.metric)
+        return evaluator.score(self.transfer.target, self.data, candidate.embeddings, name)[self.gate.split]
+
+    def passes(self, score: float | None) -> bool:
+        return self.gate.passes(score, self.bar)
+
+    def recycled(self, choice: RecyclerChoice, recycler: Recycler, recycled_from: str | None) -> Check:
+        """``choice``'s candidate for the prompt (its fixed refinement included) and its score, made once."""
+        if choice.key not in self.checks:
+            transfer = self.transfer
+            candidate = on_target(recycler.transform(self.prompt, recycled_from), transfer.target)
+            steps = 0
+            if choice.refine is not None:
+                outcome = distill(transfer.source, self.prompt, transfer.target, candidate.embeddings,
+                                  choice.refine, transfer.trainer, seed=transfer.seed)  # fmt: skip
+                candidate, steps = refined(candidate, outcome, choice.refine), outcome.steps
+            score = self.score(candidate, choice.label) if self.data is not None else math.nan
+            self.checks[choice.key] = Check(candidate, score, steps)
+        return self.checks[choice.key]
+
+    def carried(self, choices: Sequence[tuple[RecyclerChoice, Recycler]]) -> bool:
+        """Whether one of ``choices`` (tried before, in order) carries the prompt over its gate."""
+        return any(self.passes(self.recycled(choice, recycler, None).score) for choice, recycler in choices)
+
+
+def on_target(prompt: SoftPrompt, target: LoadedModel) -> SoftPrompt:
+    return prompt.replace(base_model=target.name, base_model_uri=target.uri, base_model_version=None)
+
+
+def labelled_data_problem(prompt: SoftPrompt, split: str) -> str | None:
+    """Why ``split`` of the prompt's task cannot be read with labels (None when it can)."""
+    task = prompt.task
+    if task is None or not task.data:
+        return "the prompt records no task data"
+    looks_local = task.data.startswith(("/", ".", "~")) or "/" not in task.data  # hub names are owner/name
+    if looks_local and not Path(task.data).expanduser().exists():
+        return f"its task data {task.data!r} is not reachable"
+    try:
+        read_examples(task, split)
+    except (RecycleError, OSError, ValueError) as exc:
+        return f"its task data {task.data!r} has no usable {split!r} split ({exc})"
+    return None
