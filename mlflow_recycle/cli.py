@@ -5,7 +5,8 @@ syntax, repeatable) or ``--overrides "k=v k2=v2"`` (one string, for MLproject). 
 tracking server is ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` (or ``-o
 mlflow.tracking_uri=...``): the commands refuse to run without one rather than create a new
 ``./mlflow.db``. The webhook secret is ``MLFLOW_RECYCLE_WEBHOOK_SECRET`` and is never
-printed or logged.
+printed or logged; nor is any override naming a secret, token or key (``-o hook.secret=...``):
+see :mod:`mlflow_recycle.hook.secrets`.
 """
 
 from __future__ import annotations
@@ -47,14 +48,26 @@ NO_TRACKING_URI = (
 def _config(
     overrides: Sequence[str], overrides_string: str = "", tracking_uri: str | None = None
 ) -> tuple[DictConfig, list[str]]:
-    """The composed ``migrate`` config; refuses an implicit tracking store (a new ./mlflow.db in the cwd)."""
-    merged = [*overrides, *shlex.split(overrides_string or "")]
+    """The composed ``migrate`` config; refuses an implicit tracking store (a new ./mlflow.db in the cwd).
+
+    Secret overrides a parent process passed in the environment (the projects worker:
+    :func:`~mlflow_recycle.hook.secrets.secret_overrides_from_env`) come first: the command line wins.
+    """
+    from .hook.secrets import secret_overrides_from_env
+
+    merged = [*secret_overrides_from_env(), *overrides, *shlex.split(overrides_string or "")]
     explicit = any(o.lstrip("+~").startswith("mlflow.tracking_uri=") for o in merged)
     if not tracking_uri and not explicit:
         raise click.UsageError(NO_TRACKING_URI)
     cfg = compose(merged, config_name="migrate")
     if tracking_uri and not explicit:  # an override on the command line wins over the environment
         cfg.mlflow.tracking_uri = tracking_uri
+    if not cfg.mlflow.tracking_uri or not str(cfg.mlflow.tracking_uri).strip():
+        raise click.BadParameter(
+            "is empty: give the tracking server, e.g. -o mlflow.tracking_uri=http://127.0.0.1:5000 (or set "
+            "MLFLOW_TRACKING_URI and leave mlflow.tracking_uri out).",
+            param_hint="mlflow.tracking_uri",
+        )
     return cfg, merged
 
 
@@ -161,6 +174,8 @@ def serve(tracking_uri: str | None, overrides: tuple[str, ...]) -> None:
         lease_seconds=hook_cfg.lease_seconds,
         max_attempts=hook_cfg.max_attempts,
         poll_seconds=hook_cfg.poll_seconds,
+        retry_backoff_seconds=hook_cfg.retry_backoff_seconds,
+        retry_backoff_max_seconds=hook_cfg.retry_backoff_max_seconds,
         on_takeover=close_abandoned_runs,
     )
     try:

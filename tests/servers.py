@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -81,6 +82,31 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def queue_is_writable(path: Path, timeout: float = 0.5) -> bool:
+    """Whether a write transaction on the queue file can start now (no process holds its write lock)."""
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
+def pause_outside_queue_lock(process: subprocess.Popen, queue: Path, tries: int = 100) -> None:
+    """SIGSTOP ``process``, at a moment it does not hold the queue's write lock: paused holding it (a few
+    milliseconds per lease renewal) it would block every other process's queue writes until resumed."""
+    for _ in range(tries):
+        process.send_signal(signal.SIGSTOP)
+        if queue_is_writable(queue):
+            return
+        process.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    raise RuntimeError(f"process {process.pid} holds the write lock of {queue} all the time")
+
+
 def _get_json(url: str, headers: dict[str, str] | None = None) -> Any:
     try:
         response = requests.get(url, headers=headers, timeout=10)
@@ -90,8 +116,10 @@ def _get_json(url: str, headers: dict[str, str] | None = None) -> Any:
 
 
 def _stop(process: subprocess.Popen | None, grace: float = 120) -> None:
-    """SIGTERM, and SIGKILL if it has not exited after ``grace`` seconds (a loaded machine is slow to exit)."""
+    """SIGTERM, and SIGKILL if it has not exited after ``grace`` seconds (a loaded machine is slow to exit);
+    a paused (SIGSTOP) process is resumed first, or it could not act on the SIGTERM."""
     if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGCONT)
         process.terminate()
         try:
             process.wait(grace)
@@ -164,14 +192,16 @@ class Receiver:
         overrides: Sequence[str] = (),
         jobs_token: str | None = "test-jobs-token",
         data_home: Path | None = None,
+        queue_path: Path | None = None,
     ) -> None:
-        """``data_home``: leave ``hook.queue`` at its default, under this ``XDG_DATA_HOME``."""
+        """``data_home``: leave ``hook.queue`` at its default, under this ``XDG_DATA_HOME``;
+        ``queue_path``: the queue file (another receiver's, to take its jobs over), else one in ``root``."""
         self.tracking_uri, self.root, self.secret, self.jobs_token = tracking_uri, Path(root), secret, jobs_token
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_home = data_home
         if data_home is None:
-            self.queue_path = self.root / "queue.db"
+            self.queue_path = Path(queue_path) if queue_path else self.root / "queue.db"
             self.overrides = [f"hook.port={self.port}", f"hook.queue={self.queue_path}", *overrides]
         else:
             self.queue_path = Path(data_home) / "mlflow-recycle" / "queue.db"
@@ -187,6 +217,7 @@ class Receiver:
             env.pop(name, None)
         if self.data_home is not None:
             env["XDG_DATA_HOME"] = str(self.data_home)
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `mlflow run` and `mlflow-recycle` for Projects runs
         return {**env, "MLFLOW_RECYCLE_JOBS_TOKEN": self.jobs_token} if self.jobs_token else env
 
     def start(self, timeout: float = 300) -> Receiver:
@@ -267,6 +298,22 @@ class Receiver:
         """SIGKILL: no clean-up at all, as in a crash or an OOM kill."""
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: every thread stops where it is, as in a VM pause, a long GC or a swapped-out process
+        (outside the queue's write lock: :func:`pause_outside_queue_lock`)."""
+        pause_outside_queue_lock(self.process, self.queue_path)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        self.process.send_signal(signal.SIGCONT)
+
+    def rss_bytes(self) -> int:
+        """The receiver process's resident memory now (Linux ``/proc``)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc: not Linux?")
 
     def stop(self) -> None:
         _stop(self.process)

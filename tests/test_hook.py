@@ -136,12 +136,15 @@ def test_queue_is_durable_deduplicated_and_leased(tmp_path):
 
 def test_versions_that_are_not_numbers_are_rejected_and_test_deliveries_recognised():
     events = {"model_version.created"}
-    for version in ("abc", "2; drop", "-1", "1.5"):
+    for version in ("abc", "2; drop", "-1", "1.5", "0", "007", "02", " 2", "", 0, -3):
         with pytest.raises(DeliveryRejected, match="is not a version number") as rejected:
             jobs_for_event("model_version.created", {"name": "lm", "version": version}, set(), events)
-        assert rejected.value.status == 400
-    assert jobs_for_event("model_version.created", {"name": "lm", "version": "02"}, set(), events)[0] == [
-        JobSpec("lm", "2")
+        assert rejected.value.status == 400 and "\n" not in rejected.value.reason
+    assert jobs_for_event("model_version.created", {"name": "lm", "version": "12"}, set(), events)[0] == [
+        JobSpec("lm", "12")
+    ]
+    assert jobs_for_event("model_version.created", {"name": "lm", "version": 3}, set(), events)[0] == [
+        JobSpec("lm", "3")
     ]
     from mlflow.entities.webhook import WebhookEvent
     from mlflow.webhooks.types import get_example_payload_for_event

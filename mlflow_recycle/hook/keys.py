@@ -2,7 +2,8 @@
 
 ``mlflow server`` encrypts each webhook's secret with ``MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY``
 (a Fernet key). Started with another key, it can no longer decrypt them: every delivery
-fails (``InvalidToken`` in its log only) and the webhook API answers 500. So the key is
+fails (``Failed to deliver webhook``, ``InvalidToken`` in its log only) and the webhook API
+answers 500 (``Error in _list_webhooks: .`` in its log). So the key is
 generated once, kept in ``hook.encryption_key_file`` (readable only by its owner), and
 every start of the server reads it from there (``mlflow-recycle hook encryption-key``).
 """

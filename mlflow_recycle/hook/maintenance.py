@@ -3,8 +3,11 @@
 MLflow delivers webhooks fire-and-forget: a delivery it could not make (the receiver was
 down, or the server can no longer decrypt the webhook's secret) is gone. Reconcile finds
 the base versions whose prompts were never migrated and queues them; the receiver runs it
-at start-up and every ``hook.reconcile_interval_seconds``. Pruning drops delivery ids too
-old to be replayed and finished jobs older than ``hook.keep_finished_seconds``.
+at start-up and every ``hook.reconcile_interval_seconds``; the periodic one also retries a
+migration whose last job failed on a transient error (the tracking server was unreachable),
+not one that failed otherwise (a restart or ``mlflow-recycle reconcile`` retries those).
+Pruning drops delivery ids too old to be replayed and finished jobs older than
+``hook.keep_finished_seconds``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ def reconcile_into(
     from ..migrate import pending_migrations
 
     pending = pending_migrations(list(base_models) if base_models else None)
-    if origin == ORIGIN_PERIODIC_RECONCILE:  # no retry loop every interval: a restart or the CLI retries those
-        failed = [p for p in pending if queue.last_status(*p) == FAILED]
+    if origin == ORIGIN_PERIODIC_RECONCILE:  # no retry loop every interval for a failure that stays
+        last = {p: queue.last_job(*p) for p in pending}
+        failed = [p for p in pending if last[p] and last[p].status == FAILED and not last[p].transient]
         if failed:
             log.warning("Not retrying migrations whose last job failed (see the log above): %s", failed)
         pending = [p for p in pending if p not in failed]

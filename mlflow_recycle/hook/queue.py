@@ -4,7 +4,9 @@ The receiver stores each accepted delivery and its migration job in one transact
 *before* answering 2xx, so an event MLflow considers delivered is never lost (MLflow
 delivers fire-and-forget: a few retries, no history). Delivery ids are remembered to
 reject replays. A job is claimed under a lease that the worker renews while it runs; a
-worker that dies leaves a job whose lease expires, and the next worker takes it over.
+worker that dies leaves a job whose lease expires, and the next worker takes it over. A job
+that failed is queued again after a delay that doubles with each attempt (:func:`retry_delay`),
+up to its last attempt.
 At most one job per (base model, version) is queued or running at a time, so a burst of
 duplicate events runs the migration once.
 
@@ -43,6 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     result TEXT,
     delivered_at REAL,
+    not_before REAL,
+    transient INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -52,6 +56,15 @@ CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, id);
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 FINISHED = (DONE, FAILED)
+#: Columns added since the first queue files: created in an older file when it is opened.
+_ADDED_COLUMNS = {"delivered_at": "REAL", "not_before": "REAL", "transient": "INTEGER NOT NULL DEFAULT 0"}
+
+
+def retry_delay(attempts: int, base_seconds: float, max_seconds: float) -> float:
+    """Seconds before attempt ``attempts + 1``: ``base_seconds`` doubled per attempt made, at most ``max_seconds``."""
+    if base_seconds <= 0:
+        return 0.0
+    return float(min(max_seconds, base_seconds * 2 ** min(max(attempts - 1, 0), 32)))
 
 
 def default_queue_path() -> Path:
@@ -88,6 +101,8 @@ class Job(JobSpec):
     error: str | None = None
     result: str | None = None
     taken_over: bool = False  # claimed from a worker whose lease expired (it crashed or hung)
+    transient: bool = False  # its last failure was transient (the tracking server unreachable...)
+    not_before: float | None = None  # queued again after a failure: not claimed before this time
 
 
 class MigrationQueue:
@@ -99,19 +114,23 @@ class MigrationQueue:
         with closing(self._connect()) as conn:
             conn.executescript(SCHEMA)
             columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
-            if "delivered_at" not in columns:  # a queue file from before deliveries were tracked per job
-                conn.execute("ALTER TABLE jobs ADD COLUMN delivered_at REAL")
+            for column, kind in _ADDED_COLUMNS.items():  # a queue file from before these were tracked
+                if column not in columns:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, durable: bool = True) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # committed means on disk: the 2xx promise
+        # committed means on disk: the 2xx promise. A lease renewal need not be (lost, the lease is only
+        # shorter) and must hold the write lock as briefly as possible: a worker paused while it holds it
+        # (SIGSTOP, a VM pause) blocks every other process's writes until it resumes.
+        conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
         return conn
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with closing(self._connect()) as conn:
+    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        with closing(self._connect(durable)) as conn:
             conn.execute("BEGIN IMMEDIATE")  # take the write lock now: no lost updates between processes
             try:
                 yield conn
@@ -156,13 +175,18 @@ class MigrationQueue:
             return [self._insert(conn, spec, origin, now) for spec in specs]
 
     def claim(self, owner: str, lease_seconds: float) -> Job | None:
-        """Take the oldest queued job, or a running one whose lease expired (its worker died)."""
+        """Take the oldest queued job whose retry delay is over, or a running one whose lease expired
+        (its worker died)."""
         now = time.time()
+        claimable = (
+            "SELECT id, status FROM jobs WHERE (status = ? AND (not_before IS NULL OR not_before <= ?))"
+            " OR (status = ? AND lease_until < ?) ORDER BY id LIMIT 1"
+        )
+        with closing(self._connect()) as conn:  # a read first: an idle worker's poll takes no write lock
+            if conn.execute(claimable, (QUEUED, now, RUNNING, now)).fetchone() is None:
+                return None
         with self._transaction() as conn:
-            row = conn.execute(
-                "SELECT id, status FROM jobs WHERE status = ? OR (status = ? AND lease_until < ?) ORDER BY id LIMIT 1",
-                (QUEUED, RUNNING, now),
-            ).fetchone()
+            row = conn.execute(claimable, (QUEUED, now, RUNNING, now)).fetchone()
             if row is None:
                 return None
             conn.execute(
@@ -175,32 +199,48 @@ class MigrationQueue:
     def heartbeat(self, job_id: int, owner: str, lease_seconds: float) -> bool:
         """Extend the lease; False when the job is no longer ours (it expired and was taken over)."""
         now = time.time()
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE id = ? AND lease_owner = ? AND status = ?",
                 (now + lease_seconds, now, job_id, owner, RUNNING),
             )
             return cursor.rowcount == 1
 
-    def complete(self, job_id: int, owner: str, result: str) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                "UPDATE jobs SET status = ?, result = ?, error = NULL, lease_until = NULL, updated_at = ?"
-                " WHERE id = ? AND lease_owner = ?",
-                (DONE, result, time.time(), job_id, owner),
-            )
+    def lease_left(self, job_id: int, owner: str) -> float | None:
+        """Seconds left on ``owner``'s lease of the job (negative: expired, not yet taken over); None when
+        the job is no longer ``owner``'s. Only reads: takes no write lock."""
+        with closing(self._connect()) as conn:
+            row = conn.execute(
+                "SELECT lease_until FROM jobs WHERE id = ? AND lease_owner = ? AND status = ?", (job_id, owner, RUNNING)
+            ).fetchone()
+        return None if row is None or row["lease_until"] is None else row["lease_until"] - time.time()
 
-    def fail(self, job_id: int, owner: str, error: str, max_attempts: int) -> str:
-        """Record an error; the job is queued again until it has had ``max_attempts``. Returns its new status."""
+    def complete(self, job_id: int, owner: str, result: str) -> bool:
+        """Mark the job done; False (nothing changed) when it is no longer ours."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET status = ?, result = ?, error = NULL, lease_until = NULL, updated_at = ?"
+                " WHERE id = ? AND lease_owner = ? AND status = ?",
+                (DONE, result, time.time(), job_id, owner, RUNNING),
+            )
+            return cursor.rowcount == 1
+
+    def fail(
+        self, job_id: int, owner: str, error: str, max_attempts: int, *, retry_in: float = 0.0, transient: bool = False
+    ) -> str:
+        """Record an error; the job is queued again, not to be claimed for ``retry_in`` seconds, until it has
+        had ``max_attempts``. ``transient``: the error may go away by itself (the periodic reconcile retries
+        such a failed job). Returns its new status (unchanged when the job is no longer ours)."""
+        now = time.time()
         with self._transaction() as conn:
             job = self._job(conn, job_id)
             status = QUEUED if job.attempts < max_attempts else FAILED
-            conn.execute(
-                "UPDATE jobs SET status = ?, error = ?, lease_until = NULL, updated_at = ?"
-                " WHERE id = ? AND lease_owner = ?",
-                (status, error[-4000:], time.time(), job_id, owner),
+            cursor = conn.execute(
+                "UPDATE jobs SET status = ?, error = ?, transient = ?, not_before = ?, lease_until = NULL,"
+                " updated_at = ? WHERE id = ? AND lease_owner = ? AND status = ?",
+                (status, error[-4000:], int(transient), now + retry_in, now, job_id, owner, RUNNING),
             )
-            return status
+            return status if cursor.rowcount == 1 else job.status
 
     @staticmethod
     def _job(conn: sqlite3.Connection, job_id: int, taken_over: bool = False) -> Job:
@@ -216,6 +256,8 @@ class MigrationQueue:
             error=row["error"],
             result=row["result"],
             taken_over=taken_over,
+            transient=bool(row["transient"]),
+            not_before=row["not_before"],
         )
 
     def jobs(self, status: str | None = None) -> list[Job]:
@@ -250,12 +292,17 @@ class MigrationQueue:
 
     def last_status(self, base_model: str, to_version: str) -> str | None:
         """The status of the newest job for this migration, if any."""
+        job = self.last_job(base_model, to_version)
+        return job.status if job else None
+
+    def last_job(self, base_model: str, to_version: str) -> Job | None:
+        """The newest job for this migration, if any."""
         with closing(self._connect()) as conn:
             row = conn.execute(
-                "SELECT status FROM jobs WHERE base_model = ? AND to_version = ? ORDER BY id DESC LIMIT 1",
+                "SELECT id FROM jobs WHERE base_model = ? AND to_version = ? ORDER BY id DESC LIMIT 1",
                 (base_model, to_version),
             ).fetchone()
-            return row["status"] if row else None
+            return self._job(conn, row["id"]) if row else None
 
     def prune(self, deliveries_older_than: float, finished_older_than: float) -> tuple[int, int]:
         """Drop delivery ids received more than ``deliveries_older_than`` seconds ago (too old to be
