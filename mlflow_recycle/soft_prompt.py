@@ -26,25 +26,16 @@ an ``mlflow.transformers`` model, a local directory or a hub id; ``model_config`
 that the input example can be served would, so it is skipped (the example is still stored).
 
 A logged prompt's requirements name this package in a form a fresh serving environment can
-install: ``mlflow-recycle==<version>`` when it was installed from a package index, else a
-wheel of the installed code stored in the model's ``wheels/`` folder (the folder MLflow's
-own ``add_libraries_to_model`` uses), which MLflow's environment managers install from the
-model directory.
+install: from a package index, or as a wheel in the model's ``wheels/`` folder
+(:func:`mlflow_recycle.requirements.package_requirement`).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
-import importlib.metadata
-import importlib.util
-import io
-import logging
 import os
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +71,13 @@ from mlflow.utils.model_utils import (
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
 )
-from mlflow.utils.requirements_utils import _get_pinned_requirement
-from packaging.version import Version
 
 from .errors import PromptArtifactError, RecycleError
 from .models import load_base_model
 from .prompt import SoftPrompt
 from .prompted_lm import PromptedLM, TaskEncoder
+from .requirements import package_requirement
+from .requirements import pinned_requirement as _pinned_requirement  # registry.py reads it here
 from .vocab import tokenizer_fingerprint
 
 FLAVOR_NAME = "soft_prompt"
@@ -94,23 +85,6 @@ PROMPT_DATA_DIR = "prompt"
 DEFAULT_BATCH_SIZE = 32
 #: Keys of ``model_config`` (pyfunc inference settings, overridable at ``mlflow.pyfunc.load_model``).
 MODEL_CONFIG_KEYS = ("base_model_uri",)
-PACKAGE = "mlflow-recycle"
-#: Top-level packages of the ``mlflow-recycle`` distribution (setup.cfg's packages).
-PACKAGE_MODULES = ("mlflow_recycle", "lightning_modules")
-WHEELS_DIR = "wheels"
-
-_logger = logging.getLogger(__name__)
-
-
-def _pinned_requirement(package: str) -> str:
-    """``package==<installed version>``, pinned by MLflow's ``_get_pinned_requirement``.
-
-    The version given is the public one: MLflow means to drop a local label (``+cpu``,
-    ``+cu126``) that PyPI cannot serve, but with packaging >= 26 its
-    ``_strip_local_version_label`` keeps the label (it overrides ``Version.local``, which
-    ``Version.__str__`` no longer reads), so the requirement would not install.
-    """
-    return _get_pinned_requirement(package, version=Version(importlib.metadata.version(package)).public)
 
 
 def get_default_pip_requirements() -> list[str]:
@@ -120,88 +94,6 @@ def get_default_pip_requirements() -> list[str]:
 
 def get_default_conda_env() -> dict[str, Any]:
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
-
-
-def _distribution() -> importlib.metadata.Distribution | None:
-    try:
-        return importlib.metadata.distribution(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _installed_from_index(dist: importlib.metadata.Distribution | None) -> bool:
-    """Whether the running code is a distribution an installer (pip, uv) took from a package index.
-
-    Such a distribution has an ``INSTALLER`` file and no PEP 610 ``direct_url.json`` (which
-    marks editable, local-directory, VCS and file installs), and holds the imported code (not
-    a source tree on ``PYTHONPATH`` shadowing it, whose ``.egg-info`` has neither file).
-    """
-    if dist is None or dist.read_text("INSTALLER") is None or dist.read_text("direct_url.json") is not None:
-        return False
-    from . import __file__ as init_file
-
-    return Path(dist.locate_file("mlflow_recycle/__init__.py")).resolve() == Path(init_file).resolve()
-
-
-def package_requirement(model_path: str | os.PathLike) -> str:
-    """This package as a requirement a fresh environment can install, for the model at ``model_path``.
-
-    ``mlflow-recycle==<version>`` when the running code was installed from a package index;
-    otherwise (an editable, local-directory or VCS install, a source tree) a wheel of the
-    installed code written to ``<model>/wheels/`` and named by its path relative to the model
-    directory.
-    """
-    if _installed_from_index(_distribution()):
-        return _pinned_requirement(PACKAGE)
-    filename, data = _package_wheel()
-    wheels = Path(model_path) / WHEELS_DIR
-    wheels.mkdir(exist_ok=True)
-    (wheels / filename).write_bytes(data)
-    return f"{WHEELS_DIR}/{filename}"
-
-
-def _record_hash(data: bytes) -> str:
-    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-
-
-@functools.cache
-def _package_wheel() -> tuple[str, bytes]:
-    """``(file name, bytes)`` of a pure-Python wheel of the installed ``mlflow_recycle`` code (built once)."""
-    from . import __version__
-
-    dist = _distribution()
-    version = dist.version if dist is not None else __version__
-    requires = [req for req in (dist.requires or []) if "extra ==" not in req] if dist is not None else []
-    dist_info = f"mlflow_recycle-{version}.dist-info"
-    files: list[tuple[str, bytes]] = []
-    for module in PACKAGE_MODULES:
-        spec = importlib.util.find_spec(module)  # finds the package without importing it (lightning is slow)
-        if spec is None or not spec.submodule_search_locations:
-            raise RecycleError(f"Cannot find the {module} package to bundle with the model.")
-        root = Path(next(iter(spec.submodule_search_locations)))
-        for file in sorted(root.rglob("*")):
-            if file.is_file() and "__pycache__" not in file.parts and file.suffix != ".pyc":
-                files.append((f"{module}/{file.relative_to(root).as_posix()}", file.read_bytes()))
-    metadata = [
-        "Metadata-Version: 2.1",
-        f"Name: {PACKAGE}",
-        f"Version: {version}",
-        "Summary: Recycle soft prompts to new base-model versions, as an MLflow plugin",
-        "Requires-Python: >=3.10",
-        *(f"Requires-Dist: {req}" for req in requires),
-    ]
-    files.append((f"{dist_info}/METADATA", ("\n".join(metadata) + "\n").encode()))
-    wheel = "Wheel-Version: 1.0\nGenerator: mlflow_recycle.soft_prompt\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    files.append((f"{dist_info}/WHEEL", wheel.encode()))
-    record = [f"{name},{_record_hash(data)},{len(data)}" for name, data in files] + [f"{dist_info}/RECORD,,"]
-    files.append((f"{dist_info}/RECORD", ("\n".join(record) + "\n").encode()))
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files:
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # reproducible bytes
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
-    return f"mlflow_recycle-{version}-py3-none-any.whl", buffer.getvalue()
 
 
 def as_soft_prompt(prompt: Any) -> SoftPrompt:
@@ -266,10 +158,6 @@ def _check_model_config(model_config: dict[str, Any]) -> dict[str, Any]:
     return model_config
 
 
-#: Arguments ``Model.log`` reads and then hands on to ``save_model`` with the flavor's own.
-_MODEL_LOG_ONLY_KWARGS = frozenset({"validate_serving_input"})
-
-
 def save_model(
     prompt: Any,
     path: str,
@@ -304,11 +192,12 @@ def save_model(
             model; defaults to the prompt's own).
         pip_requirements, extra_pip_requirements, conda_env: as for MLflow's built-in
             flavors. The default requirements are this package (see
-            :func:`package_requirement`) and pinned torch, transformers and safetensors.
+            :func:`mlflow_recycle.requirements.package_requirement`) and pinned torch,
+            transformers and safetensors.
         metadata, extra_files, mlflow_model: as for MLflow's built-in flavors.
         kwargs: only what ``Model.log`` passes through (``validate_serving_input``).
     """
-    if unexpected := sorted(set(kwargs) - _MODEL_LOG_ONLY_KWARGS):
+    if unexpected := sorted(set(kwargs) - {"validate_serving_input"}):
         raise TypeError(f"save_model() got unexpected keyword argument(s): {', '.join(unexpected)}")
     prompt = as_soft_prompt(prompt)
     config = _check_model_config({"base_model_uri": prompt.base_model_uri, **(model_config or {})})
@@ -317,34 +206,56 @@ def save_model(
     _validate_and_prepare_target_save_path(path)
     code_dir_subpath = _validate_and_copy_code_paths(code_paths, path)
     mlflow_model = mlflow_model or Model()
+    _save_signature_and_example(mlflow_model, prompt, path, signature, input_example)
+    if metadata is not None:
+        mlflow_model.metadata = metadata
+    prompt.save(Path(path) / PROMPT_DATA_DIR)
+    _add_flavors(mlflow_model, prompt, code_dir_subpath, config, _copy_extra_files(extra_files, path))
+    if size := get_total_file_size(path):
+        mlflow_model.model_size_bytes = size
+    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
+    _save_environment(path, conda_env, pip_requirements, extra_pip_requirements)
+
+
+def _save_signature_and_example(
+    mlflow_model: Model, prompt: SoftPrompt, path: str, signature: Any, input_example: Any
+) -> None:
+    """Store the input example (two short texts by default, for a prompt with a task) and set the signature."""
     if input_example is None and prompt.task is not None:
         input_example = pd.DataFrame({"text": ["a gripping, beautiful film", "dull and far too long"]})
     _save_example(mlflow_model, input_example, path)
     if signature is None:
         signature = default_signature(prompt)
-    elif signature is False:
-        signature = None
-    if signature is not None:
+    if signature is not False:
         mlflow_model.signature = signature
-    if metadata is not None:
-        mlflow_model.metadata = metadata
-    prompt.save(Path(path) / PROMPT_DATA_DIR)
+
+
+def _add_flavors(
+    mlflow_model: Model, prompt: SoftPrompt, code: str | None, config: dict[str, Any], extra_files: dict[str, Any]
+) -> None:
+    """Add the ``python_function`` and ``soft_prompt`` flavors to ``mlflow_model``."""
     pyfunc.add_to_model(
         mlflow_model,
-        loader_module="mlflow_recycle.soft_prompt",
+        loader_module=__name__,
         data=PROMPT_DATA_DIR,
-        code=code_dir_subpath,
+        code=code,
         conda_env=_CONDA_ENV_FILE_NAME,
         python_env=_PYTHON_ENV_FILE_NAME,
         model_config=config,
     )
-    extra_files_config = _copy_extra_files(extra_files, path)
-    mlflow_model.add_flavor(FLAVOR_NAME, code=code_dir_subpath, **flavor_config(prompt), **extra_files_config)
-    if size := get_total_file_size(path):
-        mlflow_model.model_size_bytes = size
-    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
+    mlflow_model.add_flavor(FLAVOR_NAME, code=code, **flavor_config(prompt), **extra_files)
 
-    if conda_env is None:
+
+def _save_environment(
+    path: str,
+    conda_env: dict[str, Any] | str | None,
+    pip_requirements: list[str] | str | None,
+    extra_pip_requirements: list[str] | str | None,
+) -> None:
+    """Write the model's ``conda.yaml``, ``requirements.txt``, ``constraints.txt`` and ``python_env.yaml``."""
+    if conda_env is not None:
+        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
+    else:
         default_reqs = None
         if pip_requirements is None:
             # MLflow pins itself unless it sees a requirement for mlflow, and it takes the wheel's
@@ -354,8 +265,6 @@ def save_model(
         conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
             default_reqs, pip_requirements, extra_pip_requirements
         )
-    else:
-        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
     with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
         yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
     if pip_constraints:
@@ -393,15 +302,12 @@ def log_model(
     and ``inference_config``, plus ``model_config``), with the same meanings; see
     :func:`save_model` for the flavor's own. ``artifact_path`` is the deprecated alias of
     ``name``; ``prompts`` are MLflow prompt-registry prompts to link, not soft prompts.
-    The input example is stored but not served at log time: MLflow's check (pass
-    ``validate_serving_input=True``, its default for other flavors) loads the base model, which
-    ``bench/log_cost.py`` measures; try it with ``mlflow.models.predict``.
+    The input example is stored, not served: MLflow's serving check loads the base model (timed by
+    ``bench/log_cost.py``); opt in with ``validate_serving_input=True``, or use ``mlflow.models.predict``.
 
     To tie the registered version to its base model's registered version, use
     :func:`mlflow_recycle.registry.log_prompt`, which calls this and sets the tags.
     """
-    # Serving the example loads the base model (and downloads a models:/ one) on every log.
-    validate_serving_input = kwargs.pop("validate_serving_input", False)
     return Model.log(
         artifact_path=artifact_path,
         name=name,
@@ -424,8 +330,7 @@ def log_model(
         conda_env=conda_env,
         extra_files=extra_files,
         model_config=model_config,
-        validate_serving_input=validate_serving_input,
-        **kwargs,
+        **{"validate_serving_input": False, **kwargs},
     )
 
 

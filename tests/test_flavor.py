@@ -42,6 +42,7 @@ from mlflow_recycle.registry import (
     tie,
     weights_digest,
 )
+from mlflow_recycle.requirements import _installed_from_index
 from mlflow_recycle.vocab import tokenizer_fingerprint
 
 TEXTS = ["a gripping, beautiful film", "dull and far too long", "a fine cast", "i wanted my money back"] * 3
@@ -378,8 +379,8 @@ def test_a_source_tree_on_the_path_is_not_an_index_install(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mlflow-recycle\nVersion: 9.9\n")
     (info / "INSTALLER").write_text("pip\n")
-    assert not soft_prompt._installed_from_index(importlib.metadata.PathDistribution(info))
-    assert not soft_prompt._installed_from_index(None)
+    assert not _installed_from_index(importlib.metadata.PathDistribution(info))
+    assert not _installed_from_index(None)
 
 
 def test_log_model_records_metadata_params_tags_and_registers(prompt, store, tmp_path):
