@@ -526,7 +526,7 @@ def test_receiver_memory_stays_flat_over_many_migrations(tracking, receivers, mo
     client, rss = MlflowClient(), []
     template = client.get_model_version("lm-memory", "1")
     for version in range(2, 22):  # the same weights as new versions: a copy of v1's registration
-        client.create_model_version("lm-memory", template.source, template.run_id, tags=template.tags)
+        mlflow.register_model(template.source, "lm-memory", tags=template.tags)
         body = event_body("lm-memory", version)
         assert receiver.post(body, signed_headers(body)).status_code == 202
         wait_for_migration(
