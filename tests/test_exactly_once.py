@@ -417,11 +417,13 @@ def test_a_worker_killed_right_after_registering_leaves_that_version_in_the_next
 ):
     sources = base_with_prompts("lm-kill9", model_dir, data_dir, n_prompts=3)
     register_base_model(str(model_dir("small-a-early")), "lm-kill9")
-    receiver = receivers("lm-kill9")  # not started yet: a worker process of its queue runs the job first
+    # Not judged (no gate verdict, so every version is a source whatever the policy's threshold); not started
+    # yet: a worker process of its queue runs the job first.
+    receiver = receivers("lm-kill9", "evaluate=false")
     receiver.queue().enqueue([JobSpec("lm-kill9", "2")], origin="test")
     script = tmp_path / "worker.py"
     script.write_text(KILL_AFTER_FIRST_REGISTRATION)
-    overrides = [f"mlflow.tracking_uri={tracking.url}", *SETTINGS]
+    overrides = [f"mlflow.tracking_uri={tracking.url}", *SETTINGS, "evaluate=false"]
     died = servers.run_watched([sys.executable, str(script), str(receiver.queue_path), *overrides], env=receiver.env)
     assert died.returncode == -9 and "registered lm-kill9-prompt-" in died.stdout, died.stderr[-3000:]
     (first,) = prompts_for("lm-kill9", 2)
