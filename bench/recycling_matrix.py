@@ -106,6 +106,7 @@ MARGIN = 0.02
 #: Steps of the two short tunings that time a step of re-tuning (:meth:`Matrix.retune_seconds`).
 CALIBRATION_STEPS = (10, 30)
 COMMON = [
+    "trainer.max_steps=800",  # the recipe (the job's default budget is shorter)
     "trainer.enable_progress_bar=false",
     "eval.random_prompt_draws=3",
     "registry.register=false",

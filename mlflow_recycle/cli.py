@@ -133,7 +133,7 @@ def reconcile(
     cfg, _ = _config(overrides, tracking_uri=tracking_uri)
     _configure(cfg)
     if dry_run:
-        pending = pending_migrations(base_models or None)
+        pending = pending_migrations(base_models or None, cfg.include_failed)
         for base, version in pending:
             click.echo(f"pending: {base} v{version}")
         click.echo(f"{len(pending)} pending migrations on {cfg.mlflow.tracking_uri}." if pending else "nothing pending")

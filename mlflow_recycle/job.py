@@ -32,7 +32,7 @@ from .config import with_recipe
 from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, verdict_metrics
 from .models import LoadedModel, configure_threads, load_model, model_dir
-from .policy import Policy, PolicyOutcome, Transfer, build_policy, build_transfer, run_policy
+from .policy import Policy, PolicyOutcome, Transfer, build_policy, build_transfer, cost_metrics, run_policy
 from .prompt import SoftPrompt
 from .recyclers import get_recycler
 from .task import TaskSpec
@@ -108,6 +108,8 @@ class Context:
     published: dict[str, str] = field(default_factory=dict)
     #: Prompts to register when the job ends well: ``(name, prompt, logged URI, tags)``.
     to_register: list[tuple[str, SoftPrompt, str, dict[str, str]]] = field(default_factory=list)
+    #: What the policy did to the job's prompt (main and recycle jobs).
+    outcome: PolicyOutcome | None = None
 
     @cached_property
     def logger(self) -> Any:
@@ -129,10 +131,16 @@ class Context:
         return [str(s) for s in self.cfg.eval.splits]
 
     def register_bases(self, *sides: LoadedModel) -> None:
-        """Find or register each side's base-model version, so prompts can be tied to it."""
+        """Find or register each side's base-model version, so prompts can be tied to it, with its model
+        config's tuning recipe (a migration into that version re-tunes with it)."""
         if is_rank_zero() and self.cfg.registry.register:
+            recipes = {model.name: model.get("recipe") for model in (self.cfg.source, self.cfg.target)}
             for side in sides:
-                self.bases[side.name] = registry.register_base_model(side.uri, side.registered_name, bos=side.bos)
+                recipe = recipes.get(side.name)
+                recipe = OmegaConf.to_container(recipe, resolve=True) if recipe else None
+                self.bases[side.name] = registry.register_base_model(
+                    side.uri, side.registered_name, bos=side.bos, recipe=recipe
+                )
 
     def tied(self, prompt: SoftPrompt, side: LoadedModel) -> SoftPrompt:
         base = self.bases.get(side.name)
@@ -162,6 +170,10 @@ class Context:
             if lineage:
                 tags = {**tags, registry.TAG_RECYCLED_FROM: lineage}
             version = registry.register_prompt(logged, self.cfg.registry.prompt_name, prompt, tags=tags, once=True)
+            if name == "recycled_prompt" and self.outcome is not None:
+                share = (tags.get(f"{registry.METRIC_TAG_PREFIX}policy/compute_fraction") or "").strip()
+                about = self.outcome.description(lineage, float(share) if share else None)
+                MlflowClient().update_model_version(version.name, version.version, description=about)
             alias = (self.cfg.registry.get("aliases") or {}).get(name)
             if alias:
                 MlflowClient().set_registered_model_alias(version.name, alias, version.version)
@@ -190,7 +202,7 @@ def migrate_prompt(
     ctx: Context, pair: Transfer, policy: Policy, prompt: SoftPrompt, recycled_from: str | None
 ) -> PolicyOutcome:
     """Run the policy on one prompt and tie the result to the target's registered version."""
-    outcome = run_policy(policy, pair, prompt, recycled_from)
+    outcome = ctx.outcome = run_policy(policy, pair, prompt, recycled_from)
     ctx.seconds["recycle_seconds"] = outcome.seconds
     ctx.seconds.update(pair.costs)  # the maps' fits: seconds, anchors
     outcome.prompt = ctx.tied(outcome.prompt, pair.target)
@@ -277,7 +289,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if is_rank_zero():
             mlflow.log_metrics(metrics)
             ctx.register_published()
-            log.info("%s", summary(cfg, setup, metrics, ctx.published))
+            log.info("%s", summary(ctx, setup, metrics))
     return metrics
 
 
@@ -293,29 +305,61 @@ def run_name(cfg: DictConfig, s: Setup) -> str:
     return f"{what} {uuid.uuid4().hex[:6]}"
 
 
-def summary(cfg: DictConfig, s: Setup, metrics: dict[str, float], published: dict[str, str]) -> str:
-    """The job's closing lines: accuracies per split, the verdict, what was registered, where the run is."""
-    lines = [f"{cfg.job} job on {s.spec.name}: {s.source.name} → {s.target.name}"]
-    labels = ("source", "recycled", "prompt", "zero_shot", "random_prompt", "retuned", "best_baseline")
+#: The summary's rows: metric label -> what the row holds.
+ROWS = {
+    "source": "source prompt, on {source}",
+    "recycled": "migrated prompt, on {target}",
+    "prompt": "prompt, on {target}",
+    "retuned": "re-tuned from scratch, on {target}",
+    "zero_shot": "{target} zero-shot",
+    "random_prompt": "{target} random prompt",
+    "best_baseline": "{target} best baseline",
+}
+
+
+def summary(ctx: Context, s: Setup, metrics: dict[str, float]) -> str:
+    """The job's closing lines: what ran, accuracies per split, the gate and the verdict, the cost, where things are."""
+    cfg = ctx.cfg
+    lines = [f"{cfg.job} job on {s.spec.name}: {s.source.name} → {s.target.name}, policy {s.policy.label}"]
+    if "source_tune_steps" in ctx.seconds or "source_tune_seconds" in metrics:
+        lines.append(f"  tuned a {cfg.prompt.length}-token prompt on {s.source.name}: {cfg.trainer.max_steps} steps, "
+                     f"{metrics['source_tune_seconds']:.0f} s")  # fmt: skip
     splits = [split for split in ("validation", "test") if any(k.startswith(f"{split}/") for k in metrics)]
     if splits:
-        lines.append(f"  {'':<16}" + "".join(f"{split:>12}" for split in splits))
-        for label in labels:
-            if any(f"{split}/{label}_accuracy" in metrics for split in splits):
-                cells = [metrics.get(f"{split}/{label}_accuracy") for split in splits]
-                lines.append(f"  {label:<16}" + "".join(f"{c:>12.4f}" if c is not None else f"{'':>12}" for c in cells))
-    if "success" in metrics:
-        verdict = "success" if metrics["success"] else "failure"
-        lines.append(f"  verdict on {list(cfg.eval.splits)[-1]}: {verdict} (recycled vs max(zero-shot, random prompt))")
-    if "policy/steps" in metrics:
-        steps, seconds, flops = int(metrics["policy/steps"]), metrics["policy/seconds"], metrics["policy/flops"]
-        maps = f"; its maps {metrics['policy/map_seconds']:.1f} s, {metrics['policy/map_flops']:.3g} FLOPs"
-        lines.append(f"  policy {s.policy.label}: {steps} steps, {seconds:.1f} s, {flops:.3g} FLOPs{maps}")
-    lines += [f"  {name}: {uri}" for name, uri in published.items()]
+        lines.append(f"  {'':<36}" + "".join(f"{split:>12}" for split in splits))
+        for label, row in ROWS.items():
+            cells = [metrics.get(f"{split}/{label}_accuracy") for split in splits]
+            if any(c is not None for c in cells):
+                name = row.format(source=s.source.name, target=s.target.name)
+                lines.append(f"  {name:<36}" + "".join(f"{c:>12.4f}" if c is not None else f"{'':>12}" for c in cells))
+    lines += _outcome_lines(ctx.outcome, metrics, cfg)
+    lines += [f"  {name}: {uri}" for name, uri in ctx.published.items()]
     run = mlflow.active_run()
     if run is not None:
         lines.append(f"  run {run.info.run_id} (experiment {run.info.experiment_id}) in {mlflow.get_tracking_uri()}")
     return "\n".join(lines)
+
+
+def _outcome_lines(outcome: PolicyOutcome | None, metrics: dict[str, float], cfg: DictConfig) -> list[str]:
+    """The gate (the stage that passed, or why none did), the share of the source's gain kept, the verdict, the cost."""
+    lines = []
+    if outcome is not None:
+        tried = ", ".join(f"{method} {score:.4f}" for method, score in outcome.records[0].tried.items())
+        lines.append(f"  the maps alone on validation: {tried or 'not judged'}")
+        where = f"at {outcome.stage}" if outcome.stage else ""
+        lines.append(f"  gate {outcome.gate} {where}".rstrip() + (f": {outcome.reason}" if outcome.reason else ""))
+        if outcome.gain_kept is not None:
+            lines.append(f"  kept {outcome.gain_kept:.0%} of the source prompt's gain on validation")
+    if "success" in metrics:
+        verdict = "success" if metrics["success"] else "failure"
+        final = list(cfg.eval.splits)[-1]
+        lines.append(f"  verdict on {final}: {verdict} (migrated prompt vs the best baseline, reported, not deciding)")
+    if "policy/steps" in metrics:
+        steps, seconds, flops = int(metrics["policy/steps"]), metrics["policy/seconds"], metrics["policy/flops"]
+        share = metrics.get("policy/compute_fraction")
+        of = f" = {share:.1%} of tuning from scratch" if share is not None else ""
+        lines.append(f"  migration cost: {steps} steps, {seconds:.1f} s, {flops:.3g} FLOPs{of}")
+    return lines
 
 
 def run_tune(ctx: Context, s: Setup) -> dict[str, float]:
@@ -326,18 +370,17 @@ def run_tune(ctx: Context, s: Setup) -> dict[str, float]:
     return {f"{split}/source_accuracy": value for split, value in accuracy.items()}
 
 
-def _policy_record(outcome: PolicyOutcome) -> dict[str, float]:
-    """The policy's stages and gate, as the run's metrics and tags (rank 0)."""
+def _policy_record(outcome: PolicyOutcome, prompt: SoftPrompt, target: LoadedModel) -> dict[str, float]:
+    """The policy's stages, gate and cost against tuning ``prompt`` from scratch, as the run's metrics and tags."""
     if is_rank_zero():
         mlflow.set_tags(registry.outcome_tags(outcome))
-    log.info("Policy: %s", outcome.summary())
-    return outcome.metrics()
+    return {**outcome.metrics(), **cost_metrics(outcome, prompt, target)}
 
 
 def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.target)
     outcome = migrate_prompt(ctx, build_transfer(ctx.cfg, s.source, s.target), s.policy, s.prompt, s.prompt_uri)
-    metrics = _policy_record(outcome)
+    metrics = _policy_record(outcome, s.prompt, s.target)
     ctx.publish(outcome.prompt, "recycled_prompt", tags=registry.outcome_tags(outcome, metrics))
     return metrics
 
@@ -364,6 +407,17 @@ def run_evaluate(ctx: Context, s: Setup) -> dict[str, float]:
     return {**metrics, **verdict(ctx, accuracies, baselines, "prompt", title, s.target_data)}
 
 
+def source_accuracy(ctx: Context, s: Setup, prompt: SoftPrompt) -> dict[str, float]:
+    """The source prompt's accuracy on its own model per split; validation's as its tuning measured it
+    (the kept prompt's, on the same examples), when this job tuned it."""
+    known = {"validation": ctx.best_validation["source"]} if "source" in ctx.best_validation else {}
+    if s.policy.gate.metric != "accuracy":
+        known = {}  # the tuning kept the prompt by another metric
+    rest = tuple(split for split in ctx.splits if split not in known)
+    evaluator = Evaluator(ctx.trainer, rest, ctx.cfg.eval.random_prompt_draws, ctx.cfg.seed) if rest else None
+    return {**known, **(evaluator.accuracy(s.source, s.source_data, prompt.embeddings, "source") if evaluator else {})}
+
+
 def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     cfg, evaluator = ctx.cfg, ctx.evaluator
     ctx.register_bases(s.source, s.target)
@@ -376,9 +430,9 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     else:
         source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source", cfg.source)
         source_uri = ctx.publish(source_prompt, "source_prompt")
-    accuracies = {"source": evaluator.accuracy(s.source, s.source_data, source_prompt.embeddings, "source")}
+    accuracies = {"source": source_accuracy(ctx, s, source_prompt)}
     outcome = migrate_prompt(ctx, pair, s.policy, source_prompt, source_uri)
-    metrics = _policy_record(outcome)
+    metrics = _policy_record(outcome, source_prompt, s.target)
     accuracies["recycled"] = class_report(ctx, s, outcome.prompt, "recycled", metrics)
     # per split, shared with the policy's gate: the gate split's baselines are measured once
     baselines = Baselines.merge([pair.baselines(s.target, source_prompt, split, s.target_data) for split in ctx.splits])

@@ -47,7 +47,7 @@ from .policy import (
     PolicyOutcome,
     build_policy,
     build_transfer,
-    retune_reference,
+    cost_metrics,
     run_policy,
 )
 from .policy.transfer import MapMaker
@@ -57,7 +57,7 @@ from .tracking import configure
 
 log = logging.getLogger(__name__)
 
-TAG_MIGRATION_KEY = "mlflow_recycle.migration_key"
+TAG_MIGRATION_KEY = registry.TAG_MIGRATION_KEY
 #: Called before each side effect of a migration; raises to stop it (a worker's lease check).
 Guard = Callable[[], None]
 TAG_RECYCLER_KEY = "mlflow_recycle.recycler_key"
@@ -126,11 +126,18 @@ def migration_key(source: ModelVersion, base_model: str, from_version: str, to_v
     return _digest(payload)
 
 
-def previous_version_with_prompts(base_model: str, to_version: str) -> str | None:
-    """The newest version of ``base_model`` before ``to_version`` that has prompts tied to it."""
+def sources(base_model: str, version: str | int, include_failed: bool = False) -> list[ModelVersion]:
+    """The prompts of ``base_model`` v``version`` a migration moves: those a user keeps there, every
+    completed version but those whose own gate failed on that base (``include_failed``: those too)."""
+    kept = registry.prompts_for(base_model, version, completed=True)
+    return [v for v in kept if include_failed or v.tags.get(TAG_GATE) != GATE_FAILED]
+
+
+def previous_version_with_prompts(base_model: str, to_version: str, include_failed: bool = False) -> str | None:
+    """The newest version of ``base_model`` before ``to_version`` that has prompts to migrate."""
     earlier = [v for v in registry.base_versions(base_model) if int(v.version) < int(to_version)]
     for version in sorted(earlier, key=lambda v: int(v.version), reverse=True):
-        if registry.prompts_for(base_model, version.version, completed=True):
+        if sources(base_model, version.version, include_failed):
             return str(version.version)
     return None
 
@@ -245,14 +252,7 @@ class _Migration:
                 split = self.policy.gate.split
                 metrics[f"{split}/recycled_accuracy"] = outcome.score
                 metrics[f"{split}/best_baseline_accuracy"] = outcome.baselines.best(split)
-            reference = retune_reference(prompt, self.transfer.target)
-            if reference:
-                metrics["retune_reference/steps"] = reference["steps"]
-                metrics["retune_reference/seconds"] = reference["seconds"]
-                metrics["policy/cost_fraction"] = outcome.seconds / reference["seconds"]
-                if "flops" in reference:  # counted, so comparable across machines and loads (seconds are not)
-                    metrics["retune_reference/flops"] = reference["flops"]
-                    metrics["policy/compute_fraction"] = outcome.flops / reference["flops"]
+            metrics.update(cost_metrics(outcome, prompt, self.transfer.target))
             tags = {TAG_MIGRATION_KEY: key, **registry.outcome_tags(outcome)}
             mlflow.log_metrics(metrics)
             mlflow.set_tags(tags)
@@ -261,6 +261,8 @@ class _Migration:
                 guard()  # a worker that lost its lease logs and registers nothing more
             version = registry.log_prompt(migrated, "recycled_prompt", source.name, tags=tags, before_register=guard)
         log.info("%s -> %s version %s: %s", source_uri, version.name, version.version, outcome.summary())
+        about = outcome.description(source_uri, metrics.get("policy/compute_fraction"))
+        self.client.update_model_version(version.name, version.version, description=about)
         _move_alias(self.client, version, self.cfg.alias)
         target_uri = registry.model_uri(version.name, version.version)
         return MigratedPrompt(source_uri, target_uri, True, outcome.gate, metrics, outcome.stage, outcome.reason)
@@ -292,65 +294,67 @@ def migrate(
             f"{base_model!r} has no version {to_version} in {mlflow.get_tracking_uri()}"
             + (f" (its versions: {', '.join(sorted(known, key=int))})." if known else ": no such registered model.")
         )
-    from_version = (
-        str(from_version) if from_version is not None else previous_version_with_prompts(base_model, to_version)
-    )
+    if from_version is None:
+        from_version = previous_version_with_prompts(base_model, to_version, cfg.include_failed)
+    from_version = None if from_version is None else str(from_version)
     report = MigrationReport(base_model, to_version, from_version, Policy.from_config(cfg.policy).label)
     if from_version is None:
         log.info("No version of %s before %s has prompts: nothing to migrate", base_model, to_version)
         return report
-    client = MlflowClient()
     keyed = [
         (s, migration_key(s, base_model, from_version, to_version, cfg))
-        for s in registry.prompts_for(base_model, from_version, completed=True)
+        for s in sources(base_model, from_version, cfg.include_failed)
     ]
-    todo = []
+    todo = _not_yet_migrated(keyed, cfg.alias, report)
+    log.info("%s v%s -> v%s: %d prompts, %d to migrate", base_model, from_version, to_version, len(keyed), len(todo))
+    if todo:
+        _run_migration(cfg, report, [s for s, _ in keyed], todo, guard)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _not_yet_migrated(keyed: list[tuple[ModelVersion, str]], alias: str | None, report: MigrationReport):
+    """The ``(source, key)`` pairs no version holds yet; those one does go into ``report`` as they are."""
+    client, todo = MlflowClient(), []
     for source, key in keyed:
         existing = _existing(client, source.name, key)
         if existing is None:
             todo.append((source, key))
             continue
-        _move_alias(client, existing, cfg.alias)  # finish what a crashed attempt may have left
-        source_uri, target_uri = (
-            registry.model_uri(source.name, source.version),
-            registry.model_uri(existing.name, existing.version),
-        )
-        report.prompts.append(
-            MigratedPrompt(
-                source_uri,
-                target_uri,
-                False,
-                existing.tags.get(TAG_GATE, ""),
-                stage=existing.tags.get(TAG_STAGE),
-                reason=existing.tags.get(TAG_GATE_REASON, ""),
-            )
-        )
-    log.info("%s v%s -> v%s: %d prompts, %d to migrate", base_model, from_version, to_version, len(keyed), len(todo))
-    if todo:
-        failures = []
-        tags = {"mlflow_recycle.job": "migrate", "mlflow_recycle.base_model": base_model}
-        if guard is not None:
-            guard()
-        with mlflow.start_run(run_name=f"migrate {base_model} v{from_version} -> v{to_version}", tags=tags):
-            # "migrated_from": the resolved version (an MLproject run already logged the requested one)
-            params = {"base_model": base_model, "to_version": to_version, "migrated_from": from_version}
-            migration = _Migration(cfg, base_model, from_version, to_version, [s for s, _ in keyed])
-            mlflow.log_params({**params, "policy": migration.policy.label})
-            mlflow.log_dict(migration.policy.to_dict(), "policy.json")
-            for source, key in todo:
-                if guard is not None:
-                    guard()
-                try:
-                    report.prompts.append(migration.migrate_one(source, key, guard))
-                except RecycleError as exc:
-                    log.error("Cannot migrate %s v%s: %s", source.name, source.version, exc)
-                    failures.append(f"{source.name} v{source.version}: {exc}")
-            mlflow.log_metrics(_totals(report.prompts))
-            mlflow.log_text("\n".join(report.lines()) + "\n", "migration_report.txt")
-        if failures:
-            raise MigrationError(f"{len(failures)} of {len(todo)} prompts were not migrated: " + "; ".join(failures))
-    report.seconds = time.perf_counter() - start
-    return report
+        _move_alias(client, existing, alias)  # finish what a crashed attempt may have left
+        tags = existing.tags
+        report.prompts.append(MigratedPrompt(
+            registry.model_uri(source.name, source.version), registry.model_uri(existing.name, existing.version),
+            False, tags.get(TAG_GATE, ""), stage=tags.get(TAG_STAGE), reason=tags.get(TAG_GATE_REASON, ""),
+        ))  # fmt: skip
+    return todo
+
+
+def _run_migration(cfg: DictConfig, report: MigrationReport, held, todo, guard: Guard | None) -> None:
+    """Migrate ``todo`` in one run (``held``: every source prompt, the maps trained on behaviour learn from)."""
+    base_model, from_version, to_version = report.base_model, report.from_version, report.to_version
+    failures = []
+    tags = {"mlflow_recycle.job": "migrate", "mlflow_recycle.base_model": base_model}
+    if guard is not None:
+        guard()
+    with mlflow.start_run(run_name=f"migrate {base_model} v{from_version} -> v{to_version}", tags=tags):
+        # "migrated_from": the resolved version (an MLproject run already logged the requested one)
+        params = {"base_model": base_model, "to_version": to_version, "migrated_from": from_version}
+        migration = _Migration(cfg, base_model, from_version, to_version, held)
+        mlflow.log_params({**params, "policy": migration.policy.label})
+        mlflow.log_dict(migration.policy.to_dict(), "policy.json")
+        for source, key in todo:
+            if guard is not None:
+                guard()
+            try:
+                report.prompts.append(migration.migrate_one(source, key, guard))
+            except RecycleError as exc:
+                log.error("Cannot migrate %s v%s: %s", source.name, source.version, exc)
+                failures.append(f"{source.name} v{source.version}: {exc}")
+        mlflow.log_metrics(_totals(report.prompts))
+        mlflow.log_text("\n".join(report.lines()) + "\n", "migration_report.txt")
+    if failures:
+        raise MigrationError(f"{len(failures)} of {len(todo)} prompts were not migrated: " + "; ".join(failures))
 
 
 def _totals(prompts: list[MigratedPrompt]) -> dict[str, float]:
@@ -378,7 +382,7 @@ def bases_with_prompts() -> list[str]:
     return sorted({v.tags[registry.TAG_BASE_MODEL] for v in found if v.tags.get(registry.TAG_BASE_MODEL)})
 
 
-def pending_migrations(base_models: Iterable[str] | None = None) -> list[tuple[str, str]]:
+def pending_migrations(base_models: Iterable[str] | None = None, include_failed: bool = False) -> list[tuple[str, str]]:
     """``(base model, version)`` pairs whose earlier prompts were never recycled into that version.
 
     A prompt counts as migrated into version ``v`` when some completed prompt version tied to ``v``
@@ -389,13 +393,14 @@ def pending_migrations(base_models: Iterable[str] | None = None) -> list[tuple[s
     pending = []
     for base in base_models or bases_with_prompts():
         for version in registry.base_versions(base):
-            previous = previous_version_with_prompts(base, str(version.version))
+            previous = previous_version_with_prompts(base, str(version.version), include_failed)
             if previous is None:
                 continue
             completed = registry.prompts_for(base, version.version, completed=True)
             migrated = {v.tags.get(registry.TAG_RECYCLED_FROM) for v in completed}
-            sources = registry.prompts_for(base, previous, completed=True)
-            if any(registry.model_uri(s.name, s.version) not in migrated for s in sources):
+            if any(
+                registry.model_uri(s.name, s.version) not in migrated for s in sources(base, previous, include_failed)
+            ):
                 pending.append((base, str(version.version)))
     return pending
 
@@ -406,4 +411,5 @@ def reconcile(
     """Migrate every pending ``(base, version)``, oldest version first (``guard``: as :func:`migrate`'s)."""
     cfg = cfg if cfg is not None else compose(config_name="migrate")
     configure(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    return [migrate(base, version, cfg=cfg, guard=guard) for base, version in pending_migrations(base_models)]
+    pending = pending_migrations(base_models, cfg.include_failed)
+    return [migrate(base, version, cfg=cfg, guard=guard) for base, version in pending]

@@ -44,6 +44,8 @@ TAG_GATE_REASON = "mlflow_recycle.gate_reason"
 METRIC_TAG_PREFIX = "mlflow_recycle.metric."
 TAG_RECYCLER_CONFIG = "mlflow_recycle.recycler_config"
 TAG_PROMPT_DIGEST = "mlflow_recycle.prompt_digest"
+TAG_RECIPE = "mlflow_recycle.recipe"
+TAG_GAIN_KEPT = "mlflow_recycle.gain_kept"
 #: A migrated prompt's identity (source prompt version, base versions, policy): at most one version holds each.
 TAG_MIGRATION_KEY = "mlflow_recycle.migration_key"
 KIND_BASE, KIND_PROMPT = "base_model", "soft_prompt"
@@ -109,9 +111,11 @@ def register_base_model(
     *,
     copy_weights: bool | None = None,
     bos: str | bool | None = None,
+    recipe: Mapping[str, Any] | None = None,
     await_registration_for: int = 300,
 ) -> ModelVersion:
-    """Register a local Hugging Face directory (or hub id) as a new version of base model ``name``.
+    """Register a local Hugging Face directory (or hub id) as a version of base model ``name``:
+    the version that already holds these weights (found by their digest), or a new one.
 
     The version is tagged with its tokenizer fingerprint, embedding dim and weights digest
     so that prompts can be checked against it without downloading it.
@@ -124,7 +128,16 @@ def register_base_model(
             ``save_pretrained=False`` (the repository and commit; the default for hub ids).
         bos: the model config's ``bos`` (:func:`~mlflow_recycle.models.apply_bos`), kept
             with the version so that whoever loads it starts contexts the same way.
+        recipe: the model's tuning recipe (the ``recipe:`` block of its ``conf/model`` entry), kept
+            as the tag ``mlflow_recycle.recipe``: a migration into this version re-tunes with it.
     """
+    existing = base_version_holding(path, name)
+    if existing is not None:
+        kept = json.dumps(dict(recipe or {}), sort_keys=True)
+        if recipe and existing.tags.get(TAG_RECIPE) != kept:
+            MlflowClient().set_model_version_tag(name, existing.version, TAG_RECIPE, kept)
+        log.info("%s holds these weights already as version %s", name, existing.version)
+        return existing
     local = Path(path).is_dir()
     if copy_weights is None:
         copy_weights = local
@@ -137,6 +150,8 @@ def register_base_model(
         TAG_DIM: str(model.get_input_embeddings().weight.shape[1]),
         TAG_DIGEST: digest,
     }
+    if recipe:
+        tags[TAG_RECIPE] = json.dumps(dict(recipe), sort_keys=True)
     with _run(f"register {name}"):
         if local and not copy_weights:
             reference = {"path": str(Path(path).resolve()), "weights_digest": digest}
@@ -167,20 +182,18 @@ def register_base_model(
     return version
 
 
-def ensure_base_model(
-    path: str, name: str, *, copy_weights: bool | None = None, bos: str | bool | None = None
-) -> ModelVersion:
-    """The version of ``name`` holding these weights, registering them first if no version does.
-
-    ``copy_weights`` and ``bos`` apply to a new registration (:func:`register_base_model`).
-    """
-    digest = weights_digest(path)
+def base_version_holding(path: str, name: str) -> ModelVersion | None:
+    """The first version of base model ``name`` holding the weights at ``path`` (None: no version does)."""
     found = MlflowClient().search_model_versions(
-        f"name = '{filter_value(name)}' AND tags.`{TAG_DIGEST}` = '{filter_value(digest)}'"
+        f"name = '{filter_value(name)}' AND tags.`{TAG_DIGEST}` = '{filter_value(weights_digest(path))}'"
     )
-    if found:
-        return min(found, key=lambda v: int(v.version))
-    return register_base_model(path, name, copy_weights=copy_weights, bos=bos)
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def base_recipe(version: ModelVersion) -> dict[str, Any] | None:
+    """The tuning recipe a base version carries (``mlflow_recycle.recipe``), or None."""
+    text = version.tags.get(TAG_RECIPE)
+    return json.loads(text) if text else None
 
 
 def base_versions(name: str) -> list[ModelVersion]:
@@ -328,14 +341,25 @@ def _register_keyed(
     return created
 
 
+#: The metrics a prompt version shows as tags (``mlflow_recycle.metric.*``); the rest are its run's metrics.
+VERSION_METRICS = (
+    "validation/recycled_accuracy", "validation/best_baseline_accuracy", "test/recycled_accuracy",
+    "test/best_baseline_accuracy", "policy/gain_kept", "policy/steps", "policy/compute_fraction",
+)  # fmt: skip
+
+
 def outcome_tags(outcome: Any, metrics: Mapping[str, float] | None = None) -> dict[str, str]:
-    """Tags of a migrated prompt version: the gate, the stage that passed, the reason when it
-    failed, and ``metrics`` as ``mlflow_recycle.metric.*`` (``outcome``: a ``PolicyOutcome``)."""
+    """Tags of a migrated prompt version: the gate, the stage that passed, the reason when it failed,
+    and the few ``metrics`` a person compares versions by (:data:`VERSION_METRICS`) as
+    ``mlflow_recycle.metric.*``; the version's run holds every metric (``outcome``: a ``PolicyOutcome``)."""
     tags = {TAG_GATE: outcome.gate, TAG_STAGE: outcome.stage or "none"}
+    if outcome.gain_kept is not None:  # sortable: the share of the source prompt's gain kept on validation
+        tags[TAG_GAIN_KEPT] = f"{outcome.gain_kept:.3f}"
     if outcome.reason:
         tags[TAG_GATE_REASON] = outcome.reason[:5000]
     # six significant digits: accuracies and fractions as read, FLOPs (1e12 and up) without a row of zeros
-    tags.update({f"{METRIC_TAG_PREFIX}{name}": f"{value:.6g}" for name, value in (metrics or {}).items()})
+    shown = {name: value for name, value in (metrics or {}).items() if name in VERSION_METRICS}
+    tags.update({f"{METRIC_TAG_PREFIX}{name}": f"{value:.6g}" for name, value in shown.items()})
     return tags
 
 
@@ -423,7 +447,8 @@ __all__ = [
     "base_of",
     "base_versions",
     "check_prompt_fits_base",
-    "ensure_base_model",
+    "base_recipe",
+    "base_version_holding",
     "filter_value",
     "load_prompt",
     "log_prompt",

@@ -55,18 +55,24 @@ def load_model(model_dir):
 
 
 @pytest.fixture(scope="session")
-def reexported(model_dir, tmp_path_factory):
-    """A re-export of small-a: the same model with one norm weight nudged by 1e-6, so other weight files
+def reexport(model_dir, tmp_path_factory):
+    """``reexport("small-a")``: the model with one norm weight nudged by 1e-6, so other weight files
     (registering the same files twice gives one version) in the same embedding space."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = tmp_path_factory.mktemp("small-a-reexported")
-    model = AutoModelForCausalLM.from_pretrained(model_dir("small-a"), dtype=torch.float32)
-    with torch.no_grad():
-        model.model.norm.weight[0] += 1e-6
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(model_dir("small-a")).save_pretrained(path)
-    return path
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            made[name] = tmp_path_factory.mktemp(f"{name}-reexported")
+            model = AutoModelForCausalLM.from_pretrained(model_dir(name), dtype=torch.float32)
+            with torch.no_grad():
+                model.model.norm.weight[0] += 1e-6
+            model.save_pretrained(made[name])
+            AutoTokenizer.from_pretrained(model_dir(name)).save_pretrained(made[name])
+        return made[name]
+
+    return make
 
 
 @pytest.fixture(scope="session")

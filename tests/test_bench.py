@@ -139,20 +139,26 @@ def test_migration_policy_quick(tmp_path):
     with (tmp_path / "migration_policy.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert (row["source"], row["target"], row["policy"]) == ("small-a-early", "small-a", "default")
-    assert row["gate"] in ("passed", "failed") and row["stage"] in ("recycle", "refine", "retune", "none")
+    # on 16 validation examples the bar is a standard error-wide margin over the baseline, above 0.97: nothing passes
+    assert float(row["threshold"]) > 0.95 and (row["gate"], row["stage"]) == ("failed", "none")
     steps = [int(row[f"{stage}_steps"]) for stage in ("recycle", "refine", "retune")]
-    assert all(0 <= n <= 2 for n in steps) and float(row["cost_fraction"]) > 0  # within the quick budgets
+    assert steps == [0, 0, 2] and float(row["cost_fraction"]) > 0  # the quick budget, refinement off by default
     assert float(row["policy_flops"]) > 0 and float(row["compute_fraction"]) > 0  # counted, beside the seconds
-    assert "| small-a-early → small-a | 1 |" in first.stdout
+    # tuning from scratch to the same bar never gets there: it counts as a full re-tuning, against the policy's
+    assert (row["scratch_passed"], int(row["scratch_steps"])) == ("0.0", 2)
+    assert float(row["scratch_flops_to_gate"]) == float(row["retune_flops"])
+    assert float(row["scratch_ratio"]) == pytest.approx(float(row["retune_flops"]) / float(row["policy_flops"]), 1e-3)
+    assert "| `default` | small-a-early → small-a | 1 | 0 / 0 / 1 |" in first.stdout
     kept = run("migration_policy.py", *args, cwd=tmp_path)  # a rerun keeps its row: nothing tuned or migrated
-    assert "Tuning" not in kept.stderr and "Policy for" not in kept.stderr
+    assert "Tuning sst2" not in kept.stderr and "Policy for" not in kept.stderr
     # --recompute migrates it again in place; --skip-retuned leaves the re-tuned reference out, and says so
     again = run("migration_policy.py", *args, "--recompute", "--skip-retuned", cwd=tmp_path)
-    assert "Policy for" in again.stderr and "Tuning" not in again.stderr
+    assert "Policy for" in again.stderr and "Tuning sst2" not in again.stderr
     with (tmp_path / "migration_policy.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert row["test_retuned"] == "nan" and float(row["test_accuracy"]) > 0
-    assert f"| {float(row['test_accuracy']):.3f} ± " in again.stdout and " | — | — | " in again.stdout
+    shown = f"{float(row['test_accuracy']):.3f} / {float(row['test_scratch']):.3f} / — |"
+    assert shown in again.stdout and " | 0 / 0 / 1 | — | " in again.stdout  # no gain kept without a reference
 
 
 @pytest.mark.slow  # ~2 min: a tracking server and a receiver per count

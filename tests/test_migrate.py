@@ -20,7 +20,14 @@ from mlflow_recycle.migrate import (
     _move_alias,
     migrate,
 )
-from mlflow_recycle.registry import TAG_RECYCLED_FROM, log_prompt, prompts_for, register_base_model, tie
+from mlflow_recycle.registry import (
+    TAG_RECYCLED_FROM,
+    VERSION_METRICS,
+    log_prompt,
+    prompts_for,
+    register_base_model,
+    tie,
+)
 
 PROMPT = Path(__file__).parent / "assets" / "sst2-prompt-small-a"
 SMALL = ["eval.limit_val=48", "eval.limit_test=48", "eval.random_prompt_draws=1", "alias=candidate"]
@@ -48,7 +55,7 @@ def config(store: str, *overrides: str):
 
 
 @pytest.fixture
-def registered(store, model_dir, data_dir, reexported):
+def registered(store, model_dir, data_dir, reexport):
     """Base model `lm` v1 = small-a with a tuned prompt (`good`) and one whose task data is gone (`nodata`);
     v2 = a re-export of small-a (other files, the same embedding space: identity recycles)."""
     v1 = register_base_model(str(model_dir("small-a")), "lm")
@@ -58,7 +65,7 @@ def registered(store, model_dir, data_dir, reexported):
         "good": log_prompt(tie(good, v1), "prompt", "good-prompt"),
         "nodata": log_prompt(tie(good.replace(task=good.task.replace(data="/gone/sst2")), v1), "prompt", "nodata"),
     }
-    register_base_model(str(reexported), "lm")
+    register_base_model(str(reexport("small-a")), "lm")
     return versions
 
 
@@ -109,10 +116,11 @@ def test_a_prompt_failing_every_stage_is_registered_failed_and_the_alias_stays(s
     assert "does not beat" in failed.reason
     version = client.get_model_version("good-prompt", failed.target.rsplit("/", 1)[1])
     assert version.tags[TAG_GATE] == "failed" and version.tags[TAG_RECYCLED_FROM] == failed.source
-    assert float(version.tags["mlflow_recycle.metric.policy/refine/steps"]) == 2  # each stage spent its budget
-    assert float(version.tags["mlflow_recycle.metric.policy/retune/steps"]) == 2
+    metric = MlflowClient().get_run(version.run_id).data.metrics  # the detail: the version's run
+    assert metric["policy/refine/steps"] == 2 and metric["policy/retune/steps"] == 2  # each stage spent its budget
+    shown = {k.removeprefix("mlflow_recycle.metric.") for k in version.tags if k.startswith("mlflow_recycle.metric.")}
+    assert shown == set(VERSION_METRICS)  # a few to compare versions by; the rest in its run
     # compute against re-tuning from scratch (v1 and v2 have the same parameters: no scaling)
-    metric = {k.removeprefix("mlflow_recycle.metric."): float(v) for k, v in version.tags.items() if "metric." in k}
     assert metric["policy/flops"] > metric["policy/retune/flops"] > 0
     assert metric["retune_reference/flops"] == REFERENCE
     assert metric["policy/compute_fraction"] == pytest.approx(metric["policy/flops"] / REFERENCE, rel=1e-4)
@@ -222,6 +230,8 @@ def test_a_migration_re_tunes_with_the_new_bases_recipe_and_registers_a_prompt_s
     assert migrated.gate == "degraded" and migrated.stage is None, report.lines()
     assert "degraded: best validation accuracy" in report.lines()[0] and "of the source's gain" in report.lines()[0]
     (version,) = prompts_for("lm", 2)
+    assert version.description.startswith("Migrated from models:/good-prompt/1 to lm v2 by identity/linear")
+    assert "degraded. Keeps " in version.description and "Cost: " in version.description  # read first in the UI
     kept = float(version.tags["mlflow_recycle.gain_kept"])
     assert kept < 1.0 and float(version.tags["mlflow_recycle.metric.policy/gain_kept"]) == pytest.approx(kept, abs=1e-3)
     (run,) = mlflow.search_runs(
@@ -232,3 +242,20 @@ def test_a_migration_re_tunes_with_the_new_bases_recipe_and_registers_a_prompt_s
     assert run.data.metrics["degraded_prompts"] == 1 and run.data.metrics["passed_prompts"] == 0
     with pytest.raises(mlflow.exceptions.MlflowException):
         MlflowClient().get_model_version_by_alias("good-prompt", "candidate")  # never moved to a degraded version
+
+
+def test_a_prompt_whose_own_gate_failed_stays_behind_unless_asked(store, registered):
+    """A prompt version the user would not keep on v1 (its own gate failed there) is not migrated, nor
+    pending; `include_failed=true` migrates it too."""
+    from mlflow_recycle.migrate import pending_migrations
+
+    v1 = MlflowClient().get_model_version("lm", "1")
+    good = SoftPrompt.load(PROMPT)
+    log_prompt(
+        tie(good.replace(embeddings=good.embeddings * 3), v1), "prompt", "gate-failed", tags={TAG_GATE: "failed"}
+    )
+    report = migrate("lm", 2, cfg=config(store))
+    assert report.created == 2 and "gate-failed" not in by_name()
+    assert pending_migrations(["lm"]) == []
+    again = migrate("lm", 2, cfg=config(store, "include_failed=true"))
+    assert again.created == 1 and "gate-failed" in by_name()

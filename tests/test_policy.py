@@ -550,3 +550,28 @@ def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, goo
     again = run_policy(rule(2), eager, broken[1])
     assert again.map_flops == 0 and made == ["fit identity", "fit linear", 3]
     assert "linear+map(2)" in again.records[0].tried
+
+
+@pytest.mark.parametrize("preset", ["default", "fast", "recycle"])
+def test_each_preset_composes_and_runs_on_a_small_model(preset, sides, good_prompt):
+    """conf/policy/<preset>.yaml as a migration composes it, run on small-a -> small-a (the same space:
+    identity keeps the whole gain). What each promises shows in its bar: default keeps a share of the
+    source's gain over a floor of standard errors, fast has the floor alone, recycle the best baseline."""
+    from mlflow_recycle.config import compose
+    from mlflow_recycle.policy import build_policy
+
+    budgets = ["policy.stages.retune.steps=4", "policy.stages.retune.eval_every=2"] if preset != "recycle" else []
+    policy = build_policy(compose([f"policy={preset}", *budgets], config_name="migrate"))
+    outcome = run_policy(policy, transfer(sides, "small-a", "small-a", limit_val=200), good_prompt)
+    bar, best = outcome.bar, outcome.baselines.best("validation")
+    assert outcome.records[0].stage == "recycle" and outcome.gate == policy.gate.verdict(outcome.score, bar)
+    if preset == "default":
+        assert bar.keep == pytest.approx(best + 0.9 * bar.source_gain) and bar.floor > best
+        assert outcome.records[0].method == "identity" and outcome.gain_kept == pytest.approx(1.0)
+    elif preset == "fast":
+        assert bar.keep is None and bar.floor > best and outcome.gain_kept is None
+    else:
+        assert [s.name for s in policy.stages] == ["recycle"] and bar.threshold == pytest.approx(best)
+    assert [s.name for s in policy.stages if not getattr(s, "skip", False)] == (
+        ["recycle"] if preset == "recycle" else ["recycle", "retune"]
+    )

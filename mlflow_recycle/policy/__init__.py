@@ -19,7 +19,7 @@ from .build import build_policy, build_transfer
 from .config import Policy, RecyclerChoice, RecycleStage, RefineStage, RetuneStage
 from .gate import DEGRADED, FAILED, PASSED, SKIPPED, UNEVALUATED, Bar, Gate
 from .outcome import PolicyOutcome, StageRecord
-from .runner import retune_reference, run_policy
+from .runner import cost_metrics, retune_reference, run_policy
 from .stages import initial_on_target, tune_on_target
 from .transfer import Judge, MapStore, Transfer, labelled_data_problem
 
@@ -43,6 +43,7 @@ __all__ = [
     "Transfer",
     "build_policy",
     "build_transfer",
+    "cost_metrics",
     "initial_on_target",
     "labelled_data_problem",
     "retune_reference",

@@ -48,6 +48,7 @@ class PolicyOutcome:
     gate_flops: float = 0.0
     map_flops: float = 0.0
     map_seconds: float = 0.0
+    policy: str = ""  # the policy's label: its stages and budgets
 
     @property
     def threshold(self) -> float | None:
@@ -101,6 +102,24 @@ class PolicyOutcome:
             for method, score in record.tried.items():  # "linear+distill(100)" -> "linear_distill_100"
                 metrics[f"{prefix}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', method).strip('_')}_{gate_score}"] = score
         return metrics
+
+    def description(self, source: str | None, compute_fraction: float | None = None) -> str:
+        """What a person reads first on the migrated version's page: where it came from, how it got
+        there, the verdict, the share of its gain kept and what it cost."""
+        where = f" at {self.stage}" if self.stage else ""
+        lines = [
+            f"Migrated from {source or 'a prompt'} to {self.prompt.base_model} by {self.policy}: {self.gate}{where}."
+        ]
+        if self.gain_kept is not None:
+            lines.append(f"Keeps {self.gain_kept:.0%} of its source prompt's gain on validation "
+                         f"({self.metric} {self.score:.3f}, bar {self.threshold:.3f}).")  # fmt: skip
+        elif self.score is not None:
+            lines.append(f"Validation {self.metric} {self.score:.3f}, bar {self.threshold:.3f}.")
+        if self.gate != PASSED and self.reason:
+            lines.append(self.reason[0].upper() + self.reason[1:] + ".")
+        share = f", {compute_fraction:.1%} of tuning it from scratch" if compute_fraction is not None else ""
+        lines.append(f"Cost: {self.steps} training steps, {self.flops:.3g} FLOPs{share}.")
+        return " ".join(lines)
 
     def summary(self) -> str:
         """One line: the verdict, the share of the source's gain kept, and each stage's status, score and cost."""

@@ -81,8 +81,22 @@ def _outcome(policy: Policy, run: Run, records: list[StageRecord]) -> PolicyOutc
     best = run.best.replace(cost={**cost, **({"scratch": scratch} if scratch else {})})
     return PolicyOutcome(
         best, verdict, run.score, judge.bar, judge.baselines, records, gate.metric, reason, judge.source_score,
-        judge.gate_flops, run.map_flops, run.map_seconds,
+        judge.gate_flops, run.map_flops, run.map_seconds, policy.label,
     )  # fmt: skip
+
+
+def cost_metrics(outcome: PolicyOutcome, prompt: SoftPrompt, target: LoadedModel) -> dict[str, float]:
+    """What the migration of ``prompt`` cost against tuning it from scratch on ``target``: seconds and, where
+    counted, FLOPs (comparable across machines and loads); empty when the prompt records no tuning cost."""
+    reference = retune_reference(prompt, target)
+    if not reference:
+        return {}
+    metrics = {"retune_reference/steps": reference["steps"], "retune_reference/seconds": reference["seconds"]}
+    metrics["policy/cost_fraction"] = outcome.seconds / reference["seconds"]
+    if "flops" in reference:
+        metrics["retune_reference/flops"] = reference["flops"]
+        metrics["policy/compute_fraction"] = outcome.flops / reference["flops"]
+    return metrics
 
 
 def scratch_cost(prompt: SoftPrompt) -> dict[str, float] | None:
