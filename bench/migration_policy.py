@@ -293,7 +293,8 @@ def compared(all_rows: list[dict]) -> str:
     lines = [
         "Every policy run on SST-2 prompts of today's recipe, over all its rows (the variants were tried and",
         "set aside; docs/history.md says why): passed on validation, how many of those beat the best test",
-        "baseline, the gain kept on test (median) and the compute against re-tuning (median).",
+        "baseline, the gain kept on test (median) and the compute against re-tuning (median). A label",
+        "`default <overrides>` is a variant of the default of its day, the fast gate (`policy=fast` today).",
         "",
         "| policy | rows | pairs | passed | passed and above the test baseline | gain kept (median) "
         "| compute (median) |",

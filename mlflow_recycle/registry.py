@@ -26,6 +26,7 @@ from . import soft_prompt
 from .errors import RecycleError
 from .models import BaseModelReference, apply_bos, load_pretrained, weights_digest
 from .prompt import SoftPrompt
+from .requirements import pinned_requirement
 from .vocab import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -153,33 +154,35 @@ def register_base_model(
     if recipe:
         tags[TAG_RECIPE] = json.dumps(dict(recipe), sort_keys=True)
     with _run(f"register {name}"):
-        if local and not copy_weights:
-            reference = {"path": str(Path(path).resolve()), "weights_digest": digest}
-            if bos is not None:
-                reference["bos"] = bos
-            info = mlflow.models.Model.log(
-                artifact_path=None, name=f"base-{name}", flavor=BaseModelReference, reference=reference
-            )
-        else:
-            # transformers 5 needs loaded components (not a path); explicit requirements skip a slow inference.
-            # Its warnings about a model card and licence on the hub mean nothing for a local or
-            # offline model, and a user cannot act on them: quiet for this call only.
-            with _quiet("mlflow.transformers"):
-                info = mlflow.transformers.log_model(
-                    transformers_model={"model": model, "tokenizer": tokenizer},
-                    name=f"base-{name}",
-                    task="text-generation",
-                    save_pretrained=copy_weights,
-                    pip_requirements=[
-                        soft_prompt._pinned_requirement(p) for p in ("transformers", "torch", "safetensors")
-                    ],
-                )
+        info = _log_base(path, name, model, tokenizer, digest, bos, copy_weights)
     # Registered with its tags in one call: a version is never seen without its digest.
     version = mlflow.register_model(info.model_uri, name, await_registration_for=await_registration_for, tags=tags)
     log.info(
         "Registered %s as %s version %s (%s)", path, name, version.version, "copy" if copy_weights else "reference"
     )
     return version
+
+
+def _log_base(path: str, name: str, model, tokenizer, digest: str, bos, copy_weights: bool):
+    """Log a base model in the active run: a reference to a local directory (its path and digest), or
+    ``mlflow.transformers`` (the weights copied, or a hub id's repository and commit)."""
+    if Path(path).is_dir() and not copy_weights:
+        reference = {"path": str(Path(path).resolve()), "weights_digest": digest}
+        if bos is not None:
+            reference["bos"] = bos
+        return mlflow.models.Model.log(artifact_path=None, name=f"base-{name}", flavor=BaseModelReference,
+                                       reference=reference)  # fmt: skip
+    # transformers 5 needs loaded components (not a path); explicit requirements skip a slow inference.
+    # Its warnings about a model card and licence on the hub mean nothing for a local or offline model,
+    # and a user cannot act on them: quiet for this call only.
+    with _quiet("mlflow.transformers"):
+        return mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name=f"base-{name}",
+            task="text-generation",
+            save_pretrained=copy_weights,
+            pip_requirements=[pinned_requirement(p) for p in ("transformers", "torch", "safetensors")],
+        )
 
 
 def base_version_holding(path: str, name: str) -> ModelVersion | None:

@@ -76,8 +76,7 @@ from .errors import PromptArtifactError, RecycleError
 from .models import load_base_model
 from .prompt import SoftPrompt
 from .prompted_lm import PromptedLM, TaskEncoder
-from .requirements import package_requirement
-from .requirements import pinned_requirement as _pinned_requirement  # registry.py reads it here
+from .requirements import package_requirement, pinned_requirement
 from .vocab import tokenizer_fingerprint
 
 FLAVOR_NAME = "soft_prompt"
@@ -89,7 +88,7 @@ MODEL_CONFIG_KEYS = ("base_model_uri",)
 
 def get_default_pip_requirements() -> list[str]:
     """What serving a soft prompt needs besides MLflow and this package (which ``save_model`` adds)."""
-    return [_pinned_requirement(package) for package in ("torch", "transformers", "safetensors")]
+    return [pinned_requirement(package) for package in ("torch", "transformers", "safetensors")]
 
 
 def get_default_conda_env() -> dict[str, Any]:

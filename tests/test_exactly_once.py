@@ -47,25 +47,23 @@ from mlflow_recycle.registry import (
     register_prompt,
     versions_with_key,
 )
-from tests import servers
-from tests.test_hook import SECRET, SETTINGS, assert_migrated_once, base_with_prompts, event_body, signed_headers
+from tests import servers, test_hook
+from tests.test_hook import (
+    SECRET,
+    SETTINGS,
+    assert_migrated_once,
+    base_with_prompts,
+    event_body,
+    signed_headers,
+    wait_for_migration,
+)
 
 MIGRATIONS_EXPERIMENT = "mlflow-recycle-migrations"
 
 
 def wait_until(predicate, what: str, timeout: float = 900, interval: float = 0.2):
     """Poll for progress; the timeout is a generous ceiling for a loaded machine, not an expectation."""
-    try:
-        return servers.wait_until(predicate, timeout, what, interval)
-    except TimeoutError as exc:
-        pytest.fail(str(exc))
-
-
-def wait_for_migration(receiver: servers.Receiver, predicate, what: str, base_model: str, version: str = "2"):
-    try:
-        return receiver.wait_while_working(predicate, what, base_model, version)
-    except (TimeoutError, RuntimeError) as exc:
-        pytest.fail(str(exc))
+    return test_hook.wait_until(predicate, timeout, what, interval)
 
 
 # ---------------------------------------------------------------------- units: no server

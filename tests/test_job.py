@@ -74,6 +74,8 @@ def test_mlflow_run_entry_point_end_to_end(tmp_path):
         "-P",
         "recycler=procrustes",
         "-P",
+        "policy=recycle",  # the recycler alone: under the default policy identity comes first on this pair
+        "-P",
         f"overrides={overrides}",
     ]
     result = run_watched(command, cwd=tmp_path, env=clean_env(tmp_path))
@@ -120,7 +122,7 @@ def test_mlflow_run_entry_point_end_to_end(tmp_path):
 
 
 def test_multirun_gives_one_parent_and_a_nested_run_per_job(tmp_path):
-    result = run_cli(tmp_path, "-m", "recycler=linear,identity", *QUICK, "trainer.max_steps=1")
+    result = run_cli(tmp_path, "-m", "recycler=linear,identity", "policy=recycle", *QUICK, "trainer.max_steps=1")
     assert result.returncode == 0, result.stderr[-3000:]
     all_runs = runs(tmp_path)
     parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
@@ -380,7 +382,7 @@ def test_the_logger_group_chooses_where_training_curves_go(tracking, tmp_path, m
 def test_tune_recycle_and_evaluate_entry_points_chain(tracking):
     from mlflow_recycle.job import run
 
-    base = [*QUICK, f"mlflow.tracking_uri={tracking}"]
+    base = [*QUICK, f"mlflow.tracking_uri={tracking}", "policy=recycle"]  # the map alone: what evaluate re-reads
     tuned = run(compose([*base, "job=tune"]))
     (source,) = prompts_for("imdb-lm", 1)
     assert "test/source_accuracy" in tuned and "policy/steps" not in tuned  # tuning alone: no policy ran
