@@ -552,7 +552,9 @@ def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, goo
     assert "linear+map(2)" in again.records[0].tried
 
 
-@pytest.mark.parametrize("preset", ["default", "fast", "recycle"])
+@pytest.mark.parametrize(
+    "preset", ["default", pytest.param("fast", marks=pytest.mark.slow), pytest.param("recycle", marks=pytest.mark.slow)]
+)  # ~30 s each: the default in CI, the other two with -m slow
 def test_each_preset_composes_and_runs_on_a_small_model(preset, sides, good_prompt):
     """conf/policy/<preset>.yaml as a migration composes it, run on small-a -> small-a (the same space:
     identity keeps the whole gain). What each promises shows in its bar: default keeps a share of the
