@@ -334,8 +334,10 @@ def test_a_models_recipe_reaches_every_tuning_of_it():
 
 
 @pytest.fixture
-def tracking(tmp_path):
-    """A SQLite store for in-process jobs; the global tracking URI is restored afterwards."""
+def tracking(tmp_path, monkeypatch):
+    """A SQLite store for in-process jobs, its artifacts (./mlruns) beside it; the global tracking URI
+    is restored afterwards."""
+    monkeypatch.chdir(tmp_path)
     previous = mlflow.get_tracking_uri()
     yield f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(previous)
