@@ -108,8 +108,9 @@ class Context:
     published: dict[str, str] = field(default_factory=dict)
     #: Prompts to register when the job ends well: ``(name, prompt, logged URI, tags)``.
     to_register: list[tuple[str, SoftPrompt, str, dict[str, str]]] = field(default_factory=list)
-    #: What the policy did to the job's prompt (main and recycle jobs).
+    #: What the policy did to the job's prompt (main and recycle jobs), and its metrics.
     outcome: PolicyOutcome | None = None
+    outcome_metrics: dict[str, float] = field(default_factory=dict)
 
     @cached_property
     def logger(self) -> Any:
@@ -171,8 +172,8 @@ class Context:
                 tags = {**tags, registry.TAG_RECYCLED_FROM: lineage}
             version = registry.register_prompt(logged, self.cfg.registry.prompt_name, prompt, tags=tags, once=True)
             if name == "recycled_prompt" and self.outcome is not None:
-                share = (tags.get(f"{registry.METRIC_TAG_PREFIX}policy/compute_fraction") or "").strip()
-                about = self.outcome.description(lineage, float(share) if share else None)
+                source = lineage or prompt.recycled_from  # the registered source, or the prompt_uri it came from
+                about = self.outcome.description(source, self.outcome_metrics.get("policy/compute_fraction"))
                 MlflowClient().update_model_version(version.name, version.version, description=about)
             alias = (self.cfg.registry.get("aliases") or {}).get(name)
             if alias:
@@ -200,13 +201,18 @@ def tune(
 
 def migrate_prompt(
     ctx: Context, pair: Transfer, policy: Policy, prompt: SoftPrompt, recycled_from: str | None
-) -> PolicyOutcome:
-    """Run the policy on one prompt and tie the result to the target's registered version."""
+) -> tuple[PolicyOutcome, dict[str, float]]:
+    """Run the policy on one prompt, tie the result to the target's registered version, and record the
+    stages, the gate and the cost against tuning ``prompt`` from scratch (the run's tags, and the metrics
+    returned)."""
     outcome = ctx.outcome = run_policy(policy, pair, prompt, recycled_from)
     ctx.seconds["recycle_seconds"] = outcome.seconds
     ctx.seconds.update(pair.costs)  # the maps' fits: seconds, anchors
     outcome.prompt = ctx.tied(outcome.prompt, pair.target)
-    return outcome
+    ctx.outcome_metrics = {**outcome.metrics(), **cost_metrics(outcome, prompt, pair.target)}
+    if is_rank_zero():
+        mlflow.set_tags(registry.outcome_tags(outcome))
+    return outcome, dict(ctx.outcome_metrics)
 
 
 # ---------------------------------------------------------------------- logging
@@ -370,17 +376,10 @@ def run_tune(ctx: Context, s: Setup) -> dict[str, float]:
     return {f"{split}/source_accuracy": value for split, value in accuracy.items()}
 
 
-def _policy_record(outcome: PolicyOutcome, prompt: SoftPrompt, target: LoadedModel) -> dict[str, float]:
-    """The policy's stages, gate and cost against tuning ``prompt`` from scratch, as the run's metrics and tags."""
-    if is_rank_zero():
-        mlflow.set_tags(registry.outcome_tags(outcome))
-    return {**outcome.metrics(), **cost_metrics(outcome, prompt, target)}
-
-
 def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.target)
-    outcome = migrate_prompt(ctx, build_transfer(ctx.cfg, s.source, s.target), s.policy, s.prompt, s.prompt_uri)
-    metrics = _policy_record(outcome, s.prompt, s.target)
+    pair = build_transfer(ctx.cfg, s.source, s.target)
+    outcome, metrics = migrate_prompt(ctx, pair, s.policy, s.prompt, s.prompt_uri)
     ctx.publish(outcome.prompt, "recycled_prompt", tags=registry.outcome_tags(outcome, metrics))
     return metrics
 
@@ -431,8 +430,7 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
         source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source", cfg.source)
         source_uri = ctx.publish(source_prompt, "source_prompt")
     accuracies = {"source": source_accuracy(ctx, s, source_prompt)}
-    outcome = migrate_prompt(ctx, pair, s.policy, source_prompt, source_uri)
-    metrics = _policy_record(outcome, source_prompt, s.target)
+    outcome, metrics = migrate_prompt(ctx, pair, s.policy, source_prompt, source_uri)
     accuracies["recycled"] = class_report(ctx, s, outcome.prompt, "recycled", metrics)
     # per split, shared with the policy's gate: the gate split's baselines are measured once
     baselines = Baselines.merge([pair.baselines(s.target, source_prompt, split, s.target_data) for split in ctx.splits])

@@ -394,6 +394,11 @@ def test_tune_recycle_and_evaluate_entry_points_chain(tracking):
     assert mlflow.MlflowClient().get_model_version_by_alias("sst2_plain-prompt", "recycled").version == target.version
     assert target.tags[TAG_RECYCLED_FROM] == f"models:/sst2_plain-prompt/{source.version}"
     assert target.tags[TAG_RECYCLER] == "linear"
+    # what a person reads first on the version's page: where it came from, the verdict, the cost
+    assert target.description.startswith(
+        f"Migrated from models:/sst2_plain-prompt/{source.version} to imdb-lm v2 by linear:"
+    )
+    assert "Cost: 0 training steps" in target.description
     evaluated = run(compose([*base, "job=evaluate", "prompt_uri=models:/sst2_plain-prompt@recycled"]))
     # the evaluate job measures on validation exactly what the recycle job's gate saw
     assert evaluated["validation/prompt_accuracy"] == recycled["policy/recycle/gate_accuracy"]

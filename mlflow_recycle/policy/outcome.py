@@ -107,9 +107,9 @@ class PolicyOutcome:
         """What a person reads first on the migrated version's page: where it came from, how it got
         there, the verdict, the share of its gain kept and what it cost."""
         where = f" at {self.stage}" if self.stage else ""
-        lines = [
-            f"Migrated from {source or 'a prompt'} to {self.prompt.base_model} by {self.policy}: {self.gate}{where}."
-        ]
+        base, version = self.prompt.base_model, self.prompt.base_model_version
+        target = f"{base} v{version}" if version else base  # a tied prompt names its registered version
+        lines = [f"Migrated from {source or 'a prompt'} to {target} by {self.policy}: {self.gate}{where}."]
         if self.gain_kept is not None:
             lines.append(f"Keeps {self.gain_kept:.0%} of its source prompt's gain on validation "
                          f"({self.metric} {self.score:.3f}, bar {self.threshold:.3f}).")  # fmt: skip
