@@ -22,6 +22,7 @@ import mlflow
 from hydra.utils import instantiate
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules import TextClassificationDataModule, TrainerFactory
@@ -295,7 +296,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if is_rank_zero():
             mlflow.log_metrics(metrics)
             ctx.register_published()
-            log.info("%s", summary(ctx, setup, metrics))
+            text = summary(ctx, setup, metrics)
+            mlflow.set_tag(MLFLOW_RUN_NOTE, f"```\n{text}\n```")  # the run's Description, read first in the UI
+            log.info("%s", text)
     return metrics
 
 

@@ -31,6 +31,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
 from . import registry
@@ -352,7 +353,9 @@ def _run_migration(cfg: DictConfig, report: MigrationReport, held, todo, guard: 
                 log.error("Cannot migrate %s v%s: %s", source.name, source.version, exc)
                 failures.append(f"{source.name} v{source.version}: {exc}")
         mlflow.log_metrics(_totals(report.prompts))
-        mlflow.log_text("\n".join(report.lines()) + "\n", "migration_report.txt")
+        lines = "\n".join(report.lines())
+        mlflow.log_text(lines + "\n", "migration_report.txt")
+        mlflow.set_tag(MLFLOW_RUN_NOTE, f"```\n{lines}\n```")  # the run's Description in the UI
     if failures:
         raise MigrationError(f"{len(failures)} of {len(todo)} prompts were not migrated: " + "; ".join(failures))
 

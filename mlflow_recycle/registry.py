@@ -244,14 +244,16 @@ def log_prompt(
 ) -> ModelVersion | mlflow.models.model.ModelInfo:
     """Log ``prompt`` with the flavor and, with ``registered_model_name``, register it tied to its base
     (:func:`register_prompt`, which calls ``before_register`` first). The logged model and the run
-    (under ``mlflow_recycle.<name>.*``) carry the version's tags. Returns the model version when
+    (``mlflow_recycle.<name>.base_model``, ``...base_model_version``) carry the tie. Returns the model version when
     registered, else the ``ModelInfo``.
     """
     tie = prompt_tags(prompt, tags)
     await_registration_for = kwargs.pop("await_registration_for", DEFAULT_AWAIT_MAX_SLEEP_SECONDS)
     with _run(f"log {name}"):
         info = soft_prompt.log_model(prompt, name=name, tags=tie, **kwargs)
-        mlflow.set_tags({f"mlflow_recycle.{name}.{key.split('.', 1)[1]}": value for key, value in tie.items()})
+        # the run names the tie only; the logged model and the version carry every tag
+        tied = (TAG_BASE_MODEL, TAG_BASE_VERSION)
+        mlflow.set_tags({f"mlflow_recycle.{name}.{key.split('.', 1)[1]}": tie[key] for key in tied if tie.get(key)})
     if registered_model_name is None:
         return info
     return register_prompt(
@@ -344,11 +346,9 @@ def _register_keyed(
     return created
 
 
-#: The metrics a prompt version shows as tags (``mlflow_recycle.metric.*``); the rest are its run's metrics.
-VERSION_METRICS = (
-    "validation/recycled_accuracy", "validation/best_baseline_accuracy", "test/recycled_accuracy",
-    "test/best_baseline_accuracy", "policy/gain_kept", "policy/steps", "policy/compute_fraction",
-)  # fmt: skip
+#: The metrics a prompt version shows as tags (``mlflow_recycle.metric.*``), to sort versions by; its
+#: description reads the bar, the steps and the cost, its run holds every metric.
+VERSION_METRICS = ("validation/recycled_accuracy", "test/recycled_accuracy", "policy/compute_fraction")
 
 
 def outcome_tags(outcome: Any, metrics: Mapping[str, float] | None = None) -> dict[str, str]:

@@ -14,6 +14,7 @@ import torch
 import yaml
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from mlflow_recycle import IncompatibleModelError, RecycleError, SoftPrompt, soft_prompt
 from mlflow_recycle.config import REPO_ROOT, compose
@@ -89,6 +90,10 @@ def test_mlflow_run_entry_point_end_to_end(tmp_path):
     assert metrics["test/best_baseline_accuracy"] == best
     assert metrics["success"] == float(metrics["test/recycled_accuracy"] > best)
     assert run.data.tags["mlflow_recycle.verdict"] == ("success" if metrics["success"] else "failure")
+    # the UI shows the summary first, as the run's Description; the run names each prompt's tie, no more
+    assert "main job on sst2_plain: small-a-early → small-a" in run.data.tags[MLFLOW_RUN_NOTE]
+    assert run.data.tags["mlflow_recycle.recycled_prompt.base_model_version"] == "2"
+    assert not [k for k in run.data.tags if k.startswith("mlflow_recycle.recycled_prompt.") and "base_model" not in k]
     assert {"source_tune_seconds", "target_tune_seconds", "recycle_seconds", "source/train_loss"} <= set(metrics)
     client = mlflow.MlflowClient()
     assert {"config.yaml", "recycling_results.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -9,6 +9,7 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from mlflow_recycle import RecycleError, SoftPrompt
 from mlflow_recycle.config import compose
@@ -80,11 +81,12 @@ def test_migration_gates_on_validation_and_tags_what_happened(store, registered)
     good, nodata = migrated["good-prompt"].tags, migrated["nodata"].tags
     assert (good[TAG_GATE], good[TAG_STAGE]) == ("passed", "recycle")  # identity: the embedding space is the same
     assert good["mlflow_recycle.recycler"] == "identity"
-    assert float(good["mlflow_recycle.metric.validation/recycled_accuracy"]) > float(
-        good["mlflow_recycle.metric.validation/best_baseline_accuracy"]
-    )
+    version_run = MlflowClient().get_run(migrated["good-prompt"].run_id).data.metrics
+    shown = float(good["mlflow_recycle.metric.validation/recycled_accuracy"])
+    assert shown == pytest.approx(version_run["validation/recycled_accuracy"], rel=1e-5)
+    assert shown > version_run["validation/best_baseline_accuracy"]
     assert "mlflow_recycle.metric.test/recycled_accuracy" in good  # reported next to it, deciding nothing
-    assert float(good["mlflow_recycle.metric.policy/steps"]) == 0
+    assert version_run["policy/steps"] == 0
     assert (nodata[TAG_GATE], nodata[TAG_STAGE]) == ("unevaluated", "none")
     assert "not reachable" in nodata[TAG_GATE_REASON]
     client = MlflowClient()
@@ -98,6 +100,7 @@ def test_migration_gates_on_validation_and_tags_what_happened(store, registered)
     )
     assert run.data.metrics["passed_prompts"] == 1 and run.data.metrics["migrated_prompts"] == 2
     assert run.data.metrics["total/policy/steps"] == 0
+    assert lines in run.data.tags[MLFLOW_RUN_NOTE]  # the report is the run's Description in the UI
 
     again = migrate("lm", 2, cfg=config(store))  # the same migration again: nothing new
     assert again.created == 0 and len(prompts_for("lm", 2)) == 2
