@@ -141,8 +141,9 @@ class Context:
                 recipe = recipes.get(side.name)
                 recipe = OmegaConf.to_container(recipe, resolve=True) if recipe else None
                 self.bases[side.name] = registry.register_base_model(
-                    side.uri, side.registered_name, bos=side.bos, recipe=recipe
-                )
+                    side.uri, side.registered_name, bos=side.bos, recipe=recipe,
+                    copy_weights=self.cfg.registry.get("copy_weights"),
+                )  # fmt: skip
 
     def tied(self, prompt: SoftPrompt, side: LoadedModel) -> SoftPrompt:
         base = self.bases.get(side.name)

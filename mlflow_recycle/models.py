@@ -297,9 +297,23 @@ class BaseModelReference:
         mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
 
+def gguf_source(path: str | os.PathLike) -> dict[str, str] | None:
+    """For a GGUF file's conversion (:func:`convert_gguf`), the file it came from: ``gguf_file`` and its
+    ``gguf_digest``; None for any other directory or a hub id."""
+    marker = Path(path) / GGUF_MARKER
+    if not marker.is_file():
+        return None
+    made = json.loads(marker.read_text())
+    return {"gguf_file": made["gguf_file"], "gguf_digest": made["digest"]}
+
+
 def load_reference(reference: dict[str, Any], name: str = "the base model") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` in float32 from a :class:`BaseModelReference`, refusing changed weights."""
+    """``(model, tokenizer)`` in float32 from a :class:`BaseModelReference`, refusing changed weights. A
+    GGUF file's conversion missing on this machine is made again from the GGUF file, where it is."""
     path, recorded = reference["path"], reference["weights_digest"]
+    gguf = Path(reference.get("gguf_file") or "")
+    if not Path(path).is_dir() and gguf.is_file():
+        path = str(convert_gguf(gguf.parent, gguf.name))
     if not Path(path).is_dir():
         raise RecycleError(
             f"{name} was registered by reference to {path!r}, which is not a directory on this machine. "

@@ -24,7 +24,7 @@ from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
 from . import soft_prompt
 from .errors import RecycleError
-from .models import BaseModelReference, apply_bos, load_pretrained, weights_digest
+from .models import BaseModelReference, apply_bos, gguf_source, load_pretrained, weights_digest
 from .prompt import SoftPrompt
 from .requirements import pinned_requirement
 from .vocab import tokenizer_fingerprint
@@ -127,6 +127,8 @@ def register_base_model(
             directory its path and weights digest (a few hundred bytes; loading refuses
             weights that changed since), for a hub id ``mlflow.transformers`` with
             ``save_pretrained=False`` (the repository and commit; the default for hub ids).
+            A GGUF file's conversion is referenced by default, with the GGUF file it came
+            from: a machine without the conversion converts the file again.
         bos: the model config's ``bos`` (:func:`~mlflow_recycle.models.apply_bos`), kept
             with the version so that whoever loads it starts contexts the same way.
         recipe: the model's tuning recipe (the ``recipe:`` block of its ``conf/model`` entry), kept
@@ -139,9 +141,8 @@ def register_base_model(
             MlflowClient().set_model_version_tag(name, existing.version, TAG_RECIPE, kept)
         log.info("%s holds these weights already as version %s", name, existing.version)
         return existing
-    local = Path(path).is_dir()
-    if copy_weights is None:
-        copy_weights = local
+    if copy_weights is None:  # what users have: a hub id or a GGUF file is referenced, a directory copied
+        copy_weights = Path(path).is_dir() and gguf_source(path) is None
     model, tokenizer = load_pretrained(path, dtype=None)  # keep the checkpoint's dtype
     apply_bos(tokenizer, bos)
     digest = weights_digest(path)
@@ -167,7 +168,7 @@ def _log_base(path: str, name: str, model, tokenizer, digest: str, bos, copy_wei
     """Log a base model in the active run: a reference to a local directory (its path and digest), or
     ``mlflow.transformers`` (the weights copied, or a hub id's repository and commit)."""
     if Path(path).is_dir() and not copy_weights:
-        reference = {"path": str(Path(path).resolve()), "weights_digest": digest}
+        reference = {"path": str(Path(path).resolve()), "weights_digest": digest, **(gguf_source(path) or {})}
         if bos is not None:
             reference["bos"] = bos
         return mlflow.models.Model.log(artifact_path=None, name=f"base-{name}", flavor=BaseModelReference,

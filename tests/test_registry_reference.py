@@ -12,8 +12,16 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
 
 from mlflow_recycle import RecycleError
-from mlflow_recycle.models import REFERENCE_FILE, REFERENCE_FLAVOR, load_base_model
+from mlflow_recycle.models import (
+    CACHE_ENV,
+    GGUF_MARKER,
+    REFERENCE_FILE,
+    REFERENCE_FLAVOR,
+    convert_gguf,
+    load_base_model,
+)
 from mlflow_recycle.registry import TAG_DIGEST, register_base_model, weights_digest
+from tests.test_real_models import write_llama_gguf
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +92,20 @@ def test_the_same_model_uri_in_another_store_is_another_model(model_dir, tmp_pat
         assert not torch.equal(first, second)
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_a_gguf_files_conversion_is_referenced_by_default_and_made_again_where_it_is_missing(
+    store, model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    write_llama_gguf(model_dir("small-a"), tmp_path / "small-a.gguf")
+    converted = convert_gguf(tmp_path, "small-a.gguf")
+    version = register_base_model(str(converted), "lm-gguf")  # no copy_weights: the default for a GGUF file
+    uri = f"models:/lm-gguf/{version.version}"
+    assert REFERENCE_FLAVOR in mlflow.models.Model.load(uri).flavors
+    assert artifact_bytes(uri, tmp_path / "dl") < 1_000_000
+    before = load_base_model(uri)[0].get_input_embeddings().weight.clone()
+    shutil.rmtree(converted)  # another machine: the GGUF file is there, its conversion is not
+    load_base_model.cache_clear()
+    again = load_base_model(uri)[0].get_input_embeddings().weight
+    assert (converted / GGUF_MARKER).is_file() and torch.equal(before, again)  # converted again, the same weights
