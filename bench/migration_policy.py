@@ -119,7 +119,8 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
     source, target = pair.split(":")
     objective = matrix.objective(task, source)  # what the source prompts are tuned on
     key = (task, objective, source, target, label(args))
-    todo = [(i, s) for i in args.inits for s in args.seeds if (*key, i, s) not in done]
+    # seed by seed, so that the first rows written cover every init
+    todo = [(i, s) for s in args.seeds for i in args.inits if (*key, i, s) not in done]
     if not todo:
         return
     job_cfg = matrix.config(task, model=target)
@@ -134,16 +135,15 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
     sources = {key: (prompt.replace(task=spec), seconds) for key, (prompt, seconds) in cached.items()}
     prompts = [sources[key][0] for key in held] if counts else ()
     transfer = build_transfer(cfg, matrix.model(source), matrix.model(target), prompts=prompts)
-    outcomes = []
-    for init, seed in todo:
+    maps = [0.0, 0.0]  # the maps' seconds and FLOPs so far (fits on anchors; a training on behaviour)
+    for init, seed in todo:  # each row written as soon as it is measured: a long run can stop at any prompt
         prompt, cached_seconds = sources[(init, seed)]
         transfer.seed = seed
         outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
-        outcomes.append((init, seed, prompt, cached_seconds, outcome, scratch_to_gate(policy, transfer, prompt)))
-    # the maps' cost (fits on anchors; a training on behaviour) is shared by the prompts migrated here
-    shared_seconds = sum(o.map_seconds for *_, o, _ in outcomes) / len(outcomes)
-    shared_flops = sum(o.map_flops for *_, o, _ in outcomes) / len(outcomes)
-    for init, seed, prompt, cached_seconds, outcome, scratch in outcomes:
+        scratch = scratch_to_gate(policy, transfer, prompt)
+        maps[0], maps[1] = maps[0] + outcome.map_seconds, maps[1] + outcome.map_flops
+        # the maps are shared by every prompt the pair holds: each row carries its share of what they cost so far
+        shared_seconds, shared_flops = maps[0] / len(held), maps[1] / len(held)
         retuned = None if args.skip_retuned else matrix.tuned(task, target, init, seed)[0]
         retune_seconds = matrix.retune_seconds(task, target, cached_seconds)
         retune_flops = matrix.retune_flops(task, target, prompt.cost.get("flops", float("nan")))
