@@ -434,6 +434,9 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
         source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source", cfg.source)
         source_uri = ctx.publish(source_prompt, "source_prompt")
     accuracies = {"source": source_accuracy(ctx, s, source_prompt)}
+    if "source" in ctx.best_validation:  # the gate's share of the source's gain: its tuning's score, not a new one
+        metric = s.policy.gate.metric
+        pair.known(s.source, source_prompt, "validation", s.source_data, metric, ctx.best_validation["source"])
     outcome, metrics = migrate_prompt(ctx, pair, s.policy, source_prompt, source_uri)
     accuracies["recycled"] = class_report(ctx, s, outcome.prompt, "recycled", metrics)
     # per split, shared with the policy's gate: the gate split's baselines are measured once

@@ -307,6 +307,24 @@ def test_baselines_are_those_of_the_draw_a_prompt_is_judged_on(sides, good_promp
     assert pair.baselines(pair.target, good_prompt, "validation", pair.data(pair.target, good_prompt)) is second
 
 
+def test_a_source_score_the_job_measured_while_tuning_is_not_measured_again_on_the_same_draw(sides, good_prompt):
+    """The gate's share of the source's gain reads the source prompt's score; the job tells the transfer the
+    score its tuning kept the prompt by, which counts only on the same draw of examples."""
+    pair = transfer(sides, "small-a", "small-b")
+    source = pair.source
+    data = pair.data(source, good_prompt)
+    pair.known(source, good_prompt, "validation", data, "accuracy", 0.987)
+    gate = Gate(keep_gain=0.9)
+    judge = pair.judge(gate, good_prompt, None)
+    assert judge.source_score == 0.987  # told, not measured: the bar keeps 0.9 of that gain
+    assert judge.bar.source_gain == pytest.approx(0.987 - judge.transfer.baselines(
+        source, good_prompt, "validation", data).best("validation"))  # fmt: skip
+    pair.seed = 1  # another draw: measured there
+    measured = pair.judge(gate, good_prompt, None).source_score
+    other = pair.evaluator("validation").score(source, pair.data(source, good_prompt), good_prompt.embeddings, "x")
+    assert measured == pytest.approx(other["validation"]) != 0.987
+
+
 def test_a_margin_in_standard_errors_raises_the_bar_the_stages_see(sides, good_prompt):
     """The same prompt under a gate that asks for 3 standard errors more: the threshold moves by
     them, and a prompt that passed at recycle by less goes on to the next stage."""

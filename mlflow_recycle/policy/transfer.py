@@ -66,6 +66,7 @@ class Transfer:
     _maps: dict[str, Recycler] = field(default_factory=dict, repr=False)
     _baselines: dict[tuple[Any, ...], Baselines] = field(default_factory=dict, repr=False)
     _judges: dict[tuple[Any, ...], Judge] = field(default_factory=dict, repr=False)
+    _scores: dict[tuple[Any, ...], float] = field(default_factory=dict, repr=False)
 
     def peers(self, prompt: SoftPrompt) -> list[SoftPrompt]:
         """The transfer's prompts of ``prompt``'s task, ``prompt`` among them (added when it is not)."""
@@ -152,6 +153,24 @@ class Transfer:
             self._baselines[key] = self.evaluator(split, metric).baselines(side, data, prompt.length)
         return self._baselines[key]
 
+    def score(self, side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str = "accuracy") -> float:
+        """``metric`` of ``prompt`` on ``side`` and ``data``'s draw of ``split``: measured once, or as
+        :meth:`known` was told (a tuning that kept the prompt by its score on the same examples)."""
+        key = self._score_key(side, prompt, split, data, metric)
+        if key not in self._scores:
+            self._scores[key] = self.evaluator(split, metric).score(side, data, prompt.embeddings, "source")[split]
+        return self._scores[key]
+
+    def known(self, side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str, value: float) -> None:
+        """Record a score measured elsewhere on ``data``'s draw of ``split``: :meth:`score` does not measure
+        it again where its own draw is the same."""
+        self._scores[self._score_key(side, prompt, split, data, metric)] = value
+
+    @staticmethod
+    def _score_key(side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str) -> tuple[Any, ...]:
+        draw = (data.seed, data.limits[split])
+        return side.uri, prompt.digest, split, metric, draw
+
     def same_space(self, min_cosine: float) -> tuple[bool, str]:
         """Whether the target kept the source's embedding space (same tokenizer and dim, close rows)."""
         if self.source.fingerprint != self.target.fingerprint:
@@ -198,8 +217,7 @@ class Judge:
         """The source prompt's gain over its own model's best baseline, on the gate split."""
         side, gate = self.transfer.source, self.gate
         data = self.transfer.data(side, self.prompt)
-        evaluator = self.transfer.evaluator(gate.split, gate.metric)
-        self.source_score = evaluator.score(side, data, self.prompt.embeddings, "source")[gate.split]
+        self.source_score = self.transfer.score(side, self.prompt, gate.split, data, gate.metric)
         return self.source_score - self.transfer.baselines(side, self.prompt, gate.split, data, gate.metric).best(
             gate.split
         )
