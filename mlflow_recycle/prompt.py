@@ -187,7 +187,7 @@ class SoftPrompt:
             "tokenizer_name_or_path": None,
             "tokenizer_kwargs": None,
             # Where PEFT can load the base from (AutoPeftModel*); the models:/ URI is in METADATA_FILE.
-            "base_model_name_or_path": self.base_model_path or self.base_model_uri or self.base_model,
+            "base_model_name_or_path": self.base_model_path or self.base_model,
             "revision": None,
             "inference_mode": True,
             "auto_mapping": None,

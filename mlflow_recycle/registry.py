@@ -37,6 +37,8 @@ TAG_BASE_VERSION = "mlflow_recycle.base_model_version"
 TAG_FINGERPRINT = "mlflow_recycle.tokenizer_fingerprint"
 TAG_DIM = "mlflow_recycle.embedding_dim"
 TAG_DIGEST = "mlflow_recycle.weights_digest"
+#: Where a base version's weights were registered from: a local directory or a hub id that PEFT can load.
+TAG_WEIGHTS_FROM = "mlflow_recycle.weights_from"
 TAG_RECYCLED_FROM = "mlflow_recycle.recycled_from"
 TAG_RECYCLER = "mlflow_recycle.recycler"
 TAG_GATE = "mlflow_recycle.gate"
@@ -151,6 +153,7 @@ def register_base_model(
         TAG_FINGERPRINT: tokenizer_fingerprint(tokenizer),
         TAG_DIM: str(model.get_input_embeddings().weight.shape[1]),
         TAG_DIGEST: digest,
+        TAG_WEIGHTS_FROM: str(Path(path).resolve()) if Path(path).is_dir() else path,
     }
     if recipe:
         tags[TAG_RECIPE] = json.dumps(dict(recipe), sort_keys=True)
@@ -441,10 +444,13 @@ def load_prompt(uri: str) -> SoftPrompt:
 
 
 def tie(prompt: SoftPrompt, base: ModelVersion) -> SoftPrompt:
-    """``prompt`` pointed at a registered base version (name, version, ``models:/`` URI)."""
+    """``prompt`` pointed at a registered base version (name, version, ``models:/`` URI). Where PEFT loads
+    the base from (``base_model_path``) stays the prompt's own, or becomes where the version's weights were
+    registered from: a recycled prompt knows no path of its new base."""
     return prompt.replace(
-        base_model=base.name, base_model_version=str(base.version), base_model_uri=model_uri(base.name, base.version)
-    )
+        base_model=base.name, base_model_version=str(base.version), base_model_uri=model_uri(base.name, base.version),
+        base_model_path=prompt.base_model_path or base.tags.get(TAG_WEIGHTS_FROM),
+    )  # fmt: skip
 
 
 __all__ = [

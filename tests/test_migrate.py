@@ -23,7 +23,10 @@ from mlflow_recycle.migrate import (
 )
 from mlflow_recycle.registry import (
     TAG_RECYCLED_FROM,
+    TAG_WEIGHTS_FROM,
     VERSION_METRICS,
+    base_versions,
+    load_prompt,
     log_prompt,
     prompts_for,
     register_base_model,
@@ -87,6 +90,12 @@ def test_migration_gates_on_validation_and_tags_what_happened(store, registered)
     assert shown > version_run["validation/best_baseline_accuracy"]
     assert "mlflow_recycle.metric.test/recycled_accuracy" in good  # reported next to it, deciding nothing
     assert version_run["policy/steps"] == 0
+    # PEFT finds the new base where its weights were registered from, never the old base's path
+    (v1, v2) = sorted(base_versions("lm"), key=lambda v: int(v.version))
+    new_base = v2.tags[TAG_WEIGHTS_FROM]
+    assert Path(new_base).is_dir() and new_base != v1.tags[TAG_WEIGHTS_FROM]
+    adapter = load_prompt(f"models:/good-prompt/{migrated['good-prompt'].version}").peft_config()
+    assert adapter["base_model_name_or_path"] == new_base
     assert (nodata[TAG_GATE], nodata[TAG_STAGE]) == ("unevaluated", "none")
     assert "not reachable" in nodata[TAG_GATE_REASON]
     client = MlflowClient()

@@ -168,6 +168,7 @@ class Recycler(ABC):
                 base_model=None,
                 base_model_uri=None,
                 base_model_version=None,
+                base_model_path=None,  # the source's: never where the target loads from
                 tokenizer_fingerprint=self.target_fingerprint,
                 recycled_from=recycled_from or f"prompt for {prompt.describe_base()}",
                 recycler=self.name,
