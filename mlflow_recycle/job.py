@@ -150,13 +150,19 @@ class Context:
         return registry.tie(prompt, base) if base else prompt
 
     def publish(
-        self, prompt: SoftPrompt, name: str, register: bool = True, tags: dict[str, str] | None = None
+        self,
+        prompt: SoftPrompt,
+        name: str,
+        side: LoadedModel,
+        register: bool = True,
+        tags: dict[str, str] | None = None,
     ) -> str | None:
-        """Log ``prompt`` as model ``name`` of the run (rank 0) and, when asked and ``registry.register``
-        is on, keep it for :meth:`register_published`. Returns its logged URI."""
+        """Log ``prompt`` of model ``side`` as model ``name`` of the run (rank 0), with ``side``'s tokenizer for
+        PEFT, and, when asked and ``registry.register`` is on, keep it for :meth:`register_published`. Returns
+        its logged URI."""
         if not is_rank_zero():
             return None
-        uri = registry.log_prompt(prompt, name, tags=tags).model_uri
+        uri = registry.log_prompt(prompt, name, tags=tags, tokenizer=side.tokenizer).model_uri
         self.published[name] = uri
         if register and self.cfg.registry.register:
             self.to_register.append((name, prompt, uri, dict(tags or {})))
@@ -375,7 +381,7 @@ def _outcome_lines(outcome: PolicyOutcome | None, metrics: dict[str, float], cfg
 def run_tune(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.source)
     prompt = tune(ctx, s.source, s.source_data, "source", ctx.cfg.source)
-    ctx.publish(prompt, "source_prompt")
+    ctx.publish(prompt, "source_prompt", s.source)
     accuracy = ctx.evaluator.accuracy(s.source, s.source_data, prompt.embeddings, "source")
     return {f"{split}/source_accuracy": value for split, value in accuracy.items()}
 
@@ -384,7 +390,7 @@ def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.target)
     pair = build_transfer(ctx.cfg, s.source, s.target)
     outcome, metrics = migrate_prompt(ctx, pair, s.policy, s.prompt, s.prompt_uri)
-    ctx.publish(outcome.prompt, "recycled_prompt", tags=registry.outcome_tags(outcome, metrics))
+    ctx.publish(outcome.prompt, "recycled_prompt", s.target, tags=registry.outcome_tags(outcome, metrics))
     return metrics
 
 
@@ -432,7 +438,7 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
         source_prompt, source_uri = s.prompt, s.prompt_uri  # already registered
     else:
         source_prompt = s.prompt or tune(ctx, s.source, s.source_data, "source", cfg.source)
-        source_uri = ctx.publish(source_prompt, "source_prompt")
+        source_uri = ctx.publish(source_prompt, "source_prompt", s.source)
     accuracies = {"source": source_accuracy(ctx, s, source_prompt)}
     if "source" in ctx.best_validation:  # the gate's share of the source's gain: its tuning's score, not a new one
         metric = s.policy.gate.metric
@@ -444,10 +450,10 @@ def run_main(ctx: Context, s: Setup) -> dict[str, float]:
     if cfg.retune:
         retuned = tune(ctx, s.target, s.target_data, "target", cfg.target)
         accuracies["retuned"] = evaluator.accuracy(s.target, s.target_data, retuned.embeddings, "retuned")
-        ctx.publish(retuned, "retuned_prompt", register=False)
+        ctx.publish(retuned, "retuned_prompt", s.target, register=False)
     title = f"{s.spec.name}: {s.source.name} → {s.target.name} ({s.policy.label})"
     metrics.update(verdict(ctx, accuracies, baselines, "recycled", title, s.target_data, source_name=s.source.name))
     # the version carries its gate (decided on validation) and the job's verdict, as a migration tags it
     tags = {**registry.outcome_tags(outcome, metrics), TAG_VERDICT: "success" if metrics["success"] else "failure"}
-    ctx.publish(outcome.prompt, "recycled_prompt", tags=tags)
+    ctx.publish(outcome.prompt, "recycled_prompt", s.target, tags=tags)
     return metrics

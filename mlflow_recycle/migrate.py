@@ -260,7 +260,10 @@ class _Migration:
             tags = {**tags, **registry.outcome_tags(outcome, metrics)}
             if guard is not None:
                 guard()  # a worker that lost its lease logs and registers nothing more
-            version = registry.log_prompt(migrated, "recycled_prompt", source.name, tags=tags, before_register=guard)
+            version = registry.log_prompt(
+                migrated, "recycled_prompt", source.name, tags=tags, before_register=guard,
+                tokenizer=self.transfer.target.tokenizer,
+            )  # fmt: skip
         log.info("%s -> %s version %s: %s", source_uri, version.name, version.version, outcome.summary())
         about = outcome.description(source_uri, metrics.get("policy/compute_fraction"))
         self.client.update_model_version(version.name, version.version, description=about)

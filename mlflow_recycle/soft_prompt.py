@@ -32,6 +32,7 @@ install: from a package index, or as a wheel in the model's ``wheels/`` folder
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import sys
@@ -170,6 +171,7 @@ def save_model(
     metadata: dict[str, Any] | None = None,
     extra_files: list[str] | None = None,
     model_config: dict[str, Any] | None = None,
+    tokenizer: Any = None,
     **kwargs: Any,
 ) -> None:
     """Save a soft prompt as an MLflow model directory at ``path``.
@@ -194,6 +196,9 @@ def save_model(
             :func:`mlflow_recycle.requirements.package_requirement`) and pinned torch,
             transformers and safetensors.
         metadata, extra_files, mlflow_model: as for MLflow's built-in flavors.
+        tokenizer: the base model's tokenizer, as the prompt was tuned with (its ``bos`` applied). Saved
+            beside the adapter, it starts each text with that BOS token, as the pyfunc does: PEFT's
+            ``AutoPeftModelForCausalLM`` with ``AutoTokenizer`` on ``prompt/`` then scores as the pyfunc.
         kwargs: only what ``Model.log`` passes through (``validate_serving_input``).
     """
     if unexpected := sorted(set(kwargs) - {"validate_serving_input"}):
@@ -209,11 +214,23 @@ def save_model(
     if metadata is not None:
         mlflow_model.metadata = metadata
     prompt.save(Path(path) / PROMPT_DATA_DIR)
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, prompt, Path(path) / PROMPT_DATA_DIR)
     _add_flavors(mlflow_model, prompt, code_dir_subpath, config, _copy_extra_files(extra_files, path))
     if size := get_total_file_size(path):
         mlflow_model.model_size_bytes = size
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
     _save_environment(path, conda_env, pip_requirements, extra_pip_requirements)
+
+
+def _save_tokenizer(tokenizer: Any, prompt: SoftPrompt, directory: Path) -> None:
+    """``tokenizer`` in ``directory``, adding the BOS token to each text as the prompted contexts start
+    (:class:`~mlflow_recycle.prompted_lm.TaskEncoder`: a causal LM's context starts with its BOS)."""
+    prompt.check_fits(dim=prompt.dim, fingerprint=tokenizer_fingerprint(tokenizer), model="the tokenizer given")
+    saved = copy.deepcopy(tokenizer)
+    if prompt.task_type == "CAUSAL_LM" and saved.bos_token is not None:
+        saved.add_bos_token = True
+    saved.save_pretrained(directory)
 
 
 def _save_signature_and_example(
@@ -293,6 +310,7 @@ def log_model(
     model_type: str | None = None,
     step: int = 0,
     model_id: str | None = None,
+    tokenizer: Any = None,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
     """Log a soft prompt to the active run (and register it when ``registered_model_name`` is given).
@@ -329,6 +347,7 @@ def log_model(
         conda_env=conda_env,
         extra_files=extra_files,
         model_config=model_config,
+        tokenizer=tokenizer,
         **{"validate_serving_input": False, **kwargs},
     )
 

