@@ -100,18 +100,18 @@ CHECKS: dict[tuple[str, str], Callable[[Path, str], None]] = {
     ("README.md", "python -m mlflow_recycle "): _prints(
         r"main job on sst2_plain: small-a-early → small-a",
         r"verdict on test: (success|failure)",
-        r"source_prompt: models:/sst2_plain-prompt/1",
+        r"source_prompt: models:/imdb-lm-sst2_plain-prompt/1",
     ),
     ("README.md", "print(base_of(uri))"): _prints(r"\('imdb-lm', '[12]'\)", r"\('sentiment', \d+\)", PREDICTION),
     ("README.md", "mlflow-recycle migrate imdb-lm 2"): _prints(r"\d+ new prompt versions for imdb-lm v2 \(from v1\)"),
     ("docs/flavor.md", "print(base_of(uri))"): _prints(r"\('imdb-lm', '[12]'\)", PREDICTION),
     ("docs/configuration.md", "fit_recycler"): _recycled_adapter,
     ("docs/migration.md", "--from-version 1 -o policy=fast"): _prints(
-        r"models:/sst2_plain-prompt/\d+ -> models:/sst2_plain-prompt/\d+: \w+ at \w+"
+        r"models:/imdb-lm-sst2_plain-prompt/\d+ -> models:/imdb-lm-sst2_plain-prompt/\d+: \w+ at \w+"
     ),
     ("docs/migration.md", "mlflow-recycle hook serve"): _prints(  # the prompt tuned in step 4, on version 2
-        r'"source":"models:/sst2_plain-prompt/1","target":"models:/sst2_plain-prompt/2"',
-        r"^\[\('sst2_plain-prompt', '?2'?, '(passed|degraded|failed)'\)\]$",
+        r'"source":"models:/imdb-lm-sst2_plain-prompt/1","target":"models:/imdb-lm-sst2_plain-prompt/2"',
+        r"^\[\('imdb-lm-sst2_plain-prompt', '?2'?, '(passed|degraded|failed)'\)\]$",
     ),
 }
 

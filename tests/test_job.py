@@ -109,11 +109,11 @@ def test_mlflow_run_entry_point_end_to_end(tmp_path):
     assert sorted(bases) == [1, 2]
     (source_version,) = prompts_for("imdb-lm", 1)
     (recycled_version,) = prompts_for("imdb-lm", 2)
-    assert (source_version.name, recycled_version.name) == ("sst2_plain-prompt", "sst2_plain-prompt")
-    assert recycled_version.tags[TAG_RECYCLED_FROM] == f"models:/sst2_plain-prompt/{source_version.version}"
+    assert (source_version.name, recycled_version.name) == ("imdb-lm-sst2_plain-prompt", "imdb-lm-sst2_plain-prompt")
+    assert recycled_version.tags[TAG_RECYCLED_FROM] == f"models:/imdb-lm-sst2_plain-prompt/{source_version.version}"
     assert recycled_version.tags[TAG_RECYCLER] == "procrustes"
     assert recycled_version.run_id == run.info.run_id
-    recycled = soft_prompt.load_model(f"models:/sst2_plain-prompt/{recycled_version.version}")
+    recycled = soft_prompt.load_model(f"models:/imdb-lm-sst2_plain-prompt/{recycled_version.version}")
     assert (recycled.recycler, recycled.base_model, recycled.base_model_version) == ("procrustes", "imdb-lm", "2")
     assert recycled.base_model_uri == "models:/imdb-lm/2" and recycled.task.template == "{text}"
     # the reported accuracy is the registered prompt's, measured again here on the same test examples
@@ -394,17 +394,20 @@ def test_tune_recycle_and_evaluate_entry_points_chain(tracking):
     (source,) = prompts_for("imdb-lm", 1)
     assert "test/source_accuracy" in tuned and "policy/steps" not in tuned  # tuning alone: no policy ran
     # the job moved the alias `source` to the prompt it tuned: the next job names it without a version number
-    recycled = run(compose([*base, "job=recycle", "prompt_uri=models:/sst2_plain-prompt@source"]))
+    recycled = run(compose([*base, "job=recycle", "prompt_uri=models:/imdb-lm-sst2_plain-prompt@source"]))
     (target,) = prompts_for("imdb-lm", 2)
-    assert mlflow.MlflowClient().get_model_version_by_alias("sst2_plain-prompt", "recycled").version == target.version
-    assert target.tags[TAG_RECYCLED_FROM] == f"models:/sst2_plain-prompt/{source.version}"
+    assert (
+        mlflow.MlflowClient().get_model_version_by_alias("imdb-lm-sst2_plain-prompt", "recycled").version
+        == target.version
+    )
+    assert target.tags[TAG_RECYCLED_FROM] == f"models:/imdb-lm-sst2_plain-prompt/{source.version}"
     assert target.tags[TAG_RECYCLER] == "linear"
     # what a person reads first on the version's page: where it came from, the verdict, the cost
     assert target.description.startswith(
-        f"Migrated from models:/sst2_plain-prompt/{source.version} to imdb-lm v2 by linear:"
+        f"Migrated from models:/imdb-lm-sst2_plain-prompt/{source.version} to imdb-lm v2 by linear:"
     )
     assert "Cost: 0 training steps" in target.description
-    evaluated = run(compose([*base, "job=evaluate", "prompt_uri=models:/sst2_plain-prompt@recycled"]))
+    evaluated = run(compose([*base, "job=evaluate", "prompt_uri=models:/imdb-lm-sst2_plain-prompt@recycled"]))
     # the evaluate job measures on validation exactly what the recycle job's gate saw
     assert evaluated["validation/prompt_accuracy"] == recycled["policy/recycle/gate_accuracy"]
     gate_passed = recycled["policy/recycle/gate_accuracy"] > recycled["policy/gate_threshold"]
@@ -412,11 +415,11 @@ def test_tune_recycle_and_evaluate_entry_points_chain(tracking):
 
 
 def test_a_prompt_uri_that_does_not_exist_is_one_line_before_any_model_loads(tmp_path):
-    result = run_cli(tmp_path, *QUICK, "job=evaluate", "prompt_uri=models:/sst2_plain-prompt/99")
+    result = run_cli(tmp_path, *QUICK, "job=evaluate", "prompt_uri=models:/imdb-lm-sst2_plain-prompt/99")
     assert result.returncode == 2
     output = result.stdout + result.stderr  # Hydra's log handler writes to stdout
     error = [line for line in output.splitlines() if "ERROR" in line]
-    assert len(error) == 1 and "Cannot load the prompt 'models:/sst2_plain-prompt/99'" in error[0]
+    assert len(error) == 1 and "Cannot load the prompt 'models:/imdb-lm-sst2_plain-prompt/99'" in error[0]
     assert "Traceback" not in output and "Loaded small-a" not in output
 
 
@@ -432,3 +435,8 @@ def test_the_data_and_module_groups_build_what_the_job_trains_with():
     assert compose(QUICK).data.batch_size == compose(QUICK).task.batch_size  # by default the task's sizes
     module = instantiate(cfg.module)(side.model, torch.zeros(3, 256), anchor=torch.zeros(3, 256))
     assert isinstance(module, PromptTuningModule) and module.gamma == 0.25
+
+
+def test_prompts_of_unrelated_base_models_go_to_registered_models_of_their_own():
+    names = {compose([f"model@source={m}"]).registry.prompt_name for m in ("small-a-early", "small-a", "smollm2-135m")}
+    assert names == {"imdb-lm-sst2_plain-prompt", "smollm2-135m-sst2_plain-prompt"}  # one lineage, one model each
