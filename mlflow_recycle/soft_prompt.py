@@ -372,10 +372,11 @@ class SoftPromptPyfunc:
     """pyfunc wrapper: rank-classify texts with the prompt on its base model.
 
     The base model is loaded on the first :meth:`predict`, from ``base_model_uri`` when
-    given (``model_config``), else from the prompt's own.
+    given (``model_config``), else from the prompt's own. The tokenizer is the one saved beside
+    the prompt (``tokenizer_dir``, the BOS token it was tuned with), else the base model's.
     """
 
-    def __init__(self, prompt: SoftPrompt, base_model_uri: str | None = None) -> None:
+    def __init__(self, prompt: SoftPrompt, base_model_uri: str | None = None, tokenizer_dir: str | None = None):
         if prompt.task is None:
             raise PromptArtifactError(
                 "This soft prompt has no task (template and verbalizers), so it cannot classify text: "
@@ -383,6 +384,7 @@ class SoftPromptPyfunc:
             )
         self.prompt = prompt
         self.base_model_uri = base_model_uri or prompt.base_model_uri
+        self.tokenizer_dir = tokenizer_dir
 
     def get_raw_model(self) -> SoftPrompt:
         return self.prompt
@@ -397,6 +399,10 @@ class SoftPromptPyfunc:
                 "load it with mlflow.pyfunc.load_model(uri, model_config={'base_model_uri': ...})."
             )
         model, tokenizer = load_base_model(uri)
+        if self.tokenizer_dir:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         self.prompt.check_fits(
             dim=int(model.get_input_embeddings().weight.shape[1]),
             fingerprint=tokenizer_fingerprint(tokenizer),
@@ -444,4 +450,8 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> SoftP
         if code and os.path.normpath(root / code) not in map(os.path.normpath, sys.path):
             _add_code_from_conf_to_system_path(str(root), conf)
     config = _check_model_config(dict(model_config or {}))
-    return SoftPromptPyfunc(SoftPrompt.load(path), base_model_uri=config.get("base_model_uri"))
+    saved = Path(path) / "tokenizer_config.json"
+    tokenizer_dir = str(path) if saved.is_file() else None  # saved with the prompt (save_model's tokenizer)
+    return SoftPromptPyfunc(
+        SoftPrompt.load(path), base_model_uri=config.get("base_model_uri"), tokenizer_dir=tokenizer_dir
+    )

@@ -235,7 +235,7 @@ def test_parameters_match_mlflow_builtin_flavors():
     def names(function, drop):
         return [name for name in inspect.signature(function).parameters if name not in drop]
 
-    builtin_only, ours_only = {"model", "task", "inference_config"}, {"prompt", "model_config"}
+    builtin_only, ours_only = {"model", "task", "inference_config"}, {"prompt", "model_config", "tokenizer"}
     assert names(soft_prompt.log_model, ours_only) == names(mlflow.sentence_transformers.log_model, builtin_only)
     assert names(soft_prompt.save_model, ours_only) == names(mlflow.sentence_transformers.save_model, builtin_only)
     assert inspect.signature(soft_prompt.log_model).parameters["artifact_path"].default is None

