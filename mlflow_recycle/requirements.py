@@ -29,6 +29,7 @@ PACKAGE_MODULES = ("mlflow_recycle", "lightning_modules")
 WHEELS_DIR = "wheels"
 
 
+@functools.cache  # once per process: a migration logs many prompts with the same environment
 def pinned_requirement(package: str) -> str:
     """``package==<installed version>``, pinned by MLflow's ``_get_pinned_requirement``.
 
@@ -45,6 +46,11 @@ def _distribution() -> importlib.metadata.Distribution | None:
         return importlib.metadata.distribution(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+@functools.cache
+def _from_index() -> bool:
+    return _installed_from_index(_distribution())
 
 
 def _installed_from_index(dist: importlib.metadata.Distribution | None) -> bool:
@@ -69,7 +75,7 @@ def package_requirement(model_path: str | os.PathLike) -> str:
     installed code written to ``<model>/wheels/`` and named by its path relative to the model
     directory.
     """
-    if _installed_from_index(_distribution()):
+    if _from_index():
         return pinned_requirement(PACKAGE)
     filename, data = _package_wheel()
     wheels = Path(model_path) / WHEELS_DIR

@@ -286,7 +286,13 @@ def _save_environment(
     if pip_constraints:
         write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
     write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
-    _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+    _python_env().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+
+
+@functools.cache
+def _python_env() -> _PythonEnv:
+    """This interpreter's environment (Python and build tools), read once per process."""
+    return _PythonEnv.current()
 
 
 def log_model(
