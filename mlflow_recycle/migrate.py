@@ -305,16 +305,25 @@ def migrate(
     if from_version is None:
         log.info("No version of %s before %s has prompts: nothing to migrate", base_model, to_version)
         return report
-    keyed = [
-        (s, migration_key(s, base_model, from_version, to_version, cfg))
-        for s in sources(base_model, from_version, cfg.include_failed)
-    ]
+    held = sources(base_model, from_version, cfg.include_failed)  # a map trained on behaviour learns from all
+    keyed = in_shard([(s, migration_key(s, base_model, from_version, to_version, cfg)) for s in held], cfg.get("shard"))
     todo = _not_yet_migrated(keyed, cfg.alias, report)
     log.info("%s v%s -> v%s: %d prompts, %d to migrate", base_model, from_version, to_version, len(keyed), len(todo))
     if todo:
-        _run_migration(cfg, report, [s for s, _ in keyed], todo, guard)
+        _run_migration(cfg, report, held, todo, guard)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def in_shard(keyed: list[tuple[ModelVersion, str]], shard: str | None) -> list[tuple[ModelVersion, str]]:
+    """The prompts of shard ``"i/n"`` (all of them for None): those whose migration key falls in shard i."""
+    if shard is None:
+        return keyed
+    parts = str(shard).split("/")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not int(parts[0]) < int(parts[1]):
+        raise RecycleError(f"shard is 'i/n' with 0 <= i < n, e.g. shard=0/2; got {shard!r}.")
+    index, count = map(int, parts)
+    return [(source, key) for source, key in keyed if int(key.split(":")[-1][:8], 16) % count == index]
 
 
 def _not_yet_migrated(keyed: list[tuple[ModelVersion, str]], alias: str | None, report: MigrationReport):

@@ -556,9 +556,12 @@ def test_a_burst_of_concurrent_events_creates_no_duplicates(receiver_factory, mo
     assert receiver.queue().counts()["deliveries"] == 50
 
 
-@pytest.mark.slow  # ~20 s: an MLflow Project per migration
-def test_projects_worker_runs_each_migration_as_an_mlflow_project(tmp_path, model_dir, data_dir, monkeypatch):
-    """hook.worker=projects: the job becomes an MLflow Projects run of the `migrate` entry point."""
+@pytest.mark.slow  # ~40 s: two MLflow Projects runs
+def test_projects_worker_runs_each_migration_as_mlflow_projects_one_per_shard(
+    tmp_path, model_dir, data_dir, monkeypatch
+):
+    """hook.worker=projects with hook.projects.shards=2: the job becomes two MLflow Projects runs of the `migrate`
+    entry point, side by side on the local backend, each migrating its shard; every prompt migrates once."""
     from mlflow_recycle.config import compose
     from mlflow_recycle.hook.worker import Worker, projects_executor
 
@@ -567,17 +570,19 @@ def test_projects_worker_runs_each_migration_as_an_mlflow_project(tmp_path, mode
     monkeypatch.setenv("PATH", f"{servers.BIN}{os.pathsep}{os.environ['PATH']}")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("projects-worker")
-    sources = base_with_prompts("lm-projects", model_dir, data_dir, n_prompts=2)
+    sources = base_with_prompts("lm-projects", model_dir, data_dir, n_prompts=4)
     register_base_model(str(model_dir("small-a-early")), "lm-projects")
-    overrides = ["evaluate=false", "hook.worker=projects"]
+    overrides = ["evaluate=false", "hook.worker=projects", "hook.projects.shards=2"]
     queue = MigrationQueue(tmp_path / "queue.db")
     queue.enqueue([JobSpec("lm-projects", "2")], origin="test")
     worker = Worker(queue, projects_executor(compose(overrides, config_name="migrate"), overrides), max_attempts=1)
     assert worker.run_once()
     (job,) = queue.jobs()
     assert job.status == "done", job.error
-    run = MlflowClient().get_run(json.loads(job.result)["run_id"])
-    assert run.data.tags["mlflow.project.entryPoint"] == "migrate" and run.info.status == "FINISHED"
+    runs = [MlflowClient().get_run(run_id) for run_id in json.loads(job.result)["run_ids"]]
+    assert [r.data.tags["mlflow.project.entryPoint"] for r in runs] == ["migrate", "migrate"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(f"shard={i}/2" in run.data.params["overrides"] for i, run in enumerate(runs))
     recycled = assert_migrated_once("lm-projects", sources)
     assert {v.run_id for v in recycled} <= {
         r.info.run_id for r in mlflow.search_runs(search_all_experiments=True, output_format="list")

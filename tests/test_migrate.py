@@ -272,3 +272,21 @@ def test_a_prompt_whose_own_gate_failed_stays_behind_unless_asked(store, registe
     assert pending_migrations(["lm"]) == []
     again = migrate("lm", 2, cfg=config(store, "include_failed=true"))
     assert again.created == 1 and "gate-failed" in by_name()
+
+
+def test_two_shards_migrate_every_prompt_once_between_them(store, registered):
+    """`shard=i/n` runs side by side split a version's prompts by migration key: together they migrate
+    every prompt once; a full migration afterwards finds each one done."""
+    good = SoftPrompt.load(PROMPT)
+    v1 = MlflowClient().get_model_version("lm", "1")
+    for i in range(4):  # six prompts in all, so that both shards get some
+        log_prompt(tie(good.replace(embeddings=good.embeddings * (1.1 + i / 10)), v1), "prompt", f"extra-{i}")
+    first = migrate("lm", 2, cfg=config(store, "evaluate=false", "shard=0/2"))
+    second = migrate("lm", 2, cfg=config(store, "evaluate=false", "shard=1/2"))
+    assert first.created and second.created and first.created + second.created == 6
+    assert not {p.source for p in first.prompts} & {p.source for p in second.prompts}
+    assert len(prompts_for("lm", 2)) == 6
+    again = migrate("lm", 2, cfg=config(store, "evaluate=false"))
+    assert again.created == 0 and len(again.prompts) == 6
+    with pytest.raises(RecycleError, match=r"shard is 'i/n' with 0 <= i < n, e\.g\. shard=0/2; got '2/2'"):
+        migrate("lm", 2, cfg=config(store, "evaluate=false", "shard=2/2"))

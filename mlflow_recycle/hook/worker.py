@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -134,21 +135,23 @@ def projects_executor(cfg: DictConfig, overrides: list[str], poll_seconds: float
     inherit them from this process's environment. The run is cancelled when the lease is lost.
     """
     import mlflow.projects
+    from mlflow import MlflowClient
 
     projects = cfg.hook.projects
     os.environ.update(secret_overrides_env(overrides))  # the Projects run's process inherits it
     public = " ".join(shlex.quote(o) for o in public_overrides(overrides))
 
-    def execute(job: Job, guard: Guard) -> str:
-        guard()
-        submitted = mlflow.projects.run(
+    shards = int(projects.get("shards") or 1)
+
+    def submit(job: Job, shard: str) -> Any:
+        return mlflow.projects.run(
             uri=str(projects.uri),
             entry_point="migrate",
             parameters={
                 "base_model": job.base_model,
                 "to_version": job.to_version,
                 "from_version": job.from_version or "",
-                "overrides": public,
+                "overrides": " ".join(filter(None, (public, shard))),
             },
             experiment_name=cfg.mlflow.experiment,
             backend=projects.backend,
@@ -156,8 +159,26 @@ def projects_executor(cfg: DictConfig, overrides: list[str], poll_seconds: float
             env_manager=projects.env_manager,
             synchronous=False,
         )
-        _wait_for_project(submitted, guard, poll_seconds)
-        return json.dumps({"run_id": submitted.run_id})
+
+    def execute(job: Job, guard: Guard) -> str:
+        """One run, or ``hook.projects.shards`` runs side by side, each migrating its shard of the prompts."""
+        guard()
+        submitted = [submit(job, f"shard={i}/{shards}" if shards > 1 else "") for i in range(shards)]
+        failed = []
+        for i, run in enumerate(submitted):
+            try:
+                _wait_for_project(run, guard, poll_seconds)
+            except RecycleError as exc:
+                failed.append(str(exc))
+            except LeaseLost:
+                for other in submitted[i + 1 :]:  # the job is another worker's now: stop the other shards too
+                    other.cancel()
+                    MlflowClient().set_terminated(other.run_id, status="KILLED")
+                raise
+        if failed:
+            raise RecycleError("; ".join(failed))
+        ids = [run.run_id for run in submitted]
+        return json.dumps({"run_id": ids[0]} if shards == 1 else {"run_ids": ids})
 
     return execute
 
