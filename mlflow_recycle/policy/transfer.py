@@ -147,8 +147,7 @@ class Transfer:
     def baselines(self, side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str = "accuracy") -> Baselines:
         """Zero-shot and random-prompt ``metric`` of ``side`` on ``data``'s draw of ``split``, measured once per
         task, prompt length, metric, draw and random-prompt seed."""
-        draw = (data.seed, data.limits[split])
-        key = (side.uri, prompt.task, prompt.length, split, metric, draw, self.seed, self.random_draws)
+        key = (side.uri, prompt.task, prompt.length, split, metric, _draw(data, split), self.seed, self.random_draws)
         if key not in self._baselines:
             self._baselines[key] = self.evaluator(split, metric).baselines(side, data, prompt.length)
         return self._baselines[key]
@@ -168,8 +167,7 @@ class Transfer:
 
     @staticmethod
     def _score_key(side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str) -> tuple[Any, ...]:
-        draw = (data.seed, data.limits[split])
-        return side.uri, prompt.digest, split, metric, draw
+        return side.uri, prompt.digest, split, metric, _draw(data, split)
 
     def same_space(self, min_cosine: float) -> tuple[bool, str]:
         """Whether the target kept the source's embedding space (same tokenizer and dim, close rows)."""
@@ -246,6 +244,11 @@ class Judge:
     def carried(self, choices: Sequence[tuple[RecyclerChoice, Recycler]]) -> bool:
         """Whether one of ``choices`` (tried before, in order) carries the prompt over its gate."""
         return any(self.passes(self.recycled(choice, recycler, None).score) for choice, recycler in choices)
+
+
+def _draw(data, split: str) -> tuple[int, int | None]:
+    """Which examples of ``split`` a data module evaluates on: its seed and its limit."""
+    return data.seed, data.limits[split]
 
 
 def on_target(prompt: SoftPrompt, target: LoadedModel) -> SoftPrompt:
