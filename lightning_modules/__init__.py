@@ -11,6 +11,7 @@ from .modules import (
     TrainablePromptModule,
     adamw,
 )
+from .stacked import StackedPromptTuningModule, fit_prompts
 from .training import FitOutcome, MapFitOutcome, TrainerFactory, fit_map, fit_prompt
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "PromptTuningModule",
     "RankClassificationModule",
     "SchedulerFactory",
+    "StackedPromptTuningModule",
     "TextClassificationDataModule",
     "TrainablePromptModule",
     "TrainerFactory",
@@ -31,6 +33,7 @@ __all__ = [
     "adamw",
     "fit_map",
     "fit_prompt",
+    "fit_prompts",
     "long_enough",
     "read_examples",
     "stop_above",

@@ -300,13 +300,16 @@ class PromptTuningModule(TrainablePromptModule):
         if stage == "fit" and isinstance(datamodule, TextClassificationDataModule):
             datamodule.train_batch = self.objective
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _check_batch(self, batch: dict[str, torch.Tensor]) -> None:
         if ("class_targets" in batch) != (self.objective == "classes"):
             wanted = "every class's scoring rows" if self.objective == "classes" else "LM rows (context + verbalizer)"
             raise RecycleError(
                 f"The {self.objective!r} objective trains on {wanted}, which this batch does not hold: build the data "
                 f"module with train_batch={self.objective!r} (both follow prompt.objective)."
             )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._check_batch(batch)
         if self.objective == "classes":
             loss = self.lm.class_loss(self.prompt, batch, self.length_normalize)
         else:

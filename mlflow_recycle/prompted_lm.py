@@ -193,7 +193,10 @@ class PromptedLM(nn.Module):
         keep: int,
         decoder_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Log-softmax over the vocabulary at the ``keep`` positions that predict targets: ``[N, keep, V]``."""
+        """Log-softmax over the vocabulary at the ``keep`` positions that predict targets: ``[N, keep, V]``.
+
+        A stack of ``K`` prompts (``[K, length, dim]``) reads the batch once per prompt in one pass:
+        ``[K * N, keep, V]``, prompt ``k``'s rows at ``k * N ... (k + 1) * N - 1``."""
         embeds = self.model.get_input_embeddings()(input_ids)
         if prompt is not None:
             if prompt.shape[-1] != embeds.shape[-1]:
@@ -201,9 +204,14 @@ class PromptedLM(nn.Module):
                     f"Prompt dim {prompt.shape[-1]} does not match the model's embedding dim {embeds.shape[-1]}: "
                     "recycle the prompt to this model first."
                 )
-            rows = prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+            stack = prompt.to(embeds.dtype).reshape(-1, *prompt.shape[-2:])  # [K, length, dim]
+            n = embeds.shape[0]
+            rows = stack.repeat_interleave(n, dim=0)
+            embeds, attention_mask = embeds.repeat(len(stack), 1, 1), attention_mask.repeat(len(stack), 1)
+            if decoder_targets is not None:
+                decoder_targets = decoder_targets.repeat(len(stack), 1)
             embeds = torch.cat([rows, embeds], dim=1)
-            attention_mask = torch.cat([attention_mask.new_ones(embeds.shape[0], prompt.shape[0]), attention_mask], 1)
+            attention_mask = torch.cat([attention_mask.new_ones(embeds.shape[0], stack.shape[1]), attention_mask], 1)
         if self.seq2seq:
             out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=decoder_targets)
             logits = out.logits
@@ -226,8 +234,15 @@ class PromptedLM(nn.Module):
         picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         return picked * (targets != IGNORE)
 
+    @staticmethod
+    def _per_prompt(values: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
+        """``values`` of a pass (``[K * N, ...]`` for a stack of K prompts) as ``[K, N, ...]``, or as is
+        for one prompt (or none)."""
+        return values if prompt is None or prompt.dim() == 2 else values.view(prompt.shape[0], -1, *values.shape[1:])
+
     def loss(self, prompt: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean negative log-likelihood of the verbalizer tokens (the LM loss on the label)."""
+        """Mean negative log-likelihood of the verbalizer tokens (the LM loss on the label); ``[K]``, one
+        per prompt, for a stack of prompts."""
         targets = batch["targets"]
         log_probs = self.log_probs(
             prompt,
@@ -236,7 +251,8 @@ class PromptedLM(nn.Module):
             keep=targets.shape[1],
             decoder_targets=targets if self.seq2seq else None,
         )
-        return -self._gather(log_probs, targets).sum() / (targets != IGNORE).sum()
+        picked = self._per_prompt(self._gather(log_probs, targets.repeat(len(log_probs) // len(targets), 1)), prompt)
+        return -picked.sum((-2, -1)) / (targets != IGNORE).sum()
 
     def class_loss(
         self, prompt: torch.Tensor | None, batch: dict[str, torch.Tensor], length_normalize: bool = False
@@ -246,12 +262,19 @@ class PromptedLM(nn.Module):
         The objective of the rank classification the prompt is judged by: it moves only what
         separates the classes, where the LM loss also spends its gradient on raising the
         verbalizers over the rest of the vocabulary."""
-        return nn.functional.cross_entropy(self.class_scores(prompt, batch, length_normalize), batch["labels"])
+        scores = self.class_scores(prompt, batch, length_normalize)
+        if scores.dim() == 2:
+            return nn.functional.cross_entropy(scores, batch["labels"])
+        per_example = nn.functional.cross_entropy(
+            scores.transpose(1, 2), batch["labels"].expand(len(scores), -1), reduction="none"
+        )
+        return per_example.mean(-1)  # [K]: one loss per prompt of the stack
 
     def class_scores(
         self, prompt: torch.Tensor | None, batch: dict[str, torch.Tensor], length_normalize: bool = False
     ) -> torch.Tensor:
-        """Log-likelihood of each class's verbalizer as the continuation: ``[B, C]``."""
+        """Log-likelihood of each class's verbalizer as the continuation: ``[B, C]``; ``[K, B, C]`` for a
+        stack of K prompts, scored in one pass."""
         class_targets, row_of_class = batch["class_targets"], batch["row_of_class"]
         log_probs = self.log_probs(
             prompt,
@@ -260,8 +283,8 @@ class PromptedLM(nn.Module):
             keep=class_targets.shape[1],
             decoder_targets=batch.get("decoder_targets"),
         )
-        per_class = log_probs[row_of_class]  # [B, C, K, V]
-        targets = class_targets.unsqueeze(0).expand(row_of_class.shape[0], -1, -1)
+        per_class = self._per_prompt(log_probs, prompt)[..., row_of_class, :, :]  # [(K,) B, C, keep, V]
+        targets = class_targets.expand(*per_class.shape[:-1])  # [(K,) B, C, keep]
         scores = self._gather(per_class, targets).sum(-1)
         if length_normalize:
             scores = scores / (class_targets != IGNORE).sum(-1)
