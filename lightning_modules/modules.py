@@ -10,6 +10,7 @@ and checkpoints hold only the prompt.
 from __future__ import annotations
 
 import logging
+import statistics
 import warnings
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -63,7 +64,9 @@ class RankClassificationModule(L.LightningModule):
 
     Args:
         model: a Hugging Face causal or encoder-decoder LM; it is frozen.
-        prompt: ``[length, dim]`` prompt, or None for zero-shot.
+        prompt: ``[length, dim]`` prompt, or None for zero-shot; or a stack of K prompts
+            ``[K, length, dim]``, scored in one pass: ``results[stage]`` then holds each
+            prompt's result under ``prompts`` and its ``accuracy`` and ``macro_f1`` as lists.
         length_normalize: score by mean instead of summed token log-likelihood, so that
             multi-token verbalizers are not penalised for their length.
         name: metric prefix, e.g. ``"source"`` gives ``source/test_accuracy``.
@@ -104,9 +107,16 @@ class RankClassificationModule(L.LightningModule):
         self.lm.model.eval()
         return self
 
+    @property
+    def stack(self) -> int | None:
+        """How many prompts the module scores at once (None: one prompt, or none)."""
+        return int(self.prompt.shape[0]) if self.prompt is not None and self.prompt.dim() == 3 else None
+
     # ------------------------------------------------------------------ evaluation
     def _score(self, batch: dict[str, torch.Tensor]) -> None:
-        scores = self.lm.class_scores(self.prompt, batch, self.length_normalize)
+        scores = self.lm.class_scores(self.prompt, batch, self.length_normalize)  # [B, C] or [K, B, C]
+        if scores.dim() == 3:
+            scores = scores.transpose(0, 1).reshape(scores.shape[1], -1)  # [B, K * C], prompt-major
         rows = torch.cat([batch["index"].unsqueeze(1).float(), batch["labels"].unsqueeze(1).float(), scores.float()], 1)
         self._outputs.append(rows.detach())
 
@@ -137,16 +147,12 @@ class RankClassificationModule(L.LightningModule):
         first = torch.ones_like(index, dtype=torch.bool)
         first[1:] = index[1:] != index[:-1]
         rows = rows[first].cpu()
-        labels, scores = rows[:, 1].long(), rows[:, 2:]
-        predictions = scores.argmax(1)
-        return {
-            "accuracy": float((predictions == labels).float().mean()),
-            "macro_f1": macro_f1_of(confusion_counts(labels, predictions, scores.shape[1])),
-            "index": index[first].cpu(),
-            "predictions": predictions,
-            "labels": labels,
-            "scores": scores,
-        }
+        labels, index = rows[:, 1].long(), index[first].cpu()
+        if self.stack is None:
+            return _result(index, labels, rows[:, 2:])
+        per_prompt = rows[:, 2:].view(len(rows), self.stack, -1).unbind(1)
+        results = [_result(index, labels, scores) for scores in per_prompt]
+        return {"prompts": results, **{key: [r[key] for r in results] for key in ("accuracy", "macro_f1")}}
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any] | None:
@@ -161,11 +167,14 @@ class RankClassificationModule(L.LightningModule):
     def _finish(self, stage: str) -> None:
         result = self._gathered()
         if result is None:  # an empty split: nothing to score on any rank
-            self.results[stage] = {"accuracy": float("nan")}
+            nan = float("nan")
+            self.results[stage] = {"accuracy": nan} if self.stack is None else {"accuracy": [nan] * self.stack}
             return
         self.results[stage] = result
-        # Every rank holds the same deduplicated value: no further reduction needed.
-        accuracy, macro_f1 = result["accuracy"], result["macro_f1"]
+        # Every rank holds the same deduplicated value: no further reduction needed. A stack logs its means.
+        accuracy, macro_f1 = (
+            statistics.fmean(v) if self.stack else v for v in (result["accuracy"], result["macro_f1"])
+        )
         self.log(f"{self.name}/{stage}_accuracy", accuracy, prog_bar=True, sync_dist=False, rank_zero_only=False)
         self.log(f"{self.name}/{stage}_macro_f1", macro_f1, sync_dist=False, rank_zero_only=False)
 
@@ -174,6 +183,19 @@ class RankClassificationModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._finish("test")
+
+
+def _result(index: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor) -> dict[str, Any]:
+    """One prompt's scored examples: accuracy, macro-F1, predictions."""
+    predictions = scores.argmax(1)
+    return {
+        "accuracy": float((predictions == labels).float().mean()),
+        "macro_f1": macro_f1_of(confusion_counts(labels, predictions, scores.shape[1])),
+        "index": index,
+        "predictions": predictions,
+        "labels": labels,
+        "scores": scores,
+    }
 
 
 def confusion_counts(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from mlflow_recycle.compute import Compute, metered
 from mlflow_recycle.errors import RecycleError
 
-from .modules import PromptTuningModule, confusion_counts, macro_f1_of
+from .modules import PromptTuningModule
 from .training import FitOutcome, TrainerFactory, progress
 
 
@@ -29,7 +29,8 @@ class StackedPromptTuningModule(PromptTuningModule):
     """:class:`PromptTuningModule` over a stack of prompts (``initial_prompt``: ``[K, length, dim]``).
 
     ``active`` marks the prompts still training. After a validation, ``results["validation"]``
-    holds each prompt's ``accuracy`` and ``macro_f1`` as lists, in stack order.
+    holds each prompt's ``accuracy`` and ``macro_f1`` as lists, in stack order (as for any stack
+    a :class:`~lightning_modules.RankClassificationModule` scores).
     """
 
     def __init__(self, model: torch.nn.Module, initial_prompt: torch.Tensor, **kwargs: Any) -> None:
@@ -40,10 +41,6 @@ class StackedPromptTuningModule(PromptTuningModule):
         super().__init__(model, initial_prompt, **kwargs)
         self.active = torch.ones(len(initial_prompt), dtype=torch.bool)
         self._held = initial_prompt.detach().clone().float()
-
-    @property
-    def size(self) -> int:
-        return int(self.prompt.shape[0])
 
     def stop(self, k: int) -> None:
         """Take prompt ``k`` out of training, holding its rows where they are."""
@@ -66,27 +63,6 @@ class StackedPromptTuningModule(PromptTuningModule):
             with torch.no_grad():
                 stopped = (~self.active).to(self.prompt.device)
                 self.prompt[stopped] = self._held[~self.active].to(self.prompt)
-
-    def _score(self, batch: dict[str, torch.Tensor]) -> None:
-        scores = self.lm.class_scores(self.prompt, batch, self.length_normalize)  # [K, B, C]
-        flat = scores.transpose(0, 1).reshape(scores.shape[1], -1).float()  # [B, K * C]
-        rows = torch.cat([batch["index"].unsqueeze(1).float(), batch["labels"].unsqueeze(1).float(), flat], 1)
-        self._outputs.append(rows.detach())
-
-    def _finish(self, stage: str) -> None:
-        result = self._gathered()
-        if result is None:
-            self.results[stage] = {"accuracy": [float("nan")] * self.size, "macro_f1": [float("nan")] * self.size}
-            return
-        labels = result["labels"]
-        scores = result["scores"].view(len(labels), self.size, -1).transpose(0, 1)  # [K, N, C]
-        predictions = scores.argmax(-1)
-        self.results[stage] = {
-            "accuracy": [float((p == labels).float().mean()) for p in predictions],
-            "macro_f1": [macro_f1_of(confusion_counts(labels, p, scores.shape[-1])) for p in predictions],
-        }
-        mean = sum(self.results[stage]["accuracy"]) / self.size
-        self.log(f"{self.name}/{stage}_accuracy", mean, prog_bar=True, sync_dist=False, rank_zero_only=False)
 
 
 class StackedStops(L.Callback):
@@ -149,7 +125,7 @@ def fit_prompts(
     """Train ``module``'s prompts for at most ``steps`` steps, validating every ``eval_every``: one
     :class:`FitOutcome` per prompt, as :func:`~lightning_modules.fit_prompt` returns for one. Seconds and
     compute are split among the prompts by the steps each took."""
-    size = module.size
+    size = module.stack
     stops = StackedStops(metric, thresholds or [None] * size, start_scores or [None] * size, patience)
     fit: L.Trainer = trainer(
         max_steps=steps, check_val_every_n_epoch=None, enable_checkpointing=False, logger=False,

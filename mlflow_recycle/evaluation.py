@@ -206,6 +206,7 @@ class Evaluator:
         splits: ``validation`` and/or ``test``.
         random_draws: random-token prompts averaged for the baseline.
         seed: seeds the random-token draws.
+        prompts_per_pass: how many prompts :meth:`reports` scores in one pass through the model.
     """
 
     trainer: TrainerFactory
@@ -213,6 +214,7 @@ class Evaluator:
     random_draws: int = 3
     seed: int = 0
     metric: str = "accuracy"  # what score() and baselines() measure
+    prompts_per_pass: int = 8
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.splits if s not in SPLITS]
@@ -244,22 +246,51 @@ class Evaluator:
         name: str,
     ) -> dict[str, ClassReport]:
         """``prompt`` (None: zero-shot) on each split, class by class."""
+        return self._passes(side, data, prompt, name)[0]
+
+    def reports(
+        self, side: LoadedModel, data: TextClassificationDataModule, prompts: Sequence[torch.Tensor], name: str
+    ) -> list[dict[str, ClassReport]]:
+        """Each of ``prompts`` on each split, as :meth:`report` gives it: ``prompts_per_pass`` prompts of one
+        shape are scored in one pass, each row of a batch carrying its own prompt."""
+        out: list[dict[str, ClassReport]] = [{} for _ in prompts]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_shape.setdefault(tuple(prompt.shape), []).append(i)
+        for same in by_shape.values():
+            for start in range(0, len(same), max(self.prompts_per_pass, 1)):
+                chunk = same[start : start + max(self.prompts_per_pass, 1)]
+                stack = torch.stack([prompts[i] for i in chunk]) if len(chunk) > 1 else prompts[chunk[0]]
+                for i, reports in zip(chunk, self._passes(side, data, stack, name), strict=True):
+                    out[i] = reports
+        return out
+
+    def _passes(
+        self, side: LoadedModel, data: TextClassificationDataModule, prompt: torch.Tensor | None, name: str
+    ) -> list[dict[str, ClassReport]]:
+        """One pass per split of ``prompt`` (one, none or a ``[K, length, dim]`` stack): each prompt's reports."""
         module = RankClassificationModule(
             side.model, prompt, length_normalize=data.encoder.task.length_normalize, name=name
         )
-        reports = {}
+        reports: list[dict[str, ClassReport]] = [{} for _ in range(module.stack or 1)]
+        classes = data.encoder.task.labels
         for split in self.splits:
             # every example of the split, whatever the trainer config limits for training
             trainer: L.Trainer = self.trainer(logger=False, limit_val_batches=1.0, limit_test_batches=1.0)
             run = trainer.test if split == "test" else trainer.validate
             run(module, datamodule=data, verbose=False)
             result = module.results[split]
-            classes = data.encoder.task.labels
-            if "labels" in result:
-                reports[split] = ClassReport.of(result["labels"], result["predictions"], classes)
-            else:  # an empty split
-                reports[split] = ClassReport(float("nan"), tuple(classes), ())
-            log.info("%s on %s/%s: %.4f", name, side.name, split, reports[split].accuracy)
+            results = result.get("prompts", [{}] * len(reports)) if module.stack else [result]
+            for report, one in zip(reports, results, strict=True):
+                empty = ClassReport(float("nan"), tuple(classes), ())  # an empty split
+                report[split] = ClassReport.of(one["labels"], one["predictions"], classes) if "labels" in one else empty
+            accuracies = [report[split].accuracy for report in reports]
+            what = (
+                f"{accuracies[0]:.4f}"
+                if len(reports) == 1
+                else f"{len(reports)} prompts in one pass, mean {statistics.fmean(accuracies):.4f}"
+            )
+            log.info("%s on %s/%s: %s", name, side.name, split, what)
         return reports
 
     def baselines(self, side: LoadedModel, data: TextClassificationDataModule, prompt_length: int) -> Baselines:
@@ -267,11 +298,11 @@ class Evaluator:
         reports = self.report(side, data, None, "zero_shot")
         zero_shot = {split: report.value(self.metric) for split, report in reports.items()}
         table = embedding_table(side.model)
-        draws = []
+        rows = []
         for draw in range(self.random_draws):
             generator = torch.Generator().manual_seed(self.seed + 1000 + draw)
-            rows = sample_vocab_rows(table, prompt_length, generator, exclude_ids=side.tokenizer.all_special_ids)
-            draws.append(self.report(side, data, rows, f"random_prompt_{draw}"))
+            rows.append(sample_vocab_rows(table, prompt_length, generator, exclude_ids=side.tokenizer.all_special_ids))
+        draws = self.reports(side, data, rows, "random_prompt")
         random_prompt = {s: statistics.fmean(d[s].value(self.metric) for d in draws) for s in self.splits}
         errors = {}  # macro-F1's: zero-shot's or a random draw's bootstrap (accuracy's has a closed form)
         for s in self.splits if self.metric != "accuracy" else ():

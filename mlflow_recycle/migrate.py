@@ -354,6 +354,7 @@ def _run_migration(cfg: DictConfig, report: MigrationReport, held, todo, guard: 
         # "migrated_from": the resolved version (an MLproject run already logged the requested one)
         params = {"base_model": base_model, "to_version": to_version, "migrated_from": from_version}
         migration = _Migration(cfg, base_model, from_version, to_version, held)
+        migration.transfer.migrating = [p for p in (migration._loaded(s) for s, _ in todo) if p is not None]
         mlflow.log_params({**params, "policy": migration.policy.label})
         mlflow.log_dict(migration.policy.to_dict(), "policy.json")
         for source, key in todo:

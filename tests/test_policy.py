@@ -537,8 +537,8 @@ def test_a_trained_map_is_trained_once_per_task_on_its_prompts_and_costed_apart(
 def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, good_prompt):
     """``when: enough_failing``: before training a map, the transfer's other prompts of the task are
     checked with the maps tried before it; it trains only when at least ``min_prompts`` of them (this one
-    included) fail. The checks made ahead are the transfer's cost (map_flops, as deciding on the map), kept
-    and not made again when their prompts' turn comes."""
+    included) fail. The prompts' checks are made together, one pass per map; each prompt's run pays its
+    share, and no check is made again when its prompt's turn comes."""
     made: list = []
     broken = [good_prompt.replace(embeddings=good_prompt.embeddings * k) for k in (-1.0, 8.0)]
     held = [good_prompt, *broken]
@@ -555,19 +555,44 @@ def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, goo
     assert list(first.records[0].tried) == ["identity"] and made == ["fit identity"]  # no map trained
     good, second = run_policy(rule(3), strict, good_prompt), run_policy(rule(3), strict, broken[1])
     assert good.stage == "recycle" and second.records[0].tried["identity"] < second.threshold
-    # the first run made the other two prompts' identity checks ahead, as the map's cost; they reuse them
-    assert first.map_flops == 2 * first.records[0].flops > 0
-    assert good.records[0].flops == second.records[0].flops == good.map_flops == 0
+    # the first run made the three prompts' identity checks in one pass: each run pays its share, none the map
+    assert first.records[0].flops == good.records[0].flops == second.records[0].flops > 0
+    assert first.map_flops == good.map_flops == second.map_flops == 0
 
     made.clear()
     eager = transfer(sides, "small-a", "small-a", made, prompts=held)
     outcome = run_policy(rule(2), eager, broken[0])  # two of three fail identity: enough for min_prompts=2
     assert list(outcome.records[0].tried) == ["identity", "linear+map(2)"] and made == ["fit identity", "fit linear", 3]
-    assert outcome.records[0].flops == first.records[0].flops * 2  # its own two checks; those made ahead: the map's
+    assert outcome.records[0].flops == first.records[0].flops * 2  # its own two checks, at their share of a pass
     eager.seed = 1  # another validation draw: no new count once the map is trained, its use costs a check
     again = run_policy(rule(2), eager, broken[1])
     assert again.map_flops == 0 and made == ["fit identity", "fit linear", 3]
     assert "linear+map(2)" in again.records[0].tried
+
+
+def test_gate_checks_in_one_pass_decide_as_one_at_a_time(sides, good_prompt):
+    """Three prompts of one task checked in one pass (eval.prompts_per_pass=8) or one at a time (1): the
+    same scores within float tolerance, the same stage, verdict and cost in FLOPs for each prompt."""
+    held = [
+        good_prompt,
+        good_prompt.replace(embeddings=-good_prompt.embeddings),
+        good_prompt.replace(embeddings=good_prompt.embeddings.flip(0)),
+    ]
+    rule = policy(recycling({"name": "identity"}, {"name": "linear"}))
+    outcomes = {}
+    for per_pass in (8, 1):
+        pair = transfer(sides, "small-a", "small-b", prompts=held, prompts_per_pass=per_pass)
+        outcomes[per_pass] = [run_policy(rule, pair, prompt) for prompt in held]
+    for batched, alone in zip(outcomes[8], outcomes[1], strict=True):
+        assert (batched.gate, batched.stage, list(batched.records[0].tried)) == (
+            alone.gate,
+            alone.stage,
+            list(alone.records[0].tried),
+        )
+        for method, score in alone.records[0].tried.items():
+            assert batched.records[0].tried[method] == pytest.approx(score, abs=1e-6)
+        assert batched.records[0].flops == pytest.approx(alone.records[0].flops)
+    assert len({o.records[0].tried["identity"] for o in outcomes[8]}) > 1  # the prompts score apart
 
 
 @pytest.mark.parametrize(

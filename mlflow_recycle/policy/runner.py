@@ -45,16 +45,20 @@ def run_policy(
 
 
 def _stage(stage: Stage, run: Run) -> StageRecord:
-    """Run one stage (or say why not), its cost measured without the maps' share."""
+    """Run one stage (or say why not), its cost measured without the maps' share, and with the gate checks
+    it used at their share of the passes that made them with the prompt's peers."""
     start, flops, maps = time.perf_counter(), run.used.flops, (run.map_seconds, run.map_flops)
+    ahead, paid = (run.transfer.ahead_seconds, run.transfer.ahead_flops), (run.paid_seconds, run.paid_flops)
     if not isinstance(stage, RecycleStage) and stage.skip:
         record = StageRecord(stage.name, SKIPPED, reason=f"the policy skips it (policy.stages.{stage.name}.skip)")
     elif not isinstance(stage, RecycleStage) and not run.judging:
         record = StageRecord(stage.name, SKIPPED, reason=run.judge.problem)
     else:
         record = RUNNERS[stage.name](stage, run)
-    record.seconds = time.perf_counter() - start - (run.map_seconds - maps[0])
-    record.flops = run.used.flops - flops - (run.map_flops - maps[1])
+    shared_seconds = run.map_seconds - maps[0] + run.transfer.ahead_seconds - ahead[0] - (run.paid_seconds - paid[0])
+    shared_flops = run.map_flops - maps[1] + run.transfer.ahead_flops - ahead[1] - (run.paid_flops - paid[1])
+    record.seconds = time.perf_counter() - start - shared_seconds
+    record.flops = run.used.flops - flops - shared_flops
     if record.status != SKIPPED:
         record.score = run.score
         if not run.judging:

@@ -26,7 +26,7 @@ from ..refine import distill, refined
 from .config import RecyclerChoice, RecycleStage, RefineStage, RetuneStage
 from .gate import FAILED, SKIPPED
 from .outcome import StageRecord
-from .transfer import Judge, Transfer, labelled_data_problem
+from .transfer import Check, Judge, Transfer, labelled_data_problem
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,14 @@ class Run:
     score: float | None = None  # the best prompt's gate score
     map_seconds: float = 0.0  # the maps' fits and trainings, and checks ahead of the prompt's peers
     map_flops: float = 0.0
+    paid_seconds: float = 0.0  # the shares of gate checks made ahead with the prompt's peers, paid on use
+    paid_flops: float = 0.0
+
+    def pay(self, check: Check) -> None:
+        """Count ``check``'s share of the pass that made it as this run's, once."""
+        if not check.paid:
+            check.paid = True
+            self.paid_seconds, self.paid_flops = self.paid_seconds + check.seconds, self.paid_flops + check.flops
 
     @property
     def judging(self) -> bool:
@@ -58,11 +66,13 @@ class Run:
 
     @contextmanager
     def on_maps(self) -> Iterator[None]:
-        """Count what runs inside as the maps' cost, shared by the transfer's prompts."""
-        start, flops = time.perf_counter(), self.used.flops
+        """Count what runs inside as the maps' cost, shared by the transfer's prompts (gate checks made
+        inside decide on a map: they are paid there)."""
+        start, flops, self.transfer.for_maps = time.perf_counter(), self.used.flops, True
         try:
             yield
         finally:
+            self.transfer.for_maps = False
             self.map_seconds += time.perf_counter() - start
             self.map_flops += self.used.flops - flops
 
@@ -79,7 +89,8 @@ def recycle(stage: RecycleStage, run: Run) -> StageRecord:
             continue
         with run.on_maps():
             recycler = run.transfer.recycler(choice, run.transfer.peers(run.prompt) if choice.train_map else None)
-        made = run.judge.recycled(choice, recycler, run.recycled_from)
+        made = run.judge.recycled(choice, recycler)
+        run.pay(made)
         if choice.training_free:
             tried.append((choice, recycler))
         candidate = made.candidate.replace(recycled_from=run.recycled_from) if run.recycled_from else made.candidate

@@ -46,9 +46,11 @@ class Transfer:
         trainer: builds Lightning trainers (``instantiate(cfg.trainer, _partial_=True)``).
         prompts: the prompts this transfer migrates: a map trained on behaviour learns from those of
             a prompt's task, and ``when: enough_failing`` counts them.
-        limit_val, eval_batch_size, random_draws, seed: evaluation settings (``conf/eval``).
+        limit_val, eval_batch_size, random_draws, seed, prompts_per_pass: evaluation settings (``conf/eval``).
         anchor_offset, anchor_size: the anchors the maps are fitted on (``conf/anchors``).
         store: where fitted and trained maps are kept beyond this transfer (a migration's MLflow runs).
+        migrating: the prompts this transfer's runs will migrate (default: ``prompts``): a gate check is
+            made for them together, in passes of several prompts (:meth:`check_ahead`).
     """
 
     source: LoadedModel
@@ -59,10 +61,16 @@ class Transfer:
     eval_batch_size: int = 64
     random_draws: int = 3
     seed: int = 0
+    prompts_per_pass: int = 8
     anchor_offset: int = DEFAULT_OFFSET
     anchor_size: int = DEFAULT_SIZE
     store: MapStore | None = None
+    migrating: Sequence[SoftPrompt] | None = None
     costs: dict[str, float] = field(default_factory=dict)  # what making each map cost, summed by metric
+    #: What :meth:`check_ahead` spent outside the maps, all of it: its checks' shares are paid by their runs.
+    ahead_seconds: float = 0.0
+    ahead_flops: float = 0.0
+    for_maps: bool = False  # checks made now decide on a map: the maps' cost, paid already
     _maps: dict[str, Recycler] = field(default_factory=dict, repr=False)
     _baselines: dict[tuple[Any, ...], Baselines] = field(default_factory=dict, repr=False)
     _judges: dict[tuple[Any, ...], Judge] = field(default_factory=dict, repr=False)
@@ -74,6 +82,11 @@ class Transfer:
         if not any(p.length == prompt.length and torch.equal(p.embeddings, prompt.embeddings) for p in same):
             same.append(prompt)
         return same
+
+    def checked_with(self, prompt: SoftPrompt) -> list[SoftPrompt]:
+        """The prompts checked with ``prompt``, in one pass: those being migrated of its task and length."""
+        held = self.prompts if self.migrating is None else self.migrating
+        return [p for p in held if p.task == prompt.task and p.length == prompt.length]
 
     # ------------------------------------------------------------------ maps
     def recycler(self, choice: RecyclerChoice, prompts: Sequence[SoftPrompt] | None = None) -> Recycler:
@@ -135,7 +148,7 @@ class Transfer:
         return self._judges[key]
 
     def evaluator(self, split: str, metric: str = "accuracy") -> Evaluator:
-        return Evaluator(self.trainer, (split,), self.random_draws, self.seed, metric)
+        return Evaluator(self.trainer, (split,), self.random_draws, self.seed, metric, self.prompts_per_pass)
 
     def data(self, side: LoadedModel, prompt: SoftPrompt, **settings: Any):
         """The prompt's task on ``side``, with the gate's draw of validation."""
@@ -154,11 +167,50 @@ class Transfer:
 
     def score(self, side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str = "accuracy") -> float:
         """``metric`` of ``prompt`` on ``side`` and ``data``'s draw of ``split``: measured once, or as
-        :meth:`known` was told (a tuning that kept the prompt by its score on the same examples)."""
+        :meth:`known` was told (a tuning that kept the prompt by its score on the same examples). The
+        prompt's peers of the same length are measured with it, in passes of several prompts."""
         key = self._score_key(side, prompt, split, data, metric)
         if key not in self._scores:
-            self._scores[key] = self.evaluator(split, metric).score(side, data, prompt.embeddings, "source")[split]
+            peers = [prompt, *(p for p in self.checked_with(prompt) if p.digest != prompt.digest)]
+            todo = [p for p in peers if self._score_key(side, p, split, data, metric) not in self._scores]
+            reports = self.evaluator(split, metric).reports(side, data, [p.embeddings for p in todo], "source")
+            for peer, report in zip(todo, reports, strict=True):
+                self._scores[self._score_key(side, peer, split, data, metric)] = report[split].value(metric)
         return self._scores[key]
+
+    def check_ahead(self, judge: Judge, choice: RecyclerChoice, recycler: Recycler) -> None:
+        """``choice``'s candidate for ``judge``'s prompt and for the peers that would try it next (checked
+        with it, at the same point of the recycle stage, none passed yet), scored on the gate in passes of
+        several prompts and kept in each peer's judge: their runs find them made, and pay their share."""
+        start = time.perf_counter()
+        with metered() as judging:
+            judges = [judge, *self._next_to_try(judge, choice)]
+        with metered() as checking:
+            made = [j.candidate(choice, recycler) for j in judges]
+            scores = [math.nan] * len(judges)
+            if judge.data is not None:
+                evaluator = self.evaluator(judge.gate.split, judge.gate.metric)
+                reports = evaluator.reports(self.target, judge.data, [c.embeddings for c, _ in made], choice.label)
+                scores = [r[judge.gate.split].value(judge.gate.metric) for r in reports]
+        seconds, spent = time.perf_counter() - start, judging.flops + checking.flops
+        if not self.for_maps:
+            self.ahead_seconds, self.ahead_flops = self.ahead_seconds + seconds, self.ahead_flops + spent
+        share = seconds * checking.flops / max(spent, 1.0) / len(judges), checking.flops / len(judges)
+        for j, (candidate, steps), score in zip(judges, made, scores, strict=True):
+            j.checks[choice.key] = Check(candidate, score, steps, *share, paid=self.for_maps)
+
+    def _next_to_try(self, judge: Judge, choice: RecyclerChoice) -> list[Judge]:
+        if judge.data is None or choice.refine is not None:
+            return []  # nothing to score, or a candidate that trains: one at a time
+        gate, peers = judge.gate, self.checked_with(judge.prompt)
+        judges = [
+            self.judge(gate, p, labelled_data_problem(p, gate.split)) for p in peers if p.digest != judge.prompt.digest
+        ]
+        return [
+            j for j in judges
+            if j.data is not None and set(j.checks) == set(judge.checks)
+            and not any(j.passes(check.score) for check in j.checks.values())
+        ]  # fmt: skip
 
     def known(self, side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str, value: float) -> None:
         """Record a score measured elsewhere on ``data``'s draw of ``split``: :meth:`score` does not measure
@@ -184,11 +236,15 @@ class Transfer:
 
 @dataclass
 class Check:
-    """A recycler's candidate for one prompt and its gate score."""
+    """A recycler's candidate for one prompt and its gate score, with its share of the pass that scored it
+    (``paid``: already counted, as the maps' cost when it decided on a map)."""
 
     candidate: SoftPrompt
     score: float
     steps: int
+    seconds: float = 0.0
+    flops: float = 0.0
+    paid: bool = False
 
 
 class Judge:
@@ -220,30 +276,29 @@ class Judge:
             gate.split
         )
 
-    def score(self, candidate: SoftPrompt, name: str) -> float:
-        evaluator = self.transfer.evaluator(self.gate.split, self.gate.metric)
-        return evaluator.score(self.transfer.target, self.data, candidate.embeddings, name)[self.gate.split]
-
     def passes(self, score: float | None) -> bool:
         return self.gate.passes(score, self.bar)
 
-    def recycled(self, choice: RecyclerChoice, recycler: Recycler, recycled_from: str | None) -> Check:
-        """``choice``'s candidate for the prompt (its fixed refinement included) and its score, made once."""
+    def recycled(self, choice: RecyclerChoice, recycler: Recycler) -> Check:
+        """``choice``'s candidate for the prompt (its fixed refinement included) and its score, made once
+        (with its peers': :meth:`Transfer.check_ahead`)."""
         if choice.key not in self.checks:
-            transfer = self.transfer
-            candidate = on_target(recycler.transform(self.prompt, recycled_from), transfer.target)
-            steps = 0
-            if choice.refine is not None:
-                outcome = distill(transfer.source, self.prompt, transfer.target, candidate.embeddings,
-                                  choice.refine, transfer.trainer, seed=transfer.seed)  # fmt: skip
-                candidate, steps = refined(candidate, outcome, choice.refine), outcome.steps
-            score = self.score(candidate, choice.label) if self.data is not None else math.nan
-            self.checks[choice.key] = Check(candidate, score, steps)
+            self.transfer.check_ahead(self, choice, recycler)
         return self.checks[choice.key]
+
+    def candidate(self, choice: RecyclerChoice, recycler: Recycler) -> tuple[SoftPrompt, int]:
+        """``choice``'s candidate for the prompt, with the steps its fixed refinement took."""
+        transfer = self.transfer
+        candidate = on_target(recycler.transform(self.prompt, None), transfer.target)
+        if choice.refine is None:
+            return candidate, 0
+        outcome = distill(transfer.source, self.prompt, transfer.target, candidate.embeddings, choice.refine,
+                          transfer.trainer, seed=transfer.seed)  # fmt: skip
+        return refined(candidate, outcome, choice.refine), outcome.steps
 
     def carried(self, choices: Sequence[tuple[RecyclerChoice, Recycler]]) -> bool:
         """Whether one of ``choices`` (tried before, in order) carries the prompt over its gate."""
-        return any(self.passes(self.recycled(choice, recycler, None).score) for choice, recycler in choices)
+        return any(self.passes(self.recycled(choice, recycler).score) for choice, recycler in choices)
 
 
 def _draw(data, split: str) -> tuple[int, int | None]:
