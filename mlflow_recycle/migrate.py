@@ -22,8 +22,10 @@ import hashlib
 import json
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,7 +172,9 @@ class _Migration:
     ) -> None:
         self.cfg, self.base_model, self.from_version, self.to_version = cfg, base_model, from_version, to_version
         self.client = MlflowClient()
-        target_base = self.client.get_model_version(base_model, to_version)
+        target_base = self.target_base = self.client.get_model_version(base_model, to_version)
+        self._alias_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
         # re-tuning on the new base uses its recipe (the tag its registration kept), as the job does
         recipe = registry.base_recipe(target_base)
         self.policy = build_policy(cfg, {"name": f"{base_model} v{to_version}", "recipe": recipe})
@@ -239,37 +243,65 @@ class _Migration:
         accuracy = transfer.evaluator("test").accuracy(transfer.target, data, prompt.embeddings, "recycled")
         return verdict_metrics({"recycled": accuracy}, baselines, "recycled", ["test"])
 
-    def migrate_one(self, source: ModelVersion, key: str, guard: Guard | None = None) -> MigratedPrompt:
+    def measure(self, source: ModelVersion, key: str) -> Measured:
+        """The policy on ``source``'s prompt and what it measured, in memory: nothing logged yet."""
         source_uri = registry.model_uri(source.name, source.version)
         prompt = self.prompt(source)
-        target_base = self.client.get_model_version(self.base_model, self.to_version)
+        outcome = run_policy(self.policy, self.transfer, prompt, source_uri, judge=self.cfg.evaluate)
+        metrics = {**outcome.metrics(), **self.report_test(outcome)}
+        if outcome.baselines is not None:
+            split = self.policy.gate.split
+            metrics[f"{split}/recycled_accuracy"] = outcome.score
+            metrics[f"{split}/best_baseline_accuracy"] = outcome.baselines.best(split)
+        metrics.update(cost_metrics(outcome, prompt, self.transfer.target))
+        return Measured(source, key, registry.tie(outcome.prompt, self.target_base), outcome, metrics)
+
+    def publish(self, measured: Measured, parent: mlflow.entities.Run, guard: Guard | None = None) -> MigratedPrompt:
+        """Log and register one measured prompt, in its run under the migration's ``parent`` run: from any
+        thread (the uploads of several prompts run side by side)."""
+        source, outcome, metrics = measured.source, measured.outcome, measured.metrics
+        source_uri = registry.model_uri(source.name, source.version)
+        run_name = f"{source.name} v{source.version} -> {self.base_model} v{self.to_version}"
+        tags = {TAG_MIGRATION_KEY: measured.key, **registry.outcome_tags(outcome)}
         with mlflow.start_run(
-            run_name=f"{source.name} v{source.version} -> {self.base_model} v{self.to_version}", nested=True
+            run_name=run_name, parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id
         ):
-            outcome = run_policy(self.policy, self.transfer, prompt, source_uri, judge=self.cfg.evaluate)
-            migrated = registry.tie(outcome.prompt, target_base)
-            metrics = {**outcome.metrics(), **self.report_test(outcome)}
-            if outcome.baselines is not None:
-                split = self.policy.gate.split
-                metrics[f"{split}/recycled_accuracy"] = outcome.score
-                metrics[f"{split}/best_baseline_accuracy"] = outcome.baselines.best(split)
-            metrics.update(cost_metrics(outcome, prompt, self.transfer.target))
-            tags = {TAG_MIGRATION_KEY: key, **registry.outcome_tags(outcome)}
-            mlflow.log_metrics(metrics)
             mlflow.set_tags(tags)
             tags = {**tags, **registry.outcome_tags(outcome, metrics)}
             if guard is not None:
                 guard()  # a worker that lost its lease logs and registers nothing more
-            version = registry.log_prompt(
-                migrated, "recycled_prompt", source.name, tags=tags, before_register=guard,
-                tokenizer=self.transfer.target.tokenizer,
-            )  # fmt: skip
+            logged = registry.log_prompt(
+                measured.prompt, "recycled_prompt", tags=tags, tokenizer=self.transfer.target.tokenizer
+            )
+            # after the model: one call puts them on the run and the logged model (MLflow would copy each
+            # metric's history to a model logged after them, one call per metric)
+            mlflow.log_metrics(metrics, model_id=logged.model_id)
+            version = registry.register_prompt(
+                logged.model_uri, source.name, measured.prompt, tags=tags, before_register=guard
+            )
         log.info("%s -> %s version %s: %s", source_uri, version.name, version.version, outcome.summary())
         about = outcome.description(source_uri, metrics.get("policy/compute_fraction"))
         self.client.update_model_version(version.name, version.version, description=about)
-        _move_alias(self.client, version, self.cfg.alias)
+        with self._alias_lock(version.name):
+            _move_alias(self.client, version, self.cfg.alias)
         target_uri = registry.model_uri(version.name, version.version)
         return MigratedPrompt(source_uri, target_uri, True, outcome.gate, metrics, outcome.stage, outcome.reason)
+
+    def _alias_lock(self, name: str) -> threading.Lock:
+        """One lock per prompt model: two versions of one model never move its alias at once."""
+        with self._locks_lock:
+            return self._alias_locks.setdefault(name, threading.Lock())
+
+
+@dataclass
+class Measured:
+    """One prompt through the policy, with what it measured, before anything of it is logged."""
+
+    source: ModelVersion
+    key: str
+    prompt: SoftPrompt  # the migrated prompt, tied to the new base version
+    outcome: PolicyOutcome
+    metrics: dict[str, float]
 
 
 def migrate(
@@ -357,20 +389,36 @@ def _run_migration(cfg: DictConfig, report: MigrationReport, held, todo, guard: 
         migration.transfer.migrating = [p for p in (migration._loaded(s) for s, _ in todo) if p is not None]
         mlflow.log_params({**params, "policy": migration.policy.label})
         mlflow.log_dict(migration.policy.to_dict(), "policy.json")
-        for source, key in todo:
-            if guard is not None:
-                guard()
-            try:
-                report.prompts.append(migration.migrate_one(source, key, guard))
-            except RecycleError as exc:
-                log.error("Cannot migrate %s v%s: %s", source.name, source.version, exc)
-                failures.append(f"{source.name} v{source.version}: {exc}")
+        parent = mlflow.active_run()
+        with ThreadPoolExecutor(max(int(cfg.get("uploads") or 1), 1), thread_name_prefix="upload") as uploads:
+            published = []
+            for source, key in todo:  # the policy, one prompt after another; each prompt's upload in the pool
+                if guard is not None:
+                    guard()
+                try:
+                    published.append(
+                        (source, uploads.submit(migration.publish, migration.measure(source, key), parent, guard))
+                    )
+                except RecycleError as exc:
+                    failures.append(_failed(source, exc))
+            for source, upload in published:
+                if guard is not None:
+                    guard()  # a lease an upload found lost ends this run KILLED here, as the worker expects
+                try:
+                    report.prompts.append(upload.result())
+                except RecycleError as exc:
+                    failures.append(_failed(source, exc))
         mlflow.log_metrics(_totals(report.prompts))
         lines = "\n".join(report.lines())
         mlflow.log_text(lines + "\n", "migration_report.txt")
         mlflow.set_tag(MLFLOW_RUN_NOTE, f"```\n{lines}\n```")  # the run's Description in the UI
     if failures:
         raise MigrationError(f"{len(failures)} of {len(todo)} prompts were not migrated: " + "; ".join(failures))
+
+
+def _failed(source: ModelVersion, exc: RecycleError) -> str:
+    log.error("Cannot migrate %s v%s: %s", source.name, source.version, exc)
+    return f"{source.name} v{source.version}: {exc}"
 
 
 def _totals(prompts: list[MigratedPrompt]) -> dict[str, float]:

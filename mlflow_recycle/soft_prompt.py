@@ -226,11 +226,23 @@ def save_model(
 def _save_tokenizer(tokenizer: Any, prompt: SoftPrompt, directory: Path) -> None:
     """``tokenizer`` in ``directory``, adding the BOS token to each text as the prompted contexts start
     (:class:`~mlflow_recycle.prompted_lm.TaskEncoder`: a causal LM's context starts with its BOS)."""
-    prompt.check_fits(dim=prompt.dim, fingerprint=tokenizer_fingerprint(tokenizer), model="the tokenizer given")
+    fingerprint, files = _tokenizer_files(tokenizer, prompt.task_type == "CAUSAL_LM")
+    prompt.check_fits(dim=prompt.dim, fingerprint=fingerprint, model="the tokenizer given")
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_files(tokenizer: Any, add_bos: bool) -> tuple[str, dict[str, bytes]]:
+    """``tokenizer``'s fingerprint and its saved files, made once per tokenizer (a migration saves the same
+    base's tokenizer beside each of its prompts)."""
     saved = copy.deepcopy(tokenizer)
-    if prompt.task_type == "CAUSAL_LM" and saved.bos_token is not None:
+    if add_bos and saved.bos_token is not None:
         saved.add_bos_token = True
-    saved.save_pretrained(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved.save_pretrained(tmp)
+        files = {path.name: path.read_bytes() for path in Path(tmp).iterdir() if path.is_file()}
+    return tokenizer_fingerprint(tokenizer), files
 
 
 def _save_signature_and_example(
@@ -278,8 +290,8 @@ def _save_environment(
             # path (".../mlflow_recycle-...") for one: pin it here.
             default_reqs = [_generate_mlflow_version_pinning(), package_requirement(path)]
             default_reqs += get_default_pip_requirements()
-        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
-            default_reqs, pip_requirements, extra_pip_requirements
+        conda_env, pip_requirements, pip_constraints = _processed_requirements(
+            *map(_frozen, (default_reqs, pip_requirements, extra_pip_requirements))
         )
     with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
         yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
@@ -287,6 +299,18 @@ def _save_environment(
         write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
     write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
     _python_env().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+
+
+def _frozen(requirements: Any) -> Any:
+    """Requirements as a hashable key: a list becomes a tuple, a file path stays."""
+    return tuple(requirements) if isinstance(requirements, list | tuple) else requirements
+
+
+@functools.lru_cache(maxsize=32)
+def _processed_requirements(default: Any, pip: Any, extra: Any) -> tuple[dict, list[str], list[str]]:
+    """MLflow's processing of the requirements (parsing each one), once per distinct set: a migration writes
+    the same ones beside each of its prompts. Read only: callers share the result."""
+    return _process_pip_requirements(*(list(r) if isinstance(r, tuple) else r for r in (default, pip, extra)))
 
 
 @functools.cache

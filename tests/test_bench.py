@@ -161,9 +161,10 @@ def test_migration_policy_quick(tmp_path):
     assert shown in again.stdout and " | 0 / 0 / 1 | — | " in again.stdout  # no gain kept without a reference
 
 
-@pytest.mark.slow  # ~2 min: a tracking server and a receiver per count
-def test_migration_latency_quick(tmp_path):
-    assert "| no evaluation | 2 |" in run("migration_latency.py", cwd=tmp_path).stdout
+@pytest.mark.slow  # ~2 min: a tracking server, a receiver, the floor and the batched comparison
+def test_migration_scale_quick(tmp_path):
+    out = run("migration_scale.py", cwd=tmp_path).stdout
+    assert "| no_eval | 2 |" in out and "| re-tuning, 4 steps |" in out
 
 
 def test_benchmark_rows_of_another_recipe_are_kept_apart(tmp_path):

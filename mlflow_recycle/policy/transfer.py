@@ -75,6 +75,7 @@ class Transfer:
     _baselines: dict[tuple[Any, ...], Baselines] = field(default_factory=dict, repr=False)
     _judges: dict[tuple[Any, ...], Judge] = field(default_factory=dict, repr=False)
     _scores: dict[tuple[Any, ...], float] = field(default_factory=dict, repr=False)
+    _mean_cosine: float | None = field(default=None, repr=False)
 
     def peers(self, prompt: SoftPrompt) -> list[SoftPrompt]:
         """The transfer's prompts of ``prompt``'s task, ``prompt`` among them (added when it is not)."""
@@ -228,10 +229,19 @@ class Transfer:
         source, target = embedding_table(self.source.model), embedding_table(self.target.model)
         if source.shape != target.shape:
             return False, f"the embedding tables differ in shape ({tuple(source.shape)} vs {tuple(target.shape)})"
-        cosine = float(torch.nn.functional.cosine_similarity(source.float(), target.float(), dim=1).mean())
+        cosine = self._cosine()
         if cosine < min_cosine:
             return False, f"mean embedding cosine {cosine:.3f} < min_cosine {min_cosine}"
         return True, f"mean embedding cosine {cosine:.3f}"
+
+    def _cosine(self) -> float:
+        """The mean cosine of the two embedding tables' rows (same shape), measured once."""
+        if self._mean_cosine is None:
+            source, target = embedding_table(self.source.model), embedding_table(self.target.model)
+            self._mean_cosine = float(
+                torch.nn.functional.cosine_similarity(source.float(), target.float(), dim=1).mean()
+            )
+        return self._mean_cosine
 
 
 @dataclass
