@@ -233,28 +233,54 @@ class _Migration:
                 mlflow.set_tag(TAG_RECYCLER_KEY, key)  # after the artifact: a tagged run always has it
         return recycler
 
-    def report_test(self, outcome: PolicyOutcome) -> dict[str, float]:
-        """Test accuracy of the migrated prompt next to the new base's baselines: reported, never deciding."""
-        prompt, transfer = outcome.prompt, self.transfer
-        if outcome.gate == GATE_UNEVALUATED or "test" not in self.cfg.eval.splits:
-            return {}
-        data = transfer.data(transfer.target, prompt, limit_test=self.cfg.eval.limit_test)
-        baselines = transfer.baselines(transfer.target, prompt, "test", data)
-        accuracy = transfer.evaluator("test").accuracy(transfer.target, data, prompt.embeddings, "recycled")
-        return verdict_metrics({"recycled": accuracy}, baselines, "recycled", ["test"])
+    def report_tests(self, measured: Sequence[Measured]) -> None:
+        """Test accuracy of each measured prompt next to the new base's baselines, into its metrics: reported,
+        never deciding. The prompts of one task and length are scored together, in passes of several."""
+        if "test" not in self.cfg.eval.splits:
+            return
+        transfer, groups = self.transfer, {}
+        for m in measured:
+            if m.outcome.gate != GATE_UNEVALUATED:
+                groups.setdefault((m.prompt.task, m.prompt.length), []).append(m)
+        for group in groups.values():
+            data = transfer.data(transfer.target, group[0].prompt, limit_test=self.cfg.eval.limit_test)
+            baselines = transfer.baselines(transfer.target, group[0].prompt, "test", data)
+            reports = transfer.evaluator("test").reports(
+                transfer.target, data, [m.prompt.embeddings for m in group], "recycled"
+            )
+            for m, report in zip(group, reports, strict=True):
+                accuracy = {split: one.accuracy for split, one in report.items()}
+                m.metrics.update(verdict_metrics({"recycled": accuracy}, baselines, "recycled", ["test"]))
 
     def measure(self, source: ModelVersion, key: str) -> Measured:
-        """The policy on ``source``'s prompt and what it measured, in memory: nothing logged yet."""
+        """The policy on ``source``'s prompt and what it measured, in memory: nothing logged yet (its test
+        report comes with its peers', :meth:`report_tests`)."""
         source_uri = registry.model_uri(source.name, source.version)
         prompt = self.prompt(source)
         outcome = run_policy(self.policy, self.transfer, prompt, source_uri, judge=self.cfg.evaluate)
-        metrics = {**outcome.metrics(), **self.report_test(outcome)}
+        metrics = outcome.metrics()
         if outcome.baselines is not None:
             split = self.policy.gate.split
             metrics[f"{split}/recycled_accuracy"] = outcome.score
             metrics[f"{split}/best_baseline_accuracy"] = outcome.baselines.best(split)
         metrics.update(cost_metrics(outcome, prompt, self.transfer.target))
         return Measured(source, key, registry.tie(outcome.prompt, self.target_base), outcome, metrics)
+
+    def measured(self, todo: Sequence[tuple[ModelVersion, str]], guard: Guard | None, failures: list[str]):
+        """Each prompt of ``todo`` measured, in order, their test reports made a chunk of
+        ``eval.prompts_per_pass`` at a time; a prompt that cannot be migrated goes to ``failures``."""
+        size = max(int(self.cfg.eval.get("prompts_per_pass") or 1), 1)
+        for start in range(0, len(todo), size):
+            chunk = []
+            for source, key in todo[start : start + size]:
+                if guard is not None:
+                    guard()
+                try:
+                    chunk.append(self.measure(source, key))
+                except RecycleError as exc:
+                    failures.append(_failed(source, exc))
+            self.report_tests(chunk)
+            yield from chunk
 
     def publish(self, measured: Measured, parent: mlflow.entities.Run, guard: Guard | None = None) -> MigratedPrompt:
         """Log and register one measured prompt, in its run under the migration's ``parent`` run: from any
@@ -391,16 +417,10 @@ def _run_migration(cfg: DictConfig, report: MigrationReport, held, todo, guard: 
         mlflow.log_dict(migration.policy.to_dict(), "policy.json")
         parent = mlflow.active_run()
         with ThreadPoolExecutor(max(int(cfg.get("uploads") or 1), 1), thread_name_prefix="upload") as uploads:
-            published = []
-            for source, key in todo:  # the policy, one prompt after another; each prompt's upload in the pool
-                if guard is not None:
-                    guard()
-                try:
-                    published.append(
-                        (source, uploads.submit(migration.publish, migration.measure(source, key), parent, guard))
-                    )
-                except RecycleError as exc:
-                    failures.append(_failed(source, exc))
+            published = [  # the policy, one prompt after another; each prompt's upload in the pool
+                (measured.source, uploads.submit(migration.publish, measured, parent, guard))
+                for measured in migration.measured(todo, guard, failures)
+            ]
             for source, upload in published:
                 if guard is not None:
                     guard()  # a lease an upload found lost ends this run KILLED here, as the worker expects

@@ -12,7 +12,7 @@ from .config import Policy, RecycleStage, Stage
 from .gate import PASSED, SKIPPED, UNEVALUATED
 from .outcome import PolicyOutcome, StageRecord
 from .stages import RUNNERS, Run
-from .transfer import Transfer, labelled_data_problem
+from .transfer import Transfer
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def run_policy(
     Each stage's record says its steps, seconds and model compute (its gate checks included).
     """
     gate = policy.gate
-    problem = labelled_data_problem(prompt, gate.split) if judge else "evaluation is off"
+    problem = transfer.data_problem(prompt, gate.split) if judge else "evaluation is off"
     with metered() as used:
         run = Run(transfer, prompt, recycled_from, transfer.judge(gate, prompt, problem), used)
         if run.judging:

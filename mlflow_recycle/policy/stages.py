@@ -26,7 +26,7 @@ from ..refine import distill, refined
 from .config import RecyclerChoice, RecycleStage, RefineStage, RetuneStage
 from .gate import FAILED, SKIPPED
 from .outcome import StageRecord
-from .transfer import Check, Judge, Transfer, labelled_data_problem
+from .transfer import Check, Judge, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _why_not(choice: RecyclerChoice, run: Run, tried: list[tuple[RecyclerChoice,
 def _failing(transfer: Transfer, judge: Judge, peers: list[SoftPrompt], tried) -> int:
     """How many of ``peers`` the training-free maps ``tried`` do not carry over their gates. The
     checks made for the others are kept (:meth:`Transfer.judge`): their own runs reuse them."""
-    judges = (transfer.judge(judge.gate, peer, labelled_data_problem(peer, judge.gate.split)) for peer in peers)
+    judges = (transfer.judge(judge.gate, peer, transfer.data_problem(peer, judge.gate.split)) for peer in peers)
     return sum(not peer.carried(tried) for peer in judges if peer.data is not None)
 
 
@@ -143,7 +143,7 @@ def _failing(transfer: Transfer, judge: Judge, peers: list[SoftPrompt], tried) -
 def refine(stage: RefineStage, run: Run) -> StageRecord:
     """Label-free distillation from the source, validated, stopping at the gate or a plateau."""
     record = StageRecord("refine", FAILED, method=stage.settings.method)
-    unlabelled = labelled_data_problem(run.prompt, stage.settings.split)
+    unlabelled = run.transfer.data_problem(run.prompt, stage.settings.split)
     if unlabelled is not None:
         record.status, record.reason = SKIPPED, f"no unlabelled inputs: {unlabelled}"
         return record
@@ -162,7 +162,7 @@ def refine(stage: RefineStage, run: Run) -> StageRecord:
 def retune(stage: RetuneStage, run: Run) -> StageRecord:
     """Supervised tuning on the target from the best prompt so far, stopping at the gate or a plateau."""
     record = StageRecord("retune", FAILED, method="retune")
-    labelled = labelled_data_problem(run.prompt, "train")
+    labelled = run.transfer.data_problem(run.prompt, "train")
     if labelled is not None:
         record.status, record.reason = SKIPPED, f"no labelled training data: {labelled}"
         return record

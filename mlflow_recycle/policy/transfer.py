@@ -76,6 +76,8 @@ class Transfer:
     _judges: dict[tuple[Any, ...], Judge] = field(default_factory=dict, repr=False)
     _scores: dict[tuple[Any, ...], float] = field(default_factory=dict, repr=False)
     _mean_cosine: float | None = field(default=None, repr=False)
+    _data: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+    _problems: dict[tuple[Any, ...], str | None] = field(default_factory=dict, repr=False)
 
     def peers(self, prompt: SoftPrompt) -> list[SoftPrompt]:
         """The transfer's prompts of ``prompt``'s task, ``prompt`` among them (added when it is not)."""
@@ -148,15 +150,35 @@ class Transfer:
             self._judges[key] = Judge(gate, self, prompt, problem)
         return self._judges[key]
 
+    def data_problem(self, prompt: SoftPrompt, split: str) -> str | None:
+        """:func:`labelled_data_problem`, read once per task and split in this transfer (a migration asks for
+        each of its prompts)."""
+        key = (prompt.task, split)
+        if key not in self._problems:
+            self._problems[key] = labelled_data_problem(prompt, split)
+        return self._problems[key]
+
     def evaluator(self, split: str, metric: str = "accuracy") -> Evaluator:
         return Evaluator(self.trainer, (split,), self.random_draws, self.seed, metric, self.prompts_per_pass)
 
     def data(self, side: LoadedModel, prompt: SoftPrompt, **settings: Any):
-        """The prompt's task on ``side``, with the gate's draw of validation."""
-        return task_data(
-            side, prompt.task, prompt_length=prompt.length, eval_batch_size=self.eval_batch_size,
-            limit_val=self.limit_val, seed=self.seed, **settings,
-        )  # fmt: skip
+        """The prompt's task on ``side``, with the gate's draw of validation: one data module (tokenised once)
+        per task, prompt length and settings, shared by the prompts of the transfer."""
+        key = (
+            side.uri,
+            prompt.task,
+            prompt.length,
+            self.eval_batch_size,
+            self.limit_val,
+            self.seed,
+            *sorted(settings.items()),
+        )
+        if key not in self._data:
+            self._data[key] = task_data(
+                side, prompt.task, prompt_length=prompt.length, eval_batch_size=self.eval_batch_size,
+                limit_val=self.limit_val, seed=self.seed, **settings,
+            )  # fmt: skip
+        return self._data[key]
 
     def baselines(self, side: LoadedModel, prompt: SoftPrompt, split: str, data, metric: str = "accuracy") -> Baselines:
         """Zero-shot and random-prompt ``metric`` of ``side`` on ``data``'s draw of ``split``, measured once per
@@ -205,7 +227,7 @@ class Transfer:
             return []  # nothing to score, or a candidate that trains: one at a time
         gate, peers = judge.gate, self.checked_with(judge.prompt)
         judges = [
-            self.judge(gate, p, labelled_data_problem(p, gate.split)) for p in peers if p.digest != judge.prompt.digest
+            self.judge(gate, p, self.data_problem(p, gate.split)) for p in peers if p.digest != judge.prompt.digest
         ]
         return [
             j for j in judges
