@@ -113,8 +113,11 @@ class RankClassificationModule(L.LightningModule):
         return int(self.prompt.shape[0]) if self.prompt is not None and self.prompt.dim() == 3 else None
 
     # ------------------------------------------------------------------ evaluation
+    def _class_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.lm.class_scores(self.prompt, batch, self.length_normalize)  # [B, C] or [K, B, C]
+
     def _score(self, batch: dict[str, torch.Tensor]) -> None:
-        scores = self.lm.class_scores(self.prompt, batch, self.length_normalize)  # [B, C] or [K, B, C]
+        scores = self._class_scores(batch)
         if scores.dim() == 3:
             scores = scores.transpose(0, 1).reshape(scores.shape[1], -1)  # [B, K * C], prompt-major
         rows = torch.cat([batch["index"].unsqueeze(1).float(), batch["labels"].unsqueeze(1).float(), scores.float()], 1)

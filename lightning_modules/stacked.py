@@ -30,7 +30,7 @@ class StackedPromptTuningModule(PromptTuningModule):
 
     ``active`` marks the prompts still training. After a validation, ``results["validation"]``
     holds each prompt's ``accuracy`` and ``macro_f1`` as lists, in stack order (as for any stack
-    a :class:`~lightning_modules.RankClassificationModule` scores).
+    a :class:`~lightning_modules.RankClassificationModule` scores); a stopped prompt is not scored.
     """
 
     def __init__(self, model: torch.nn.Module, initial_prompt: torch.Tensor, **kwargs: Any) -> None:
@@ -56,6 +56,14 @@ class StackedPromptTuningModule(PromptTuningModule):
             losses = self.lm.loss(prompts, batch)
         self.log(f"{self.name}/train_loss", losses.mean(), prog_bar=True)
         return losses.sum()  # each prompt's gradient is its own loss's
+
+    def _class_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Validation scores the prompts still training; a stopped prompt's scores are NaN (not scored)."""
+        active = self.active.nonzero().squeeze(1).to(self.prompt.device)
+        scores = self.lm.class_scores(self.prompt[active], batch, self.length_normalize)  # [A, B, C]
+        full = scores.new_full((self.stack, *scores.shape[1:]), float("nan"))
+        full[active] = scores
+        return full
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Stopped prompts get no gradient, but AdamW's momentum and decay would still move them: hold them."""

@@ -595,6 +595,25 @@ def test_gate_checks_in_one_pass_decide_as_one_at_a_time(sides, good_prompt):
     assert len({o.records[0].tried["identity"] for o in outcomes[8]}) > 1  # the prompts score apart
 
 
+def test_prompts_retuned_in_one_stack_end_as_each_alone(sides, good_prompt):
+    """Three prompts that fail the map re-tune as one stack (eval.prompts_per_pass=8) or one at a time (1):
+    each ends with the same stage, verdict, steps, score and prompt, and pays its own share."""
+    held = [good_prompt.replace(embeddings=good_prompt.embeddings * k) for k in (0.5, -1.0, 2.0)]
+    retune = ("retune", {**RETUNE[1], "steps": 6, "patience": 1})
+    rule = policy(recycling({"name": "identity"}), retune, margin=8)
+    outcomes = {}
+    for per_pass in (8, 1):
+        pair = transfer(sides, "small-a", "small-a-early", prompts=held, prompts_per_pass=per_pass)
+        outcomes[per_pass] = [run_policy(rule, pair, prompt) for prompt in held]
+    for together, alone in zip(outcomes[8], outcomes[1], strict=True):
+        assert [r.stage for r in together.records] == [r.stage for r in alone.records] == ["recycle", "retune"]
+        assert (together.gate, together.records[1].steps) == (alone.gate, alone.records[1].steps)
+        assert together.score == pytest.approx(alone.score, abs=1e-6)
+        torch.testing.assert_close(together.prompt.embeddings, alone.prompt.embeddings, atol=1e-4, rtol=1e-4)
+        assert together.records[1].flops > 0
+    assert sum(o.records[1].flops for o in outcomes[8]) == pytest.approx(sum(o.records[1].flops for o in outcomes[1]))
+
+
 @pytest.mark.parametrize(
     "preset", ["default", pytest.param("fast", marks=pytest.mark.slow), pytest.param("recycle", marks=pytest.mark.slow)]
 )  # ~30 s each: the default in CI, the other two with -m slow

@@ -55,6 +55,7 @@ def _stage(stage: Stage, run: Run) -> StageRecord:
         record = StageRecord(stage.name, SKIPPED, reason=run.judge.problem)
     else:
         record = RUNNERS[stage.name](stage, run)
+        run.stages_run.append(stage.name)
     shared_seconds = run.map_seconds - maps[0] + run.transfer.ahead_seconds - ahead[0] - (run.paid_seconds - paid[0])
     shared_flops = run.map_flops - maps[1] + run.transfer.ahead_flops - ahead[1] - (run.paid_flops - paid[1])
     record.seconds = time.perf_counter() - start - shared_seconds

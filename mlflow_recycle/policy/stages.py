@@ -4,19 +4,20 @@ Decisions go through the run's :class:`~mlflow_recycle.policy.transfer.Judge` (t
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import lightning as L
 import torch
 
-from lightning_modules import FitOutcome, PromptTuningModule, fit_prompt
+from lightning_modules import FitOutcome, PromptTuningModule, StackedPromptTuningModule, fit_prompt, fit_prompts
 
 from ..anchors import embedding_table
-from ..compute import Compute
+from ..compute import Compute, metered
 from ..config import instantiate_partial
 from ..errors import RecycleError
 from ..prompt import SoftPrompt
@@ -46,9 +47,10 @@ class Run:
     map_flops: float = 0.0
     paid_seconds: float = 0.0  # the shares of gate checks made ahead with the prompt's peers, paid on use
     paid_flops: float = 0.0
+    stages_run: list[str] = field(default_factory=list)  # the stages that ran so far (not skipped)
 
-    def pay(self, check: Check) -> None:
-        """Count ``check``'s share of the pass that made it as this run's, once."""
+    def pay(self, check: Check | Retuned) -> None:
+        """Count ``check``'s share of the pass (or stack) that made it as this run's, once."""
         if not check.paid:
             check.paid = True
             self.paid_seconds, self.paid_flops = self.paid_seconds + check.seconds, self.paid_flops + check.flops
@@ -167,12 +169,82 @@ def retune(stage: RetuneStage, run: Run) -> StageRecord:
         record.status, record.reason = SKIPPED, f"no labelled training data: {labelled}"
         return record
     best = run.best
-    outcome = tune_on_target(stage, run.transfer, run.judge, best, best.embeddings, start_score=run.score)
+    made = _retuned(stage, run)
+    run.pay(made)
+    outcome = made.outcome
     record.steps, record.reason = outcome.steps, _plateau(outcome, stage.steps, stage.patience, "retune")
     config = {**best.recycler_config, "retune": asdict(stage)}
     run.improve(best.replace(embeddings=outcome.prompt, recycler=f"{best.recycler}+retune", recycler_config=config),
                 outcome.score)  # fmt: skip
     return record
+
+
+@dataclass
+class Retuned:
+    """One prompt's re-tuning, made in a stack with its peers', with its share of the stack's cost."""
+
+    outcome: FitOutcome
+    seconds: float
+    flops: float
+    paid: bool = False
+
+
+def _retuned(stage: RetuneStage, run: Run) -> Retuned:
+    """The run's re-tuning, made together with the peers at the same point (the recycle stage alone behind
+    them, the same maps tried and failed), up to ``eval.prompts_per_pass`` prompts in one stack; kept in
+    each peer's judge, so its own run finds it made."""
+    key = json.dumps(asdict(stage), sort_keys=True, default=str)
+    if key not in run.judge.retunes:
+        starts = [(run.judge, run.best, run.score)]
+        if run.stages_run == ["recycle"]:
+            starts += _peers_at_retune(run, key)
+        _tune_together(stage, run.transfer, starts[: max(run.transfer.prompts_per_pass, 1)], key)
+    return run.judge.retunes[key]
+
+
+def _peers_at_retune(run: Run, key: str) -> list[tuple[Judge, SoftPrompt, float]]:
+    """The run's peers whose recycle stage went as the run's did, with their best candidates and scores."""
+    transfer, judge, found = run.transfer, run.judge, []
+    for peer in transfer.checked_with(run.prompt):
+        other = transfer.judge(judge.gate, peer, transfer.data_problem(peer, judge.gate.split))
+        checks = list(other.checks.values())
+        if other is judge or other.data is None or key in other.retunes or set(other.checks) != set(judge.checks):
+            continue
+        if not checks or any(other.passes(c.score) for c in checks) or transfer.data_problem(peer, "train"):
+            continue
+        best = max(checks, key=lambda c: c.score)  # the first of the best, as Run.improve keeps it
+        found.append((other, best.candidate, best.score))
+    return found
+
+
+def _tune_together(stage: RetuneStage, transfer: Transfer, starts: list[tuple[Judge, SoftPrompt, float]], key: str):
+    """Re-tune the ``starts`` (judge, prompt, score) as one stack (:func:`lightning_modules.fit_prompts`): each
+    gets the tuning it would get alone. The whole cost goes ahead; each share is paid by its prompt's run."""
+    first = starts[0][1]
+    task = like_validation(first).task
+    data = transfer.data(transfer.target, first.replace(task=task), batch_size=stage.batch_size,
+                         limit_train=stage.limit_train)  # fmt: skip
+    optimizer = instantiate_partial(stage.optimizer, "policy.stages.retune.optimizer")
+    module = StackedPromptTuningModule(
+        transfer.target.model, torch.stack([prompt.embeddings for _, prompt, _ in starts]), optimizer=optimizer,
+        length_normalize=task.length_normalize, name="retune", objective=stage.objective,
+    )  # fmt: skip
+    L.seed_everything(transfer.seed, verbose=False)
+    log.info("Tuning %d prompt(s) on %s together: up to %d steps, a check every %d", len(starts),
+             transfer.target.name, stage.steps, stage.eval_every)  # fmt: skip
+    start = time.perf_counter()
+    with metered() as used:
+        outcomes = fit_prompts(
+            module, transfer.trainer, steps=stage.steps, eval_every=stage.eval_every,
+            thresholds=[judge.bar.threshold for judge, _, _ in starts], patience=stage.patience,
+            start_scores=[score for _, _, score in starts], metric=starts[0][0].gate.metric, datamodule=data,
+        )  # fmt: skip
+    seconds = time.perf_counter() - start
+    transfer.ahead_seconds, transfer.ahead_flops = transfer.ahead_seconds + seconds, transfer.ahead_flops + used.flops
+    steps = sum(o.steps for o in outcomes)
+    for (judge, _, _), outcome in zip(starts, outcomes, strict=True):
+        share = outcome.steps / steps if steps else 1 / len(starts)
+        judge.retunes[key] = Retuned(outcome, seconds * share, used.flops * share)
 
 
 def tune_on_target(

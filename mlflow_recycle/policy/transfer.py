@@ -290,6 +290,7 @@ class Judge:
         self.data = self.bar = self.baselines = None
         self.description = ""
         self.checks: dict[str, Check] = {}  # by RecyclerChoice.key
+        self.retunes: dict[str, Any] = {}  # the prompt's re-tunings, made in a stack with its peers', by stage
         self.source_score: float | None = None
         with metered() as used:
             if problem is None:
