@@ -199,6 +199,17 @@ def report(rows: list[dict], ratios: dict[str, float], k: int, steps: int) -> st
     return "\n".join(lines)
 
 
+def merged(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows of ``path`` (if any) with this run's ``rows`` in place of the same (mode, prompts), in order."""
+    earlier = list(csv.DictReader(path.open())) if path.exists() else []
+    numeric = [c for c in COLUMNS if c not in ("mode", "machine")]
+    kept = {(r["mode"], int(r["prompts"])): {**r, **{c: float(r[c]) for c in numeric}} for r in earlier}
+    kept.update({(r["mode"], r["prompts"]): r for r in rows})
+    for row in kept.values():
+        row["prompts"] = int(row["prompts"])
+    return sorted(kept.values(), key=lambda r: (list(MODES).index(r["mode"]), r["prompts"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -240,11 +251,13 @@ def main() -> None:
         finally:
             server.stop()
     ratios = batched_timings(args.k, args.steps)
+    out = Path(args.out) / "migration_scale.csv"
+    if not args.quick:  # this run's rows replace the same (mode, prompts) rows of earlier runs
+        rows = merged(out, rows)
     markdown = report(rows, ratios, args.k, args.steps)
     print(markdown)
     if args.quick:
         return
-    out = Path(args.out) / "migration_scale.csv"
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()

@@ -214,7 +214,7 @@ class Evaluator:
     random_draws: int = 3
     seed: int = 0
     metric: str = "accuracy"  # what score() and baselines() measure
-    prompts_per_pass: int = 8
+    prompts_per_pass: int = 1
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.splits if s not in SPLITS]

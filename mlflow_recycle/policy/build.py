@@ -38,7 +38,7 @@ def build_transfer(
         eval_batch_size=cfg.eval.batch_size,
         random_draws=cfg.eval.random_prompt_draws,
         seed=cfg.seed,
-        prompts_per_pass=cfg.eval.get("prompts_per_pass", 8),
+        prompts_per_pass=cfg.eval.get("prompts_per_pass", 1),
         anchor_offset=cfg.anchors.offset,
         anchor_size=cfg.anchors.size,
         store=store,

@@ -61,7 +61,7 @@ class Transfer:
     eval_batch_size: int = 64
     random_draws: int = 3
     seed: int = 0
-    prompts_per_pass: int = 8
+    prompts_per_pass: int = 1
     anchor_offset: int = DEFAULT_OFFSET
     anchor_size: int = DEFAULT_SIZE
     store: MapStore | None = None
