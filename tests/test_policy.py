@@ -534,11 +534,13 @@ def test_a_trained_map_is_trained_once_per_task_on_its_prompts_and_costed_apart(
     assert made == ["fit linear", 2, 1]  # another task: another map, on its one prompt
 
 
-def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, good_prompt):
+@pytest.mark.parametrize("per_pass", [1, 8])
+def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, good_prompt, per_pass):
     """``when: enough_failing``: before training a map, the transfer's other prompts of the task are
     checked with the maps tried before it; it trains only when at least ``min_prompts`` of them (this one
-    included) fail. The prompts' checks are made together, one pass per map; each prompt's run pays its
-    share, and no check is made again when its prompt's turn comes."""
+    included) fail. No check is made again when its prompt's turn comes. One prompt a pass: the checks
+    made ahead decide on the map, its cost. Several a pass: the prompts' checks are made together, and
+    each prompt's run pays its share."""
     made: list = []
     broken = [good_prompt.replace(embeddings=good_prompt.embeddings * k) for k in (-1.0, 8.0)]
     held = [good_prompt, *broken]
@@ -549,21 +551,24 @@ def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, goo
         return policy(recycling({"name": "identity"}, trained), margin=5)
 
     # small-a -> small-a: identity carries the tuned prompt, not the broken ones
-    strict = transfer(sides, "small-a", "small-a", made, prompts=held)
+    strict = transfer(sides, "small-a", "small-a", made, prompts=held, prompts_per_pass=per_pass)
     first = run_policy(rule(3), strict, broken[0])
     assert first.records[0].tried["identity"] < first.threshold  # the fixture: a broken prompt fails identity
     assert list(first.records[0].tried) == ["identity"] and made == ["fit identity"]  # no map trained
     good, second = run_policy(rule(3), strict, good_prompt), run_policy(rule(3), strict, broken[1])
     assert good.stage == "recycle" and second.records[0].tried["identity"] < second.threshold
-    # the first run made the three prompts' identity checks in one pass: each run pays its share, none the map
-    assert first.records[0].flops == good.records[0].flops == second.records[0].flops > 0
-    assert first.map_flops == good.map_flops == second.map_flops == 0
+    if per_pass == 1:  # the first run made the other two prompts' identity checks as the map's cost
+        assert first.map_flops == 2 * first.records[0].flops > 0
+        assert good.records[0].flops == second.records[0].flops == good.map_flops == 0
+    else:  # the first run made the three prompts' identity checks in one pass: each run pays its share
+        assert first.records[0].flops == good.records[0].flops == second.records[0].flops > 0
+        assert first.map_flops == good.map_flops == second.map_flops == 0
 
     made.clear()
-    eager = transfer(sides, "small-a", "small-a", made, prompts=held)
+    eager = transfer(sides, "small-a", "small-a", made, prompts=held, prompts_per_pass=per_pass)
     outcome = run_policy(rule(2), eager, broken[0])  # two of three fail identity: enough for min_prompts=2
     assert list(outcome.records[0].tried) == ["identity", "linear+map(2)"] and made == ["fit identity", "fit linear", 3]
-    assert outcome.records[0].flops == first.records[0].flops * 2  # its own two checks, at their share of a pass
+    assert outcome.records[0].flops == first.records[0].flops * 2  # its own two checks
     eager.seed = 1  # another validation draw: no new count once the map is trained, its use costs a check
     again = run_policy(rule(2), eager, broken[1])
     assert again.map_flops == 0 and made == ["fit identity", "fit linear", 3]

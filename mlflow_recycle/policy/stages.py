@@ -196,7 +196,7 @@ def _retuned(stage: RetuneStage, run: Run) -> Retuned:
     key = json.dumps(asdict(stage), sort_keys=True, default=str)
     if key not in run.judge.retunes:
         starts = [(run.judge, run.best, run.score)]
-        if run.stages_run == ["recycle"]:
+        if run.stages_run == ["recycle"] and run.transfer.prompts_per_pass > 1:
             starts += _peers_at_retune(run, key)
         _tune_together(stage, run.transfer, starts[: max(run.transfer.prompts_per_pass, 1)], key)
     return run.judge.retunes[key]

@@ -207,7 +207,7 @@ class Transfer:
         several prompts and kept in each peer's judge: their runs find them made, and pay their share."""
         start = time.perf_counter()
         with metered() as judging:
-            judges = [judge, *self._next_to_try(judge, choice)]
+            judges = [judge, *self._next_to_try(judge, choice)][: max(self.prompts_per_pass, 1)]
         with metered() as checking:
             made = [j.candidate(choice, recycler) for j in judges]
             scores = [math.nan] * len(judges)
@@ -223,8 +223,8 @@ class Transfer:
             j.checks[choice.key] = Check(candidate, score, steps, *share, paid=self.for_maps)
 
     def _next_to_try(self, judge: Judge, choice: RecyclerChoice) -> list[Judge]:
-        if judge.data is None or choice.refine is not None:
-            return []  # nothing to score, or a candidate that trains: one at a time
+        if judge.data is None or choice.refine is not None or self.prompts_per_pass <= 1:
+            return []  # nothing to score, a candidate that trains, or one prompt a pass: this one alone
         gate, peers = judge.gate, self.checked_with(judge.prompt)
         judges = [
             self.judge(gate, p, self.data_problem(p, gate.split)) for p in peers if p.digest != judge.prompt.digest
