@@ -42,6 +42,11 @@ class StackedPromptTuningModule(PromptTuningModule):
         self.active = torch.ones(len(initial_prompt), dtype=torch.bool)
         self._held = initial_prompt.detach().clone().float()
 
+    @property
+    def _active_rows(self) -> torch.Tensor:
+        """The stack indices of the prompts still training, on the prompt's device."""
+        return self.active.nonzero().squeeze(1).to(self.prompt.device)
+
     def stop(self, k: int) -> None:
         """Take prompt ``k`` out of training, holding its rows where they are."""
         self.active[k] = False
@@ -49,7 +54,7 @@ class StackedPromptTuningModule(PromptTuningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._check_batch(batch)
-        prompts = self.prompt[self.active.nonzero().squeeze(1).to(self.prompt.device)]
+        prompts = self.prompt[self._active_rows]
         if self.objective == "classes":
             losses = self.lm.class_loss(prompts, batch, self.length_normalize)
         else:
@@ -59,7 +64,7 @@ class StackedPromptTuningModule(PromptTuningModule):
 
     def _class_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Validation scores the prompts still training; a stopped prompt's scores are NaN (not scored)."""
-        active = self.active.nonzero().squeeze(1).to(self.prompt.device)
+        active = self._active_rows
         scores = self.lm.class_scores(self.prompt[active], batch, self.length_normalize)  # [A, B, C]
         full = scores.new_full((self.stack, *scores.shape[1:]), float("nan"))
         full[active] = scores
