@@ -196,7 +196,7 @@ def _retuned(stage: RetuneStage, run: Run) -> Retuned:
     key = json.dumps(asdict(stage), sort_keys=True, default=str)
     if key not in run.judge.retunes:
         starts = [(run.judge, run.best, run.score)]
-        if run.stages_run == ["recycle"] and run.transfer.prompts_per_pass > 1:
+        if run.stages_run == ["recycle"]:
             starts += _peers_at_retune(run, key)
         _tune_together(stage, run.transfer, starts[: max(run.transfer.prompts_per_pass, 1)], key)
     return run.judge.retunes[key]
@@ -208,7 +208,7 @@ def _peers_at_retune(run: Run, key: str) -> list[tuple[Judge, SoftPrompt, float]
     for peer in transfer.checked_with(run.prompt):
         other = transfer.judge(judge.gate, peer, transfer.data_problem(peer, judge.gate.split))
         checks = list(other.checks.values())
-        if other is judge or other.data is None or key in other.retunes or set(other.checks) != set(judge.checks):
+        if other.data is None or key in other.retunes or set(other.checks) != set(judge.checks):
             continue
         if not checks or any(other.passes(c.score) for c in checks) or transfer.data_problem(peer, "train"):
             continue

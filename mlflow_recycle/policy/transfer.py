@@ -87,9 +87,12 @@ class Transfer:
         return same
 
     def checked_with(self, prompt: SoftPrompt) -> list[SoftPrompt]:
-        """The prompts checked with ``prompt``, in one pass: those being migrated of its task and length."""
+        """The prompts that may share a pass with ``prompt``: the others being migrated of its task and
+        length; none when a pass takes one prompt (``prompts_per_pass``)."""
+        if self.prompts_per_pass <= 1:
+            return []
         held = self.prompts if self.migrating is None else self.migrating
-        return [p for p in held if p.task == prompt.task and p.length == prompt.length]
+        return [p for p in held if p.task == prompt.task and p.length == prompt.length and p.digest != prompt.digest]
 
     # ------------------------------------------------------------------ maps
     def recycler(self, choice: RecyclerChoice, prompts: Sequence[SoftPrompt] | None = None) -> Recycler:
@@ -194,8 +197,9 @@ class Transfer:
         prompt's peers of the same length are measured with it, in passes of several prompts."""
         key = self._score_key(side, prompt, split, data, metric)
         if key not in self._scores:
-            peers = [prompt, *(p for p in self.checked_with(prompt) if p.digest != prompt.digest)]
+            peers = [prompt, *self.checked_with(prompt)]
             todo = [p for p in peers if self._score_key(side, p, split, data, metric) not in self._scores]
+            todo = todo[: max(self.prompts_per_pass, 1)]
             reports = self.evaluator(split, metric).reports(side, data, [p.embeddings for p in todo], "source")
             for peer, report in zip(todo, reports, strict=True):
                 self._scores[self._score_key(side, peer, split, data, metric)] = report[split].value(metric)
@@ -223,12 +227,10 @@ class Transfer:
             j.checks[choice.key] = Check(candidate, score, steps, *share, paid=self.for_maps)
 
     def _next_to_try(self, judge: Judge, choice: RecyclerChoice) -> list[Judge]:
-        if judge.data is None or choice.refine is not None or self.prompts_per_pass <= 1:
-            return []  # nothing to score, a candidate that trains, or one prompt a pass: this one alone
-        gate, peers = judge.gate, self.checked_with(judge.prompt)
-        judges = [
-            self.judge(gate, p, self.data_problem(p, gate.split)) for p in peers if p.digest != judge.prompt.digest
-        ]
+        if judge.data is None or choice.refine is not None:
+            return []  # nothing to score, or a candidate that trains: one at a time
+        gate = judge.gate
+        judges = [self.judge(gate, p, self.data_problem(p, gate.split)) for p in self.checked_with(judge.prompt)]
         return [
             j for j in judges
             if j.data is not None and set(j.checks) == set(judge.checks)
