@@ -9,12 +9,16 @@ so they hold on a loaded machine.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -63,6 +67,34 @@ def run_watched(
     if check:
         result.check_returncode()
     return result
+
+
+_TEMPLATE_STORE: list[Path] = []
+
+
+def seeded_store(directory: str | os.PathLike, name: str = "mlflow.db", default_artifacts: str | None = None) -> str:
+    """The URI of a SQLite tracking store at ``directory/name``, as MLflow makes a new one.
+
+    MLflow builds a new store through every schema migration, about 2 s here, and the suite makes
+    dozens: the tables are made once per process and copied. The copy is the store MLflow would make
+    in ``directory``: its Default experiment keeps artifacts in ``directory/mlruns/0``, or under
+    ``default_artifacts`` (a server's ``mlflow-artifacts:/0``). A store already there is kept as is.
+    """
+    path = Path(directory) / name
+    if not path.exists():
+        if not _TEMPLATE_STORE:
+            from mlflow import MlflowClient
+
+            root = Path(tempfile.mkdtemp(prefix="mlflow-store-"))
+            atexit.register(shutil.rmtree, root, True)
+            MlflowClient(f"sqlite:///{root}/template.db").search_experiments()
+            _TEMPLATE_STORE.append(root / "template.db")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_TEMPLATE_STORE[0], path)
+        location = default_artifacts or str(Path(directory).resolve() / "mlruns" / "0")
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (location,))
+    return f"sqlite:///{path}"
 
 
 def free_port() -> int:
@@ -148,8 +180,8 @@ class TrackingServer:
 
     def start(self, timeout: float = 600) -> TrackingServer:
         """Start ``mlflow server``; wait for ``/health`` while the process lives (a generous ceiling)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db"]
+        store = seeded_store(self.root, default_artifacts="mlflow-artifacts:/0")
+        command = [str(BIN / "mlflow"), "server", "--backend-store-uri", store]
         command += ["--artifacts-destination", str(self.root / "artifacts")]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.starts += 1

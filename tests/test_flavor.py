@@ -44,6 +44,7 @@ from mlflow_recycle.registry import (
 )
 from mlflow_recycle.requirements import _installed_from_index
 from mlflow_recycle.vocab import tokenizer_fingerprint
+from tests.servers import seeded_store
 
 TEXTS = ["a gripping, beautiful film", "dull and far too long", "a fine cast", "i wanted my money back"] * 3
 
@@ -53,7 +54,7 @@ def store(tmp_path_factory):
     """A fresh SQLite-backed tracking store and registry, with small-a as base model version 1."""
     root = tmp_path_factory.mktemp("store")
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    mlflow.set_tracking_uri(seeded_store(root))
     mlflow.set_experiment("flavor-tests")
     yield root
     mlflow.set_tracking_uri(previous)

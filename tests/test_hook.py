@@ -565,7 +565,7 @@ def test_projects_worker_runs_each_migration_as_mlflow_projects_one_per_shard(
     from mlflow_recycle.config import compose
     from mlflow_recycle.hook.worker import Worker, projects_executor
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = servers.seeded_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the project run's child process inherits it
     monkeypatch.setenv("PATH", f"{servers.BIN}{os.pathsep}{os.environ['PATH']}")
     mlflow.set_tracking_uri(uri)

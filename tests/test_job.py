@@ -30,7 +30,7 @@ from mlflow_recycle.registry import (
     base_versions,
     prompts_for,
 )
-from tests.servers import run_watched
+from tests.servers import run_watched, seeded_store
 
 # experiment=quick registers nothing (smoke runs keep a registry clean); these tests check what
 # registration does, so they turn it on.
@@ -40,7 +40,7 @@ QUICK = ["experiment=quick", "registry.register=true"]
 def clean_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    env["MLFLOW_TRACKING_URI"] = seeded_store(tmp_path)
     return env
 
 
@@ -344,7 +344,7 @@ def tracking(tmp_path, monkeypatch):
     is restored afterwards."""
     monkeypatch.chdir(tmp_path)
     previous = mlflow.get_tracking_uri()
-    yield f"sqlite:///{tmp_path}/mlflow.db"
+    yield seeded_store(tmp_path)
     mlflow.set_tracking_uri(previous)
 
 

@@ -32,6 +32,7 @@ from mlflow_recycle.registry import (
     register_base_model,
     tie,
 )
+from tests.servers import seeded_store
 
 PROMPT = Path(__file__).parent / "assets" / "sst2-prompt-small-a"
 SMALL = ["eval.limit_val=48", "eval.limit_test=48", "eval.random_prompt_draws=1", "alias=candidate"]
@@ -47,7 +48,7 @@ BUDGETS += ["policy.stages.retune.steps=2", "policy.stages.retune.eval_every=1",
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) go beside it
     previous = mlflow.get_tracking_uri()
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = seeded_store(tmp_path)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("migrate-tests")  # MLflow keeps the active experiment of an earlier store otherwise
     yield uri

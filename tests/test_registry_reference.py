@@ -21,6 +21,7 @@ from mlflow_recycle.models import (
     load_base_model,
 )
 from mlflow_recycle.registry import TAG_DIGEST, register_base_model, weights_digest
+from tests.servers import seeded_store
 from tests.test_real_models import write_llama_gguf
 
 
@@ -28,7 +29,7 @@ from tests.test_real_models import write_llama_gguf
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    mlflow.set_tracking_uri(seeded_store(root))
     mlflow.set_experiment(experiment_id=MlflowClient().create_experiment("ref", artifact_location=str(root / "art")))
     yield root
     mlflow.set_tracking_uri(previous)

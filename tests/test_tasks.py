@@ -14,6 +14,7 @@ from mlflow_recycle import RecycleError, TaskSpec
 from mlflow_recycle.charts import confusion_chart
 from mlflow_recycle.evaluation import ClassReport
 from mlflow_recycle.prompted_lm import TaskEncoder
+from tests.servers import seeded_store
 
 from .test_job import run_cli, runs
 
@@ -124,7 +125,7 @@ def test_a_saved_dataset_and_a_template_over_columns(tmp_path, load_model):
     try:
         overrides = [
             "experiment=quick",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"mlflow.tracking_uri={seeded_store(tmp_path)}",
             "job=tune",
             "task.name=nli",
             "task.template='{text} Answer:'",
