@@ -154,7 +154,7 @@ def test_failed_jobs_back_off_exponentially_capped(tmp_path):
         raise ConnectionError("the tracking server is restarting")
 
     # seconds of backoff, so that a loaded machine cannot reach the next run_once only after it has passed
-    worker = Worker(queue, flaky, max_attempts=3, retry_backoff_seconds=5, retry_backoff_max_seconds=7.5)
+    worker = Worker(queue, flaky, max_attempts=3, retry_backoff_seconds=2, retry_backoff_max_seconds=3)
     delays = []
     for attempt in (1, 2, 3):
         wait_until(worker.run_once, f"attempt {attempt} to be claimed", timeout=300, interval=0.05)
@@ -163,7 +163,7 @@ def test_failed_jobs_back_off_exponentially_capped(tmp_path):
         if attempt < 3:
             assert not worker.run_once()  # backing off: not claimed again at once
     assert calls == [1, 2, 3]
-    assert delays[:2] == pytest.approx([5, 7.5])  # doubled, then capped
+    assert delays[:2] == pytest.approx([2, 3])  # doubled, then capped
     (job,) = queue.jobs()
     assert job.status == "failed" and job.transient and job.error.startswith("ConnectionError")
 

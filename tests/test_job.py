@@ -126,6 +126,7 @@ def test_mlflow_run_entry_point_end_to_end(tmp_path):
     assert [m.name for m in logged].count("retuned_prompt") == 1  # logged with the run, not registered
 
 
+@pytest.mark.slow  # ~25 s: two jobs under Hydra multirun; CI runs the job through `mlflow run`
 def test_multirun_gives_one_parent_and_a_nested_run_per_job(tmp_path):
     result = run_cli(tmp_path, "-m", "recycler=linear,identity", "policy=recycle", *QUICK, "trainer.max_steps=1")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -155,9 +156,8 @@ def test_multirun_gives_one_parent_and_a_nested_run_per_job(tmp_path):
     assert {v.tags[TAG_VERDICT] for v in prompts_for("imdb-lm", 2)} <= {"success", "failure"}
 
 
-def test_a_smoke_run_registers_nothing_and_an_interrupted_run_registers_nothing(tmp_path):
-    """experiment=quick logs its prompts to the run only; Ctrl-C during tuning ends the run KILLED,
-    says so in one line, exits non-zero and leaves no prompt version (a job registers when it ends)."""
+@pytest.mark.slow  # ~15 s: a config's default (experiment=quick sets registry.register=false)
+def test_a_smoke_run_logs_its_prompts_and_registers_nothing(tmp_path):
     result = run_cli(tmp_path, "experiment=quick")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs(tmp_path)
@@ -165,6 +165,10 @@ def test_a_smoke_run_registers_nothing_and_an_interrupted_run_registers_nothing(
     assert {m.name for m in logged} == {"source_prompt", "recycled_prompt"}
     assert mlflow.MlflowClient().search_model_versions(f"tags.`{TAG_KIND}` = '{KIND_PROMPT}'") == []
 
+
+def test_an_interrupted_run_registers_nothing(tmp_path):
+    """Ctrl-C during tuning ends the run KILLED, says so in one line, exits non-zero and leaves no
+    prompt version (a job registers when it ends)."""
     other = tmp_path / "interrupted"
     other.mkdir()
     command = [sys.executable, "-m", "mlflow_recycle", *QUICK, "trainer.max_steps=100000", *hydra_dirs(other)]
@@ -212,6 +216,7 @@ def test_ddp_on_two_cpu_processes_gives_one_run(tmp_path):
     assert "test/recycled_accuracy" in run.data.metrics and "source/train_loss" in run.data.metrics
 
 
+@pytest.mark.slow  # ~13 s: the message is test_bad_input_fails_before_training's, the exit path the prompt_uri test's
 def test_cli_error_is_clear_and_nothing_is_logged(tmp_path):
     result = run_cli(tmp_path, *QUICK, "recycler.name=lnear")
     assert result.returncode == 2

@@ -186,6 +186,7 @@ def test_a_prompt_whose_run_broke_is_not_migrated_nor_pending(store, registered)
     assert pending_migrations(["lm"]) == []
 
 
+@pytest.mark.slow  # ~20 s: test_policy's trained-map tests run in CI
 def test_a_map_trained_on_behaviour_learns_from_every_prompt_of_the_task_once(store, model_dir, data_dir):
     """v1 = small-a with two prompts of one task, v2 = small-b (another seed): `recycler=linear_behaviour`
     trains linear's map once, on both prompts, in its own run; the migration's totals include its

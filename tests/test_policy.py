@@ -534,7 +534,8 @@ def test_a_trained_map_is_trained_once_per_task_on_its_prompts_and_costed_apart(
     assert made == ["fit linear", 2, 1]  # another task: another map, on its one prompt
 
 
-@pytest.mark.parametrize("per_pass", [1, 8])
+# eight a pass: slow (~8 s), as test_gate_checks_in_one_pass_decide_as_one_at_a_time checks shared passes in CI
+@pytest.mark.parametrize("per_pass", [1, pytest.param(8, marks=pytest.mark.slow)])
 def test_a_map_is_trained_only_when_enough_prompts_fail_the_free_maps(sides, good_prompt, per_pass):
     """``when: enough_failing``: before training a map, the transfer's other prompts of the task are
     checked with the maps tried before it; it trains only when at least ``min_prompts`` of them (this one
@@ -600,6 +601,7 @@ def test_gate_checks_in_one_pass_decide_as_one_at_a_time(sides, good_prompt):
     assert len({o.records[0].tried["identity"] for o in outcomes[8]}) > 1  # the prompts score apart
 
 
+@pytest.mark.slow  # ~15 s: test_stacked checks a stack tunes as each prompt alone in CI
 def test_prompts_retuned_in_one_stack_end_as_each_alone(sides, good_prompt):
     """Three prompts that fail the map re-tune as one stack (eval.prompts_per_pass=8) or one at a time (1):
     each ends with the same stage, verdict, steps, score and prompt, and pays its own share."""
