@@ -382,8 +382,7 @@ def run_tune(ctx: Context, s: Setup) -> dict[str, float]:
     ctx.register_bases(s.source)
     prompt = tune(ctx, s.source, s.source_data, "source", ctx.cfg.source)
     ctx.publish(prompt, "source_prompt", s.source)
-    accuracy = ctx.evaluator.accuracy(s.source, s.source_data, prompt.embeddings, "source")
-    return {f"{split}/source_accuracy": value for split, value in accuracy.items()}
+    return {f"{split}/source_accuracy": value for split, value in source_accuracy(ctx, s, prompt).items()}
 
 
 def run_recycle(ctx: Context, s: Setup) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -391,13 +392,17 @@ def test_the_logger_group_chooses_where_training_curves_go(tracking, tmp_path, m
         assert ("source/train_loss" in job.data.metrics) == in_run
 
 
-def test_tune_recycle_and_evaluate_entry_points_chain(tracking):
+def test_tune_recycle_and_evaluate_entry_points_chain(tracking, caplog):
     from mlflow_recycle.job import run
 
     base = [*QUICK, f"mlflow.tracking_uri={tracking}", "policy=recycle"]  # the map alone: what evaluate re-reads
-    tuned = run(compose([*base, "job=tune"]))
+    with caplog.at_level(logging.INFO, logger="mlflow_recycle.evaluation"):
+        tuned = run(compose([*base, "job=tune"]))
     (source,) = prompts_for("imdb-lm", 1)
     assert "test/source_accuracy" in tuned and "policy/steps" not in tuned  # tuning alone: no policy ran
+    # the kept prompt's validation score is its tuning's: validation is not measured again, test once
+    measured = [r.getMessage() for r in caplog.records if r.getMessage().startswith("source on ")]
+    assert len(measured) == 1 and "/test:" in measured[0] and "validation/source_accuracy" in tuned
     # the job moved the alias `source` to the prompt it tuned: the next job names it without a version number
     recycled = run(compose([*base, "job=recycle", "prompt_uri=models:/imdb-lm-sst2_plain-prompt@source"]))
     (target,) = prompts_for("imdb-lm", 2)
