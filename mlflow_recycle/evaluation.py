@@ -257,9 +257,10 @@ class Evaluator:
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, prompt in enumerate(prompts):
             by_shape.setdefault(tuple(prompt.shape), []).append(i)
+        size = max(self.prompts_per_pass, 1)
         for same in by_shape.values():
-            for start in range(0, len(same), max(self.prompts_per_pass, 1)):
-                chunk = same[start : start + max(self.prompts_per_pass, 1)]
+            for start in range(0, len(same), size):
+                chunk = same[start : start + size]
                 stack = torch.stack([prompts[i] for i in chunk]) if len(chunk) > 1 else prompts[chunk[0]]
                 for i, reports in zip(chunk, self._passes(side, data, stack, name), strict=True):
                     out[i] = reports

@@ -198,7 +198,7 @@ def _retuned(stage: RetuneStage, run: Run) -> Retuned:
         starts = [(run.judge, run.best, run.score)]
         if run.stages_run == ["recycle"]:
             starts += _peers_at_retune(run, key)
-        _tune_together(stage, run.transfer, starts[: max(run.transfer.prompts_per_pass, 1)], key)
+        _tune_together(stage, run.transfer, starts[: run.transfer.pass_size], key)
     return run.judge.retunes[key]
 
 

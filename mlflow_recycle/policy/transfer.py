@@ -86,10 +86,15 @@ class Transfer:
             same.append(prompt)
         return same
 
+    @property
+    def pass_size(self) -> int:
+        """How many prompts one pass (a check, a report, a re-tuning stack) takes: ``prompts_per_pass``, at least 1."""
+        return max(self.prompts_per_pass, 1)
+
     def checked_with(self, prompt: SoftPrompt) -> list[SoftPrompt]:
         """The prompts that may share a pass with ``prompt``: the others being migrated of its task and
         length; none when a pass takes one prompt (``prompts_per_pass``)."""
-        if self.prompts_per_pass <= 1:
+        if self.pass_size == 1:
             return []
         held = self.prompts if self.migrating is None else self.migrating
         return [p for p in held if p.task == prompt.task and p.length == prompt.length and p.digest != prompt.digest]
@@ -199,7 +204,7 @@ class Transfer:
         if key not in self._scores:
             peers = [prompt, *self.checked_with(prompt)]
             todo = [p for p in peers if self._score_key(side, p, split, data, metric) not in self._scores]
-            todo = todo[: max(self.prompts_per_pass, 1)]
+            todo = todo[: self.pass_size]
             reports = self.evaluator(split, metric).reports(side, data, [p.embeddings for p in todo], "source")
             for peer, report in zip(todo, reports, strict=True):
                 self._scores[self._score_key(side, peer, split, data, metric)] = report[split].value(metric)
@@ -211,7 +216,7 @@ class Transfer:
         several prompts and kept in each peer's judge: their runs find them made, and pay their share."""
         start = time.perf_counter()
         with metered() as judging:
-            judges = [judge, *self._next_to_try(judge, choice)][: max(self.prompts_per_pass, 1)]
+            judges = [judge, *self._next_to_try(judge, choice)][: self.pass_size]
         with metered() as checking:
             made = [j.candidate(choice, recycler) for j in judges]
             scores = [math.nan] * len(judges)
