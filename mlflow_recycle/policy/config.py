@@ -26,6 +26,8 @@ STAGES = ("recycle", "refine", "retune")
 #: When a recycler of the recycle stage is tried: ``same_space``, only when both models kept one
 #: embedding space; ``enough_failing``, only when enough of the task's prompts fail the maps before it.
 CONDITIONS = ("same_space", "enough_failing")
+#: When the retune stage stops: at the gate's bar, or once validation stops improving.
+UNTIL = ("bar", "plateau")
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,9 @@ class RefineStage:
 class RetuneStage:
     """Supervised tuning on the target from the best prompt so far, validated every ``eval_every``
     steps; ``patience``: stop after that many validations in a row that do not improve on the best.
-    ``optimizer``: a ``_target_`` config (the target's recipe); ``objective``: ``lm`` or ``classes``."""
+    ``until``: ``bar`` stops at the first validation over the gate's bar; ``plateau`` tunes on past it
+    while validation improves. ``optimizer``: a ``_target_`` config (the target's recipe); ``objective``:
+    ``lm`` or ``classes``."""
 
     steps: int = 300
     eval_every: int = 50
@@ -112,8 +116,13 @@ class RetuneStage:
     objective: str = "classes"
     batch_size: int = 32
     limit_train: int | None = None
+    until: str = "bar"
     skip: bool = False
     name: str = "retune"
+
+    @property
+    def stops_at_bar(self) -> bool:
+        return self.until == "bar"
 
 
 Stage = RecycleStage | RefineStage | RetuneStage
@@ -227,4 +236,8 @@ def _retune(values: dict[str, Any]) -> RetuneStage:
         raise RecycleError(
             f"Bad policy.stages.retune.objective={values['objective']!r}; choose one of {', '.join(OBJECTIVES)}."
         )
+    if values.get("until", "bar") not in UNTIL:
+        raise RecycleError(f"Bad policy.stages.retune.until={values['until']!r}; choose one of {', '.join(UNTIL)}.")
+    if values.get("until") == "plateau" and not values.get("patience"):
+        raise RecycleError("policy.stages.retune.until=plateau needs policy.stages.retune.patience: set a number of checks.")
     return _built(RetuneStage, values, "policy.stages.retune")
