@@ -140,7 +140,7 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
         prompt, cached_seconds = sources[(init, seed)]
         transfer.seed = seed
         outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
-        scratch = scratch_to_gate(policy, transfer, prompt, outcome.score)
+        scratch = scratch_to_gate(policy, transfer, prompt)
         maps[0], maps[1] = maps[0] + outcome.map_seconds, maps[1] + outcome.map_flops
         # the maps are shared by every prompt the pair holds: each row carries its share of what they cost so far
         shared_seconds, shared_flops = maps[0] / len(held), maps[1] / len(held)
@@ -185,21 +185,17 @@ class Scratch:
     prompt: torch.Tensor | None = None
 
 
-def scratch_to_gate(policy: Policy, transfer: Transfer, prompt: SoftPrompt, reached: float | None) -> Scratch:
+def scratch_to_gate(policy: Policy, transfer: Transfer, prompt: SoftPrompt) -> Scratch:
     """The best alternative a user has: a fresh prompt tuned on the target (the source prompt's init, the
-    transfer's seed) with the policy's recipe and early stop, until it passes the same bar, as the policy's
-    re-tune stage would; its compute counted. Where the stage tunes on to a plateau, the bar is the
-    migrated prompt's validation score (``reached``): scratch stops as soon as it scores as well."""
+    transfer's seed) with the policy's recipe and early stop, as the policy's re-tune stage would: until it
+    passes the same bar, or with ``until: plateau`` until it stops improving; its compute counted."""
     stage = policy.stage("retune")
     judge = transfer.judge(policy.gate, prompt, None)
     if stage is None or judge.data is None:
         return Scratch()
-    bar = judge.bar.threshold
-    if not stage.stops_at_bar and reached is not None:
-        bar = max(bar, reached - 1e-9)  # as well as the migrated prompt: at or above its score
     with metered() as used:
-        fit = tune_on_target(stage, transfer, judge, prompt, initial_on_target(transfer, prompt), stop_above=bar)
-    return Scratch(fit.steps, used.flops, fit.score is not None and fit.score > bar, fit.prompt)
+        fit = tune_on_target(stage, transfer, judge, prompt, initial_on_target(transfer, prompt))
+    return Scratch(fit.steps, used.flops, judge.passes(fit.score), fit.prompt)
 
 
 def nan_if_none(value) -> float:

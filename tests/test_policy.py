@@ -197,6 +197,10 @@ def test_bad_policies_are_refused_with_the_setting_to_change():
         policy(RECYCLE, REFINE, ("retune", {"eval_every": -25}))
     with pytest.raises(RecycleError, match=r"Bad policy.stages.retune.objective='ce'; choose one of lm, classes"):
         policy(RECYCLE, stage(RETUNE, objective="ce"))
+    with pytest.raises(RecycleError, match=r"Bad policy.stages.retune.until='best'; choose one of bar, plateau"):
+        policy(RECYCLE, stage(RETUNE, until="best"))
+    with pytest.raises(RecycleError, match=r"until=plateau needs policy.stages.retune.patience"):
+        policy(RECYCLE, stage(RETUNE, until="plateau"))
     with pytest.raises(RecycleError, match=r"Unknown setting\(s\) \['start'\] in policy.stages.retune"):
         policy(RECYCLE, stage(RETUNE, start="best_or_init"))  # an option the benchmark rejected, removed
     with pytest.raises(RecycleError, match=r"Unknown setting\(s\) \['screen'\] in policy.gate"):
@@ -451,6 +455,22 @@ def test_refinement_and_re_tuning_carry_a_failing_recycled_prompt_over_the_gate(
     passing = outcome.records[-1]
     assert passing.status == PASSED and passing.steps < 60 and passing.steps % 10 == 0  # stopped at the gate
     assert outcome.score > outcome.threshold
+
+
+def test_re_tuning_until_a_plateau_goes_on_past_the_bar_and_keeps_its_best(sides, good_prompt):
+    """The same re-tuning (same seed) with ``until: bar`` stops at the first check over the bar; with
+    ``until: plateau`` it goes on from there while validation improves, so it ends later and no worse."""
+    recipe = {"_target_": "torch.optim.AdamW", "lr": 0.3}
+    at_bar = stage(RETUNE, steps=60, eval_every=5, limit_train=480, patience=8, optimizer=recipe)
+    low = {"margin": -3.0}  # 3 points under the best baseline: within reach of a few steps, not of the map alone
+    first = run_policy(policy(RECYCLE, at_bar, **low), transfer(sides, "small-a", "small-b"), good_prompt)
+    plateau_policy = policy(RECYCLE, stage(at_bar, until="plateau"), **low)
+    on = run_policy(plateau_policy, transfer(sides, "small-a", "small-b"), good_prompt)
+    stopped, plateau = first.records[-1], on.records[-1]
+    assert (stopped.stage, stopped.status) == ("retune", PASSED) and stopped.steps < 60, first.summary()
+    assert (plateau.stage, plateau.status, on.gate) == ("retune", PASSED, PASSED), on.summary()
+    assert plateau.steps > stopped.steps and on.score >= first.score
+    assert plateau.steps == 60 or plateau.reason.startswith(f"stopped after {plateau.steps} of 60 steps: 8 checks")
 
 
 # ---------------------------------------------------------------------- data for the gate

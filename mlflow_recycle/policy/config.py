@@ -239,5 +239,7 @@ def _retune(values: dict[str, Any]) -> RetuneStage:
     if values.get("until", "bar") not in UNTIL:
         raise RecycleError(f"Bad policy.stages.retune.until={values['until']!r}; choose one of {', '.join(UNTIL)}.")
     if values.get("until") == "plateau" and not values.get("patience"):
-        raise RecycleError("policy.stages.retune.until=plateau needs policy.stages.retune.patience: set a number of checks.")
+        raise RecycleError(
+            "policy.stages.retune.until=plateau needs policy.stages.retune.patience: set a number of checks."
+        )
     return _built(RetuneStage, values, "policy.stages.retune")
