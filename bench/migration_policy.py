@@ -60,6 +60,7 @@ from recycling_matrix import (  # noqa: E402
 from mlflow_recycle.compute import metered  # noqa: E402
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.policy import (  # noqa: E402
+    PASSED,
     Policy,
     Transfer,
     build_policy,
@@ -195,7 +196,8 @@ def scratch_to_gate(policy: Policy, transfer: Transfer, prompt: SoftPrompt) -> S
         return Scratch()
     with metered() as used:
         fit = tune_on_target(stage, transfer, judge, prompt, initial_on_target(transfer, prompt))
-    return Scratch(fit.steps, used.flops, judge.passes(fit.score), fit.prompt)
+    passed = policy.gate.verdict(fit.score, judge.bar, not stage.stops_at_bar and fit.plateaued) == PASSED
+    return Scratch(fit.steps, used.flops, passed, fit.prompt)
 
 
 def nan_if_none(value) -> float:

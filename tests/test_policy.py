@@ -125,6 +125,9 @@ def test_the_verdict_is_passed_degraded_or_failed_and_decided_in_one_place():
     verdicts = [gate.verdict(score, bar) for score in (0.80, 0.785, 0.75, 0.70, None)]
     assert verdicts == [PASSED, DEGRADED, DEGRADED, FAILED, FAILED]
     assert gate.passes(0.7901, bar) and not gate.passes(bar.threshold, bar)
+    # re-tuned until validation stopped improving: as good as the new base gets from there, so over the floor passes
+    at_plateau = [gate.verdict(score, bar, plateaued=True) for score in (0.80, 0.785, 0.75, 0.70, None)]
+    assert at_plateau == [PASSED, PASSED, PASSED, FAILED, FAILED]
 
 
 def test_gate_margin_in_standard_errors_of_the_baseline():
@@ -471,6 +474,23 @@ def test_re_tuning_until_a_plateau_goes_on_past_the_bar_and_keeps_its_best(sides
     assert (plateau.stage, plateau.status, on.gate) == ("retune", PASSED, PASSED), on.summary()
     assert plateau.steps > stopped.steps and on.score >= first.score
     assert plateau.steps == 60 or plateau.reason.startswith(f"stopped after {plateau.steps} of 60 steps: 8 checks")
+
+
+def test_a_prompt_re_tuned_to_a_plateau_under_the_share_to_keep_passes_and_says_so(sides, good_prompt):
+    """Keeping all of the source's gain is out of reach on small-b; the floor, 10 points under its best
+    baseline, is not. Stopped on a plateau, the prompt is as good as re-tuning gets from its start: passed,
+    where stopping at the bar calls the same prompt degraded."""
+    retune = stage(RETUNE, steps=40, eval_every=5, limit_train=160, patience=2)
+    gate = {"margin": -10.0, "keep_gain": 1.0}
+    outcomes = {until: run_policy(policy(RECYCLE, stage(retune, until=until), **gate),
+                                  transfer(sides, "small-a", "small-b"), good_prompt)
+                for until in ("bar", "plateau")}  # fmt: skip
+    at_bar, on = outcomes["bar"], outcomes["plateau"]
+    assert on.records[-1].reason.startswith("stopped after") and on.score <= on.threshold, on.summary()
+    assert (at_bar.gate, at_bar.at_plateau) == (DEGRADED, False), at_bar.summary()
+    assert (on.gate, on.stage, on.at_plateau) == (PASSED, "retune", True), on.summary()
+    assert on.summary().startswith("gate passed at a plateau")
+    assert "as good as the new base gets from its start" in on.description("source", None)
 
 
 # ---------------------------------------------------------------------- data for the gate

@@ -2,7 +2,8 @@
 
 A gate sets a :class:`Bar` for each prompt it judges, from the target's baselines and, with
 ``keep_gain``, the gain the prompt had on its own base. :meth:`Gate.passes` and
-:meth:`Gate.verdict` are the only places a pass is decided.
+:meth:`Gate.verdict` are the only places a pass is decided. A prompt re-tuned until validation
+stopped improving passes over the floor alone: it is as good as the new base gets from its start.
 """
 
 from __future__ import annotations
@@ -92,11 +93,14 @@ class Gate:
         """Whether ``score`` passes ``bar``."""
         return score is not None and score > bar.threshold
 
-    def verdict(self, score: float | None, bar: Bar) -> str:
-        """``passed``; ``degraded`` (over the floor, under the share to keep); or ``failed``."""
-        if self.passes(score, bar):
+    def verdict(self, score: float | None, bar: Bar, plateaued: bool = False) -> str:
+        """``passed``; ``degraded`` (over the floor, under the share to keep); or ``failed``. ``plateaued``:
+        re-tuning tuned on until validation stopped improving (``until: plateau``), so the prompt is as
+        good as the new base gets from its start: over the floor, it passes."""
+        over_floor = score is not None and score > bar.floor
+        if self.passes(score, bar) or (plateaued and over_floor):
             return PASSED
-        return DEGRADED if score is not None and score > bar.floor else FAILED
+        return DEGRADED if over_floor else FAILED
 
     def describe(self, bar: Bar, baselines: Baselines) -> str:
         """How the bar is made, for logs: ``accuracy > 0.6281 (best baseline 0.5920 + 1.645 x 0.0220 SE, n=500)``."""

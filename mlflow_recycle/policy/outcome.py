@@ -49,6 +49,12 @@ class PolicyOutcome:
     map_flops: float = 0.0
     map_seconds: float = 0.0
     policy: str = ""  # the policy's label: its stages and budgets
+    plateaued: bool = False  # re-tuned until validation stopped improving (``until: plateau``)
+
+    @property
+    def at_plateau(self) -> bool:
+        """Passed on a plateau of re-tuning, under the share of the source's gain the gate asks."""
+        return self.gate == PASSED and self.plateaued and self.score is not None and self.score <= self.threshold
 
     @property
     def threshold(self) -> float | None:
@@ -115,6 +121,8 @@ class PolicyOutcome:
                          f"({self.metric} {self.score:.3f}, bar {self.threshold:.3f}).")  # fmt: skip
         elif self.score is not None:
             lines.append(f"Validation {self.metric} {self.score:.3f}, bar {self.threshold:.3f}.")
+        if self.at_plateau:
+            lines.append("Re-tuned until validation stopped improving: as good as the new base gets from its start.")
         if self.gate != PASSED and self.reason:
             lines.append(self.reason[0].upper() + self.reason[1:] + ".")
         share = f", {compute_fraction:.1%} of tuning it from scratch" if compute_fraction is not None else ""
@@ -132,4 +140,5 @@ class PolicyOutcome:
         threshold = f" > {self.threshold:.3f}" if self.threshold is not None else ""
         kept = f", {self.gain_kept:.0%} of the source's gain kept" if self.gain_kept is not None else ""
         maps = f"; the maps: {self.map_seconds:.1f} s, {self.map_flops:.2g} FLOPs" if self.map_flops else ""
-        return f"gate {self.gate}{threshold}{kept}: " + "; ".join(parts) + maps
+        plateau = " at a plateau" if self.at_plateau else ""
+        return f"gate {self.gate}{plateau}{threshold}{kept}: " + "; ".join(parts) + maps

@@ -64,14 +64,14 @@ def _stage(stage: Stage, run: Run) -> StageRecord:
         record.score = run.score
         if not run.judging:
             record.status = UNEVALUATED
-        elif run.judge.passes(run.score):
+        elif run.judge.gate.verdict(run.score, run.judge.bar, run.plateaued) == PASSED:
             record.status = PASSED
     return record
 
 
 def _outcome(policy: Policy, run: Run, records: list[StageRecord]) -> PolicyOutcome:
     gate, judge = policy.gate, run.judge
-    verdict = gate.verdict(run.score, judge.bar) if run.judging else UNEVALUATED
+    verdict = gate.verdict(run.score, judge.bar, run.plateaued) if run.judging else UNEVALUATED
     reason = judge.problem or ""
     if verdict != PASSED and run.judging:
         kept = judge.bar.gain_kept(run.score)
@@ -86,7 +86,7 @@ def _outcome(policy: Policy, run: Run, records: list[StageRecord]) -> PolicyOutc
     best = run.best.replace(cost={**cost, **({"scratch": scratch} if scratch else {})})
     return PolicyOutcome(
         best, verdict, run.score, judge.bar, judge.baselines, records, gate.metric, reason, judge.source_score,
-        judge.gate_flops, run.map_flops, run.map_seconds, policy.label,
+        judge.gate_flops, run.map_flops, run.map_seconds, policy.label, run.plateaued,
     )  # fmt: skip
 
 

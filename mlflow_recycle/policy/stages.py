@@ -48,6 +48,7 @@ class Run:
     paid_seconds: float = 0.0  # the shares of gate checks made ahead with the prompt's peers, paid on use
     paid_flops: float = 0.0
     stages_run: list[str] = field(default_factory=list)  # the stages that ran so far (not skipped)
+    plateaued: bool = False  # re-tuned until validation stopped improving (``until: plateau``)
 
     def pay(self, check: Check | Retuned) -> None:
         """Count ``check``'s share of the pass (or stack) that made it as this run's, once."""
@@ -173,6 +174,7 @@ def retune(stage: RetuneStage, run: Run) -> StageRecord:
     run.pay(made)
     outcome = made.outcome
     record.steps, record.reason = outcome.steps, _plateau(outcome, stage.steps, stage.patience, "retune")
+    run.plateaued = not stage.stops_at_bar and outcome.plateaued
     config = {**best.recycler_config, "retune": asdict(stage)}
     run.improve(best.replace(embeddings=outcome.prompt, recycler=f"{best.recycler}+retune", recycler_config=config),
                 outcome.score)  # fmt: skip
