@@ -238,7 +238,9 @@ def test_a_migration_re_tunes_with_the_new_bases_recipe_and_registers_a_prompt_s
     log_prompt(tie(good, v1), "prompt", "good-prompt")
     recipe = {"prompt": {"optimizer": {"lr": 0.0}}}
     assert register_base_model(str(model_dir("small-b")), "lm", recipe=recipe).tags["mlflow_recycle.recipe"]
+    # until=bar: under the default until=plateau, a prompt stopped on its plateau passes over the floor
     share = ["policy.gate.margin=-100", "policy.gate.keep_gain=1.0", "policy.stages.retune.patience=1"]
+    share += ["policy.stages.retune.until=bar"]
     report = migrate("lm", 2, cfg=config(store, *share))
     (migrated,) = report.prompts
     assert migrated.gate == "degraded" and migrated.stage is None, report.lines()

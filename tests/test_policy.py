@@ -679,8 +679,10 @@ def test_each_preset_composes_and_runs_on_a_small_model(preset, sides, good_prom
     if preset == "default":
         assert bar.keep == pytest.approx(best + 0.9 * bar.source_gain) and bar.floor > best
         assert outcome.records[0].method == "identity" and outcome.gain_kept == pytest.approx(1.0)
+        assert policy.stage("retune").until == "plateau"  # re-tuning goes on while it improves
     elif preset == "fast":
         assert bar.keep is None and bar.floor > best and outcome.gain_kept is None
+        assert policy.stage("retune").until == "bar"  # and stops at the first check over the floor
     else:
         assert [s.name for s in policy.stages] == ["recycle"] and bar.threshold == pytest.approx(best)
     assert [s.name for s in policy.stages if not getattr(s, "skip", False)] == (
