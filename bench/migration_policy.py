@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -60,7 +61,6 @@ from recycling_matrix import (  # noqa: E402
 from mlflow_recycle.compute import metered  # noqa: E402
 from mlflow_recycle.config import compose  # noqa: E402
 from mlflow_recycle.policy import (  # noqa: E402
-    PASSED,
     Policy,
     Transfer,
     build_policy,
@@ -141,7 +141,7 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
         prompt, cached_seconds = sources[(init, seed)]
         transfer.seed = seed
         outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
-        scratch = scratch_to_gate(policy, transfer, prompt)
+        scratch = scratch_to_gate(policy, transfer, prompt, outcome.score)
         maps[0], maps[1] = maps[0] + outcome.map_seconds, maps[1] + outcome.map_flops
         # the maps are shared by every prompt the pair holds: each row carries its share of what they cost so far
         shared_seconds, shared_flops = maps[0] / len(held), maps[1] / len(held)
@@ -186,18 +186,23 @@ class Scratch:
     prompt: torch.Tensor | None = None
 
 
-def scratch_to_gate(policy: Policy, transfer: Transfer, prompt: SoftPrompt) -> Scratch:
+def scratch_to_gate(policy: Policy, transfer: Transfer, prompt: SoftPrompt, reached: float | None) -> Scratch:
     """The best alternative a user has: a fresh prompt tuned on the target (the source prompt's init, the
-    transfer's seed) with the policy's recipe and early stop, as the policy's re-tune stage would: until it
-    passes the same bar, or with ``until: plateau`` until it stops improving; its compute counted."""
+    transfer's seed) with the policy's recipe and early stop, until it passes the same bar; its compute
+    counted. Where the re-tune stage goes on to a plateau, the bar is the migrated prompt's own validation
+    score (``reached``) less one standard error: that score is the best of many checks, so a fresh prompt
+    as good within noise counts as there."""
     stage = policy.stage("retune")
     judge = transfer.judge(policy.gate, prompt, None)
     if stage is None or judge.data is None:
         return Scratch()
+    bar = judge.bar.threshold
+    if not stage.stops_at_bar and reached is not None:
+        noise = math.sqrt(reached * (1 - reached) / judge.baselines.examples[policy.gate.split])
+        bar = max(judge.bar.floor, reached - noise)
     with metered() as used:
-        fit = tune_on_target(stage, transfer, judge, prompt, initial_on_target(transfer, prompt))
-    passed = policy.gate.verdict(fit.score, judge.bar, not stage.stops_at_bar and fit.plateaued) == PASSED
-    return Scratch(fit.steps, used.flops, passed, fit.prompt)
+        fit = tune_on_target(stage, transfer, judge, prompt, initial_on_target(transfer, prompt), stop_above=bar)
+    return Scratch(fit.steps, used.flops, fit.score is not None and fit.score > bar, fit.prompt)
 
 
 def nan_if_none(value) -> float:

@@ -257,10 +257,11 @@ def tune_on_target(
     prompt: SoftPrompt,
     initial: torch.Tensor,
     start_score: float | None = None,
+    stop_above: float | None = None,
 ) -> FitOutcome:
     """Tune ``initial`` on the target with ``prompt``'s task, validated every ``eval_every`` steps on the
-    gate's draw, stopping after ``patience`` checks without gain or, where the stage stops at the bar, at
-    the first validation over the prompt's bar."""
+    gate's draw, stopping after ``patience`` checks without gain or at the first validation over
+    ``stop_above`` (by default the prompt's bar where the stage stops at it, else none)."""
     task = like_validation(prompt).task
     data = transfer.data(transfer.target, prompt.replace(task=task), batch_size=stage.batch_size,
                          limit_train=stage.limit_train)  # fmt: skip
@@ -273,8 +274,8 @@ def tune_on_target(
     log.info("Tuning on %s: up to %d steps, a check every %d", transfer.target.name, stage.steps, stage.eval_every)
     return fit_prompt(
         module, transfer.trainer, steps=stage.steps, eval_every=stage.eval_every,
-        stop_above_score=judge.bar.threshold if stage.stops_at_bar else None, patience=stage.patience,
-        start_score=start_score,
+        stop_above_score=judge.bar.threshold if stop_above is None and stage.stops_at_bar else stop_above,
+        patience=stage.patience, start_score=start_score,
         metric=judge.gate.metric, datamodule=data,
     )  # fmt: skip
 
