@@ -270,8 +270,9 @@ def report(all_rows: list[dict]) -> str:
         "(migrated - best baseline) / (re-tuned - best baseline), median and minimum; the migration's compute",
         "against one full re-tuning (median, counted FLOPs); and **scratch / policy**: the compute of tuning a fresh",
         "prompt on the new base to the same bar with the same recipe and early stop (a full re-tuning where it",
-        "never gets there), over the migration's (median; above 1: recycling saves compute). Test accuracy is the",
-        "mean of the migrated prompts, of the scratch prompts and of the re-tuned ones.",
+        "never gets there), over the migration's (median; above 1: recycling saves compute). Where the policy",
+        "re-tunes to a plateau, the bar is the migrated prompt's validation score less one standard error. Test",
+        "accuracy is the mean of the migrated prompts, of the scratch prompts and of the re-tuned ones.",
         "",
         "| task | policy | pair | prompts | passed / degraded / failed | gain kept (median, min) "
         "| compute vs re-tuning | scratch / policy | scratch passed | test: migrated / scratch / re-tuned |",
