@@ -64,14 +64,14 @@ def _stage(stage: Stage, run: Run) -> StageRecord:
         record.score = run.score
         if not run.judging:
             record.status = UNEVALUATED
-        elif run.judge.gate.verdict(run.score, run.judge.bar, run.plateaued) == PASSED:
+        elif run.judge.verdict(run.score, run.plateaued) == PASSED:
             record.status = PASSED
     return record
 
 
 def _outcome(policy: Policy, run: Run, records: list[StageRecord]) -> PolicyOutcome:
     gate, judge = policy.gate, run.judge
-    verdict = gate.verdict(run.score, judge.bar, run.plateaued) if run.judging else UNEVALUATED
+    verdict = judge.verdict(run.score, run.plateaued) if run.judging else UNEVALUATED
     reason = judge.problem or ""
     if verdict != PASSED and run.judging:
         kept = judge.bar.gain_kept(run.score)

@@ -319,6 +319,9 @@ class Judge:
     def passes(self, score: float | None) -> bool:
         return self.gate.passes(score, self.bar)
 
+    def verdict(self, score: float | None, plateaued: bool = False) -> str:
+        return self.gate.verdict(score, self.bar, plateaued)
+
     def recycled(self, choice: RecyclerChoice, recycler: Recycler) -> Check:
         """``choice``'s candidate for the prompt (its fixed refinement included) and its score, made once
         (with its peers': :meth:`Transfer.check_ahead`)."""
