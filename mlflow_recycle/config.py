@@ -65,11 +65,17 @@ def instantiate_partial(config: DictConfig | dict | None, setting: str):
         raise RecycleError(f"Cannot build {setting} ({values['_target_']}): {exc}") from exc
 
 
+#: What a model's ``recipe:`` block may set: how prompts are tuned on it, never what the task is.
+RECIPE_GROUPS = ("prompt", "trainer")
+RECIPE_KEYS = ("task.batch_size",)
+
+
 def with_recipe(cfg: DictConfig, model: Mapping[str, Any] | None) -> DictConfig:
     """``cfg`` with a model's tuning recipe (the ``recipe:`` block of its ``conf/model`` entry, or
-    the one a registered base version carries) merged over ``prompt`` and ``trainer``: every
-    prompt tuned on that model, by the job, the benchmarks or a migration's re-tuning, uses it.
-    A setting the run's overrides name stays as given (a sweep over ``prompt.optimizer.lr``)."""
+    the one a registered base version carries) merged over ``prompt``, ``trainer`` and the training
+    batch ``task.batch_size``: every prompt tuned on that model, by the job, the benchmarks or a
+    migration's re-tuning, uses it. A setting the run's overrides name stays as given (a sweep
+    over ``prompt.optimizer.lr``)."""
     from .errors import RecycleError
     from .tracking import flatten
 
@@ -77,14 +83,15 @@ def with_recipe(cfg: DictConfig, model: Mapping[str, Any] | None) -> DictConfig:
     if not recipe:
         return cfg
     recipe = OmegaConf.to_container(recipe) if isinstance(recipe, DictConfig) else dict(recipe)
-    unknown = set(recipe) - {"prompt", "trainer"}
+    settings = flatten(recipe)
+    unknown = sorted(k for k in settings if k.split(".")[0] not in RECIPE_GROUPS and k not in RECIPE_KEYS)
     if unknown:
         raise RecycleError(
-            f"Model {model.get('name')!r}: recipe may set `prompt` and `trainer`, not {sorted(unknown)}."
+            f"Model {model.get('name')!r}: recipe may set `prompt`, `trainer` and `task.batch_size`, not {unknown}."
         )
     given = tuple(cfg.get("overridden") or ())
     merged = cfg.copy()
-    for key, value in flatten(recipe).items():
+    for key, value in settings.items():
         kept = next((g for g in given if key == g or key.startswith(f"{g}.")), None)
         if kept is None:
             OmegaConf.update(merged, key, value, merge=True, force_add=True)

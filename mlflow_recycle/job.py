@@ -83,7 +83,9 @@ def prepare(cfg: DictConfig) -> Setup:
         prompt.check_fits_model(on.model, on.tokenizer, name=f"{on.name} ({on.uri})")
         if prompt.task is not None and prompt.task.replace(data=spec.data) != spec:
             log.warning("prompt_uri was tuned for task %s; evaluating it on %s", prompt.task, spec)
-    source_data, target_data = data_module(source, spec, cfg), data_module(target, spec, cfg)
+    # each side's batches as its model's recipe sets them (task.batch_size), the task the same
+    source_data = data_module(source, spec, with_recipe(cfg, cfg.source))
+    target_data = data_module(target, spec, with_recipe(cfg, cfg.target))
     if cfg.job in ("main", "tune") and prompt is None:
         source_data.setup("fit")
     if cfg.job != "recycle":

@@ -340,8 +340,23 @@ def test_a_models_recipe_reaches_every_tuning_of_it():
     assert "prompt.scheduler" in picked.overridden
     assert with_recipe(picked, picked.source).prompt.scheduler._partial_ is True
     bad = compose(["model@source=large", "++source.recipe.optimizer.lr=1"])
-    with pytest.raises(RecycleError, match="recipe may set `prompt` and `trainer`"):
+    with pytest.raises(RecycleError, match=r"recipe may set `prompt`, `trainer` and `task.batch_size`"):
         with_recipe(bad, bad.source)
+    task = compose(["model@source=large", "++source.recipe.task.max_length=64"])  # the task is not the model's
+    with pytest.raises(RecycleError, match=r"not \['task.max_length'\]"):
+        with_recipe(task, task.source)
+
+
+def test_a_recipes_batch_size_reaches_the_jobs_data_and_the_retune_stage():
+    from mlflow_recycle.policy import build_policy
+
+    from mlflow_recycle.job import prepare
+
+    small = ["task.limit_train=64", "eval.limit_val=8", "eval.limit_test=8"]
+    cfg = compose(["model@target=large", "policy=default", "++target.recipe.task.batch_size=4", *small])
+    setup = prepare(cfg)
+    assert (setup.target_data.batch_size, setup.source_data.batch_size) == (4, cfg.task.batch_size) != (4, 4)
+    assert build_policy(cfg, cfg.target).stage("retune").batch_size == 4
 
 
 @pytest.fixture
