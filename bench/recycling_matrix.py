@@ -59,7 +59,7 @@ from docs_update import (  # noqa: E402
 )
 
 from mlflow_recycle.compute import metered  # noqa: E402
-from mlflow_recycle.config import compose, with_recipe  # noqa: E402
+from mlflow_recycle.config import compose, with_overridden, with_recipe  # noqa: E402
 from mlflow_recycle.evaluation import Evaluator  # noqa: E402
 from mlflow_recycle.models import LoadedModel, load_model  # noqa: E402
 from mlflow_recycle.prompt import SoftPrompt  # noqa: E402
@@ -217,6 +217,8 @@ class Matrix:
         models = [f"model@source={model}"] if model else []
         settings = getattr(self.args, "set", [])
         cfg = compose([f"task={task}", f"prompt.init={init}", f"seed={seed}", *models, *COMMON, *recipe, *settings])
+        # the matrix's own settings are its protocol, under a model's recipe (e.g. its max_steps); --set is over it
+        cfg = with_overridden(cfg, settings)
         return with_recipe(cfg, cfg.source) if model and not self.args.quick else cfg
 
     def objective(self, task: str, model: str) -> str:
