@@ -227,7 +227,7 @@ def test_recycling_matrix_model_recipe_applies_to_its_model_only(tmp_path, monke
     monkeypatch.setattr(recycling_matrix, "COMMON", [*recycling_matrix.COMMON, *recipe])
     matrix = recycling_matrix.Matrix(Namespace(cache=str(tmp_path), quick=False))
     tuned = matrix.config("sst2", model="small-a")
-    assert (tuned.prompt.length, tuned.trainer.max_steps) == (7, 9)  # tuning on a model: its recipe, over the matrix's 800
+    assert (tuned.prompt.length, tuned.trainer.max_steps) == (7, 9)  # tuning on a model: its recipe, over the 800
     assert matrix.config("sst2").prompt.length == 20  # evaluations (no model to tune on) keep the default
     mine = recycling_matrix.Matrix(Namespace(cache=str(tmp_path), quick=False, set=["trainer.max_steps=5"]))
     assert mine.config("sst2", model="small-a").trainer.max_steps == 5  # what the user sets stays theirs

