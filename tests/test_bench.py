@@ -440,3 +440,18 @@ def test_a_test_command_times_out_on_silence_not_on_the_wall_clock():
     with pytest.raises(subprocess.TimeoutExpired) as caught:
         run_watched([sys.executable, "-c", silent], stall=2)
     assert caught.value.output == "started\n"
+
+
+def test_headline_lists_every_pair_of_the_family_and_a_real_models_pair_once_it_has_rows():
+    import headline
+    from migration_policy import load_rows, with_references
+
+    results = BENCH / "results"
+    rows = with_references(load_rows(results / "migration_policy.csv"))
+    row = next(r for r in rows if (r["task"], r["objective"], r["source"]) == ("sst2_plain", "classes", "small-a"))
+    real = [{**row, "source": "smollm2-135m", "target": "small-a", "policy": "default", "gate": "passed"}]
+    page = headline.headline([], real, "default")
+    for pair in headline.PAIRS:  # the family's pairs, "being measured" where there are no rows
+        assert " → ".join(pair.split(":")) in page
+    assert "| smollm2-135m → small-a | real model → ours | being measured | 1 of 1 |" in page
+    assert "small-a → smollm2-135m" not in page  # a real model's pair without rows is not listed
