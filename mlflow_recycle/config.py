@@ -86,9 +86,8 @@ def with_recipe(cfg: DictConfig, model: Mapping[str, Any] | None) -> DictConfig:
     settings = flatten(recipe)
     unknown = sorted(k for k in settings if k.split(".")[0] not in RECIPE_GROUPS and k not in RECIPE_KEYS)
     if unknown:
-        raise RecycleError(
-            f"Model {model.get('name')!r}: recipe may set `prompt`, `trainer` and `task.batch_size`, not {unknown}."
-        )
+        *first, last = [f"`{name}`" for name in (*RECIPE_GROUPS, *RECIPE_KEYS)]
+        raise RecycleError(f"Model {model.get('name')!r}: recipe may set {', '.join(first)} and {last}, not {unknown}.")
     given = tuple(cfg.get("overridden") or ())
     merged = cfg.copy()
     for key, value in settings.items():
