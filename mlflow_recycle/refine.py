@@ -94,6 +94,23 @@ def unlabelled_texts(prompt: SoftPrompt, split: str, limit: int, seed: int) -> l
     return random.Random(seed).sample(texts, limit) if limit < len(texts) else texts
 
 
+def pair_data(
+    source: LoadedModel, target: LoadedModel, prompt: SoftPrompt, settings: DistillSettings, seed: int, *, purpose: str
+) -> UnlabelledPairDataModule:
+    """The task's unlabelled inputs of ``settings.split``, tokenised for ``source`` (teacher) and ``target``."""
+    task = prompt.task
+    texts = unlabelled_texts(prompt, settings.split, settings.texts, seed)
+    if not texts:
+        raise RecycleError(f"The {settings.split!r} split of {task.data} has no inputs to {purpose}.")
+    return UnlabelledPairDataModule(
+        texts,
+        TaskEncoder(source.tokenizer, task, seq2seq=source.seq2seq),
+        TaskEncoder(target.tokenizer, task, seq2seq=target.seq2seq),
+        batch_size=min(settings.batch_size, len(texts)),  # batches are full-size only: a small task still trains
+        seed=seed,
+    )
+
+
 def distill(
     source: LoadedModel,
     prompt: SoftPrompt,
@@ -120,17 +137,7 @@ def distill(
     judge; the training signal is the teacher's.
     """
     task = prompt.task
-    texts = unlabelled_texts(prompt, settings.split, settings.texts, seed)
-    if not texts:
-        raise RecycleError(f"The {settings.split!r} split of {task.data} has no inputs to refine on.")
-    batch_size = min(settings.batch_size, len(texts))  # batches are full-size only: a small task still trains
-    data = UnlabelledPairDataModule(
-        texts,
-        TaskEncoder(source.tokenizer, task, seq2seq=source.seq2seq),
-        TaskEncoder(target.tokenizer, task, seq2seq=target.seq2seq),
-        batch_size=batch_size,
-        seed=seed,
-    )
+    data = pair_data(source, target, prompt, settings, seed, purpose="refine on")
     module = PromptDistillationModule(
         source.model,
         prompt.embeddings,
@@ -144,7 +151,7 @@ def distill(
         "Refining the prompt on %s: up to %d distillation steps on %d unlabelled inputs",
         target.name,
         settings.steps,
-        len(texts),
+        len(data.texts),
     )
     L.seed_everything(seed, verbose=False)
     return fit_prompt(
@@ -184,16 +191,7 @@ def distill_map(
     task = prompts[0].task
     if any(prompt.task != task for prompt in prompts):
         raise RecycleError("A map is trained on the prompts of one task: group the prompts by task first.")
-    texts = unlabelled_texts(prompts[0], settings.split, settings.texts, seed)
-    if not texts:
-        raise RecycleError(f"The {settings.split!r} split of {task.data} has no inputs to train the map on.")
-    data = UnlabelledPairDataModule(
-        texts,
-        TaskEncoder(source.tokenizer, task, seq2seq=source.seq2seq),
-        TaskEncoder(target.tokenizer, task, seq2seq=target.seq2seq),
-        batch_size=min(settings.batch_size, len(texts)),
-        seed=seed,
-    )
+    data = pair_data(source, target, prompts[0], settings, seed, purpose="train the map on")
     trained = copy.deepcopy(recycler)  # the fitted map stays as it is, for other tasks
     module = MapDistillationModule(
         source.model,
@@ -206,7 +204,7 @@ def distill_map(
     )
     log.info(
         "Training the %s map %s -> %s on the behaviour of %d %s prompts: %d steps on %d unlabelled inputs",
-        recycler.name, source.name, target.name, len(prompts), task.name, settings.steps, len(texts),
+        recycler.name, source.name, target.name, len(prompts), task.name, settings.steps, len(data.texts),
     )  # fmt: skip
     L.seed_everything(seed, verbose=False)
     outcome = fit_map(module, trainer, steps=settings.steps, train_dataloaders=data.train_dataloader())
