@@ -60,13 +60,7 @@ def accuracy_chart(
         gap = f"\n{100 * (value - baseline):+.1f} pts" if baseline is not None and kind == "subject" else ""
         texts.append(f"{value:.1%}{gap}")
     ax.bar_label(bars, labels=texts, padding=3, fontsize=9)
-    shown = [k for k in COLORS if k in kinds]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in shown]
-    legend = [NAMES[k] for k in shown]
-    if baseline is not None:
-        line = ax.axhline(baseline, color="#c44e52", linestyle="--", linewidth=1)
-        handles.append(line)
-        legend.append(f"best baseline {baseline:.1%}")
+    _legend(fig, ax, kinds, baseline)
     finite = [v for v in values if v == v]
     low = max(0.0, (min(finite) if finite else 0.0) - 0.1)
     ax.set_ylim(int(low * 10) / 10, min(1.0, max(finite, default=1.0) + 0.12))
@@ -76,8 +70,18 @@ def accuracy_chart(
     if error_meaning:
         ax.annotate(error_meaning, (0, 0), xycoords="figure fraction", xytext=(4, 4), textcoords="offset points",
                     fontsize=8, color="#555555")  # fmt: skip
-    fig.legend(handles, legend, loc="outside right upper", fontsize=8, frameon=False)
     return fig
+
+
+def _legend(fig: Figure, ax, kinds: Sequence[str], baseline: float | None) -> None:
+    """A legend entry per kind of bar drawn, and the best baseline as a dashed line, outside the bars."""
+    shown = [k for k in COLORS if k in kinds]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in shown]
+    legend = [NAMES[k] for k in shown]
+    if baseline is not None:
+        handles.append(ax.axhline(baseline, color="#c44e52", linestyle="--", linewidth=1))
+        legend.append(f"best baseline {baseline:.1%}")
+    fig.legend(handles, legend, loc="outside right upper", fontsize=8, frameon=False)
 
 
 def confusion_chart(confusion: Sequence[Sequence[int]], classes: Sequence[str], *, title: str = "") -> Figure:
