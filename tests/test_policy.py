@@ -291,9 +291,12 @@ def test_best_prompt_callback_refuses_a_bad_mode():
 
 
 # ---------------------------------------------------------------------- stages
-def test_recycle_stops_at_the_first_recycler_that_passes(sides, good_prompt):
+def test_recycle_stops_at_the_first_recycler_that_passes(sides, good_prompt, caplog):
     fits: list[str] = []
-    outcome = run_policy(policy(RECYCLE, REFINE, RETUNE), transfer(sides, "small-a", "small-a", fits), good_prompt)
+    with caplog.at_level("INFO", logger="mlflow_recycle.policy.stages"):
+        outcome = run_policy(policy(RECYCLE, REFINE, RETUNE), transfer(sides, "small-a", "small-a", fits), good_prompt)
+    said = f"Recycled by identity: accuracy {outcome.score:.4f} on the gate's draw, over the bar"
+    assert said in [record.getMessage() for record in caplog.records]  # the log says what each map scored
     assert (outcome.gate, outcome.stage) == (PASSED, "recycle")
     assert fits == ["fit identity"] and list(outcome.records[0].tried) == ["identity"]  # linear never fitted
     assert len(outcome.records) == 1 and outcome.steps == 0  # no training once the gate passed

@@ -104,7 +104,11 @@ def recycle(stage: RecycleStage, run: Run) -> StageRecord:
         record.tried[choice.label] = made.score
         if run.improve(candidate, made.score):
             record.method = choice.label
-        if run.judge.passes(made.score):
+        passes = run.judge.passes(made.score)
+        score = "n/a" if made.score is None else f"{made.score:.4f}"
+        side = "over the bar" if passes else "under the bar"
+        log.info("Recycled by %s: %s %s on the gate's draw, %s", choice.label, run.judge.gate.metric, score, side)
+        if passes:
             break
     if run.best is None:
         raise RecycleError(
