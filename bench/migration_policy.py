@@ -16,6 +16,8 @@ recipe; the policy's wall time is compared with re-tuning's, timed in the same p
 
 Rows go to ``bench/results/migration_policy.csv`` (kept across runs: only missing rows
 are computed), the summary to docs/benchmarks.md and, with ``--mlflow``, to one MLflow run.
+A row's two long parts, the policy's run and tuning from scratch, are kept under
+``bench/cache/migration_policy`` as each ends: a run killed between them resumes after the last.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import math
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,6 +58,7 @@ from recycling_matrix import (  # noqa: E402
     TASK_SETTINGS,
     ChartPoint,
     Matrix,
+    digest,
     success_cost_chart,
 )
 
@@ -140,9 +144,9 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
     for init, seed in todo:  # each row written as soon as it is measured: a long run can stop at any prompt
         prompt, cached_seconds = sources[(init, seed)]
         transfer.seed = seed
-        outcome = run_policy(policy, transfer, prompt, f"{task}/{source}/{init}/seed{seed}")
-        scratch = scratch_to_gate(policy, transfer, prompt, outcome.score)
-        maps[0], maps[1] = maps[0] + outcome.map_seconds, maps[1] + outcome.map_flops
+        parts = parts_dir(matrix, args, cfg, task, source, target, init, seed)
+        name = f"{task}/{source}/{init}/seed{seed}"
+        outcome, maps, scratch = measured(policy, transfer, prompt, name, maps, parts, fresh=args.recompute)
         # the maps are shared by every prompt the pair holds: each row carries its share of what they cost so far
         shared_seconds, shared_flops = maps[0] / len(held), maps[1] / len(held)
         retuned = None if args.skip_retuned else matrix.tuned(task, target, init, seed)[0]
@@ -174,6 +178,49 @@ def pair_rows(matrix: Matrix, args: argparse.Namespace, task: str, pair: str, do
             "test_scratch": nan_if_none(scratch.prompt is not None and matrix.accuracy(task, target, scratch.prompt)),
             "n_test": n_test, "device": matrix.device(task),
         }  # fmt: skip
+
+
+def parts_dir(matrix: Matrix, args, cfg, task: str, source: str, target: str, init: str, seed: int) -> Path:
+    """Where one row's long parts are kept: keyed by the source prompt, the target's recipe and the policy."""
+    prompts = [matrix.prompt_path(task, model, init, seed).name for model in (source, target)]
+    settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("policy", "recycler", "anchors", "eval")}
+    key = digest({"prompts": prompts, "policy": label(args), "settings": settings, "seed": cfg.seed})
+    return Path(args.cache) / "migration_policy" / task / f"{source}-{target}" / f"{init}-seed{seed}-{key}"
+
+
+def measured(
+    policy: Policy, transfer: Transfer, prompt: SoftPrompt, name: str, maps: list[float], parts: Path, fresh: bool
+):
+    """The policy's outcome for ``prompt``, the maps' cost counted up to it, and tuning from scratch to
+    its bar. Each part is kept under ``parts`` as it ends and read back by a later run unless ``fresh``
+    (a resumed outcome comes with the maps' cost as its own run had counted it)."""
+    resumed = None if fresh else load_part(parts / "policy.pt")
+    if resumed is None:
+        outcome = run_policy(policy, transfer, prompt, name)
+        resumed = keep_part(
+            parts / "policy.pt", (outcome, [maps[0] + outcome.map_seconds, maps[1] + outcome.map_flops])
+        )
+    outcome, maps = resumed
+    scratch = None if fresh else load_part(parts / "scratch.pt")  # a dict: this script's classes pickle by name
+    if scratch is None:
+        scratch = keep_part(parts / "scratch.pt", asdict(scratch_to_gate(policy, transfer, prompt, outcome.score)))
+    return outcome, maps, Scratch(**scratch)
+
+
+def load_part(path: Path):
+    if not path.exists():
+        return None
+    log.info("Resuming from %s", path)
+    return torch.load(path, weights_only=False)
+
+
+def keep_part(path: Path, value):
+    """``value`` saved at ``path``, whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(value, partial)
+    partial.replace(path)
+    return value
 
 
 @dataclass

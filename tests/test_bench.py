@@ -151,6 +151,14 @@ def test_migration_policy_quick(tmp_path):
     assert "| `default` | small-a-early → small-a | 1 | 0 / 0 / 1 |" in first.stdout
     kept = run("migration_policy.py", *args, cwd=tmp_path)  # a rerun keeps its row: nothing tuned or migrated
     assert "Tuning sst2" not in kept.stderr and "Policy for" not in kept.stderr
+    # a run killed after a row's long parts resumes from them: the row again, nothing migrated or tuned again
+    (tmp_path / "migration_policy.csv").unlink()
+    resumed = run("migration_policy.py", *args, cwd=tmp_path)
+    assert resumed.stderr.count("Resuming from") == 2 and "Policy for" not in resumed.stderr
+    with (tmp_path / "migration_policy.csv").open() as f:
+        (again_row,) = list(csv.DictReader(f))
+    same = ("gate_accuracy", "policy_flops", "map_flops", "scratch_steps", "scratch_flops_to_gate", "test_scratch")
+    assert {k: again_row[k] for k in same} == {k: row[k] for k in same}
     # --recompute migrates it again in place; --skip-retuned leaves the re-tuned reference out, and says so
     again = run("migration_policy.py", *args, "--recompute", "--skip-retuned", cwd=tmp_path)
     assert "Policy for" in again.stderr and "Tuning sst2" not in again.stderr
