@@ -29,6 +29,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,11 +115,21 @@ def main() -> None:
     (out / "update.json").write_text(json.dumps(record, indent=2))
     log.info("SmolLM2 v2 in %s after %d steps (%.0f s): %s", out, args.steps, seconds, record)
     if args.register:
-        from mlflow_recycle.registry import register_base_model
+        register(v1.uri, out)
 
-        for path in (v1.uri, str(out)):
-            version = register_base_model(path, "smollm2-135m", bos=cfg.source.get("bos"))
-            log.info("%s is smollm2-135m version %s", path, version.version)
+
+def register(v1: str, v2: Path) -> None:
+    """v1 (its GGUF conversion) and v2 as versions of one base model, each by reference (a path and
+    its weights' digest, not a 0.5 GB copy) and with its model config's recipe, as the job registers
+    them: a migration from v1 to v2 re-tunes with v2's recipe."""
+    from mlflow_recycle.registry import register_base_model
+
+    cfg = compose(["model@source=smollm2-135m", "model@target=smollm2-135m-v2", f"target.path={v2}"])
+    for path, model in ((v1, cfg.source), (str(v2), cfg.target)):
+        recipe = OmegaConf.to_container(model.recipe, resolve=True) if model.get("recipe") else None
+        version = register_base_model(path, model.registered_name, bos=model.get("bos"), recipe=recipe,
+                                      copy_weights=False)  # fmt: skip
+        log.info("%s is %s version %s", path, model.registered_name, version.version)
 
 
 if __name__ == "__main__":

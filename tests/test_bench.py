@@ -475,12 +475,26 @@ def test_smollm2_update_writes_a_second_version_that_loads_as_the_v2_config(tmp_
     from mlflow_recycle.config import compose
     from mlflow_recycle.models import CACHE_ENV, load_model
 
-    out, cache = tmp_path / "v2", tmp_path / "cache"
+    out, cache, store = tmp_path / "v2", tmp_path / "cache", f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = [sys.executable, str(BENCH / "smollm2_update.py"), "--steps", "2", "--batch-size", "2",
-               "--length", "16", "--out", str(out)]  # fmt: skip
-    result = run_watched(command, cwd=tmp_path, env={**os.environ, CACHE_ENV: str(cache)})
+               "--length", "16", "--out", str(out), "--register"]  # fmt: skip
+    result = run_watched(command, cwd=tmp_path, env={**os.environ, CACHE_ENV: str(cache), "MLFLOW_TRACKING_URI": store})
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "update.json").read_text())["steps"] == 2
+    # v1 and v2: two versions of one base model, by reference, each with SmolLM2's recipe
+    import mlflow
+
+    from mlflow_recycle.models import REFERENCE_FLAVOR
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)
+    try:
+        versions = mlflow.MlflowClient().search_model_versions("name='smollm2-135m'")
+        flavors = [mlflow.models.get_model_info(f"models:/smollm2-135m/{v.version}").flavors for v in versions]
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert len(versions) == 2 and all(json.loads(v.tags["mlflow_recycle.recipe"])["task"] for v in versions)
+    assert all(REFERENCE_FLAVOR in flavor for flavor in flavors)
     cfg = compose(["model@source=smollm2-135m", "model@target=smollm2-135m-v2", f"target.path={out}"])
     v1, v2 = load_model(cfg.source, cache=cache), load_model(cfg.target, cache=cache)
     assert cfg.target.registered_name == cfg.source.registered_name  # versions of one base model
