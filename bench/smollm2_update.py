@@ -9,7 +9,7 @@ result is a Hugging Face directory outside git (``bench/cache/models/smollm2-135
 ``smollm2-135m`` (same name). The reviews' order is seeded and nothing else is random, so the
 same command builds the same v2, up to float rounding across thread counts.
 
-    python bench/smollm2_update.py                  # 80 steps: about 15 minutes on one CPU thread
+    python bench/smollm2_update.py                  # 80 steps: about 16 minutes on one CPU thread
     python bench/smollm2_update.py --steps 20       # a smoke run
     python bench/smollm2_update.py --register       # and register v1 and v2 in the tracking store
 
