@@ -29,7 +29,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from docs_update import bench_logging  # noqa: E402
 
 from lightning_modules.callbacks import ProgressLog, StepProgressBar  # noqa: E402
-from mlflow_recycle.config import compose  # noqa: E402
+from mlflow_recycle.config import compose, model_recipe  # noqa: E402
 from mlflow_recycle.models import load_model  # noqa: E402
 
 log = logging.getLogger("bench.smollm2_update")
@@ -85,7 +84,7 @@ def main() -> None:
     parser.add_argument("--register", action="store_true", help="register v1 and v2 as versions of smollm2-135m")
     args = parser.parse_args()
     bench_logging()
-    cfg = compose(["model@source=smollm2-135m"])
+    cfg = compose(["model@source=smollm2-135m", "model@target=smollm2-135m-v2", f"target.path={args.out}"])
     v1 = load_model(cfg.source, cache=cfg.paths.get("cache"))
     model, tokenizer = v1.model.float(), v1.tokenizer
     if tokenizer.pad_token is None:
@@ -115,19 +114,17 @@ def main() -> None:
     (out / "update.json").write_text(json.dumps(record, indent=2))
     log.info("SmolLM2 v2 in %s after %d steps (%.0f s): %s", out, args.steps, seconds, record)
     if args.register:
-        register(v1.uri, out)
+        register(cfg, v1.uri)
 
 
-def register(v1: str, v2: Path) -> None:
+def register(cfg, v1: str) -> None:
     """v1 (its GGUF conversion) and v2 as versions of one base model, each by reference (a path and
     its weights' digest, not a 0.5 GB copy) and with its model config's recipe, as the job registers
     them: a migration from v1 to v2 re-tunes with v2's recipe."""
     from mlflow_recycle.registry import register_base_model
 
-    cfg = compose(["model@source=smollm2-135m", "model@target=smollm2-135m-v2", f"target.path={v2}"])
-    for path, model in ((v1, cfg.source), (str(v2), cfg.target)):
-        recipe = OmegaConf.to_container(model.recipe, resolve=True) if model.get("recipe") else None
-        version = register_base_model(path, model.registered_name, bos=model.get("bos"), recipe=recipe,
+    for path, model in ((v1, cfg.source), (cfg.target.path, cfg.target)):
+        version = register_base_model(path, model.registered_name, bos=model.get("bos"), recipe=model_recipe(model),
                                       copy_weights=False)  # fmt: skip
         log.info("%s is %s version %s", path, model.registered_name, version.version)
 

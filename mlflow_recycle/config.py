@@ -70,6 +70,12 @@ RECIPE_GROUPS = ("prompt", "trainer")
 RECIPE_KEYS = ("task.batch_size",)
 
 
+def model_recipe(model: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A model config's ``recipe:`` block as a plain dict (None: it has none), as a base version keeps it."""
+    recipe = model.get("recipe")
+    return OmegaConf.to_container(recipe, resolve=True) if recipe else None
+
+
 def with_recipe(cfg: DictConfig, model: Mapping[str, Any] | None) -> DictConfig:
     """``cfg`` with a model's tuning recipe (the ``recipe:`` block of its ``conf/model`` entry, or
     the one a registered base version carries) merged over ``prompt``, ``trainer`` and the training

@@ -29,7 +29,7 @@ from lightning_modules import TextClassificationDataModule, TrainerFactory
 
 from . import registry
 from .charts import accuracy_chart, confusion_chart
-from .config import with_recipe
+from .config import model_recipe, with_recipe
 from .errors import RecycleError
 from .evaluation import Baselines, Evaluator, verdict_metrics
 from .models import LoadedModel, configure_threads, load_model, model_dir
@@ -138,12 +138,10 @@ class Context:
         """Find or register each side's base-model version, so prompts can be tied to it, with its model
         config's tuning recipe (a migration into that version re-tunes with it)."""
         if is_rank_zero() and self.cfg.registry.register:
-            recipes = {model.name: model.get("recipe") for model in (self.cfg.source, self.cfg.target)}
+            recipes = {model.name: model_recipe(model) for model in (self.cfg.source, self.cfg.target)}
             for side in sides:
-                recipe = recipes.get(side.name)
-                recipe = OmegaConf.to_container(recipe, resolve=True) if recipe else None
                 self.bases[side.name] = registry.register_base_model(
-                    side.uri, side.registered_name, bos=side.bos, recipe=recipe,
+                    side.uri, side.registered_name, bos=side.bos, recipe=recipes.get(side.name),
                     copy_weights=self.cfg.registry.get("copy_weights"),
                 )  # fmt: skip
 
