@@ -296,6 +296,7 @@ def test_main_job_runs_the_migration_policy_and_records_each_stage(tmp_path):
     """`policy=default` with a gate no prompt can pass: every stage runs its whole budget, and the run says so."""
     budgets = ["policy.stages.refine.steps=2", "policy.stages.refine.eval_every=1", "policy.stages.refine.texts=16"]
     budgets += ["policy.stages.retune.steps=2", "policy.stages.retune.eval_every=1", "policy.gate.margin=100"]
+    budgets += ["policy.stages.retune.check_share=null"]  # a check every step, dear as it is
     budgets += ["policy.stages.refine.skip=false"]
     result = run_cli(tmp_path, *QUICK, "policy=default", *budgets)
     assert result.returncode == 0, result.stderr[-3000:]

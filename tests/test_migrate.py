@@ -42,6 +42,7 @@ SMALL += ["policy.gate.margin_se=0"]  # on 48 examples a standard error is 7 poi
 #: the default policy with budgets a test can afford
 BUDGETS = ["policy.stages.refine.steps=2", "policy.stages.refine.eval_every=1", "policy.stages.refine.texts=16"]
 BUDGETS += ["policy.stages.retune.steps=2", "policy.stages.retune.eval_every=1", "policy.stages.retune.limit_train=16"]
+BUDGETS += ["policy.stages.retune.check_share=null"]  # a check every step, dear as it is
 
 
 @pytest.fixture

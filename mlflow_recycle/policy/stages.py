@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cache
 
 import lightning as L
 import torch
@@ -173,7 +174,7 @@ def retune(stage: RetuneStage, run: Run) -> StageRecord:
     if labelled is not None:
         record.status, record.reason = SKIPPED, f"no labelled training data: {labelled}"
         return record
-    best = run.best
+    best, stage = run.best, paced(stage, run.judge)
     made = _retuned(stage, run)
     run.pay(made)
     outcome = made.outcome
@@ -266,7 +267,7 @@ def tune_on_target(
     """Tune ``initial`` on the target with ``prompt``'s task, validated every ``eval_every`` steps on the
     gate's draw, stopping after ``patience`` checks without gain or at the first validation over
     ``stop_above`` (by default the prompt's bar where the stage stops at it, else none)."""
-    task = like_validation(prompt).task
+    task, stage = like_validation(prompt).task, paced(stage, judge)
     data = transfer.data(transfer.target, prompt.replace(task=task), batch_size=stage.batch_size,
                          limit_train=stage.limit_train)  # fmt: skip
     optimizer = instantiate_partial(stage.optimizer, "policy.stages.retune.optimizer")
@@ -282,6 +283,23 @@ def tune_on_target(
         patience=stage.patience, start_score=start_score,
         metric=judge.gate.metric, datamodule=data,
     )  # fmt: skip
+
+
+def paced(stage: RetuneStage, judge: Judge) -> RetuneStage:
+    """``stage`` with checks spaced for what a check of the judge's draw costs (:meth:`RetuneStage.paced`)."""
+    examples = judge.baselines.examples.get(judge.gate.split, 0) if judge.baselines is not None else 0
+    spaced = stage.paced(examples)
+    if spaced is not stage:
+        _say_paced(examples, stage.batch_size, spaced.eval_every, spaced.patience, stage.check_share)
+    return spaced
+
+
+@cache
+def _say_paced(examples: int, batch_size: int, every: int, patience: int | None, share: float) -> None:
+    stop = f", patience {patience} check(s) ({patience * every} steps)" if patience else ""
+    log.info("A check of %d validation examples costs about %.0f steps of %d: checking every %d steps%s, so that "
+             "checks cost at most %.0f%% of the steps between them (policy.stages.retune.check_share=%s)",
+             examples, examples / (2 * batch_size), batch_size, every, stop, 100 * share, share)  # fmt: skip
 
 
 def initial_on_target(transfer: Transfer, prompt: SoftPrompt) -> torch.Tensor:
