@@ -497,7 +497,7 @@ def test_a_prompt_re_tuned_to_a_plateau_under_the_share_to_keep_passes_and_says_
     assert "as good as the new base gets from its start" in on.description("source", None)
 
 
-def test_checks_dearer_than_their_share_of_training_are_spaced_out_with_the_same_patience_in_steps():
+def test_checks_dearer_than_their_share_of_training_are_spaced_out_with_the_same_patience_in_checks():
     """A check is a forward pass per validation example, a step a forward and backward pass over a batch:
     500 examples cost 31 steps of batch 8 (SmolLM2's recipe) but 8 of batch 32 (our models')."""
     from mlflow_recycle.policy.config import RetuneStage
@@ -505,7 +505,7 @@ def test_checks_dearer_than_their_share_of_training_are_spaced_out_with_the_same
     ours = RetuneStage(eval_every=25, patience=4, batch_size=32, check_share=0.4)
     assert ours.paced(500) is ours  # 8 of 25 steps: under the share
     spaced = RetuneStage(eval_every=25, patience=4, batch_size=8, check_share=0.4).paced(500)
-    assert (spaced.eval_every, spaced.patience) == (79, 2)  # 31.25 / 0.4; 100 steps of patience in whole checks
+    assert (spaced.eval_every, spaced.patience) == (79, 4)  # 31.25 / 0.4; a plateau needs as many checks
     assert RetuneStage(eval_every=25, patience=4, batch_size=8).paced(500).eval_every == 25  # no share: as set
     with pytest.raises(RecycleError, match=r"Bad policy.stages.retune.check_share=1.5: set a share in \(0, 1\]"):
         policy(RECYCLE, stage(RETUNE, check_share=1.5))
@@ -513,13 +513,13 @@ def test_checks_dearer_than_their_share_of_training_are_spaced_out_with_the_same
 
 def test_a_re_tuning_checks_as_often_as_its_share_allows(sides, good_prompt, caplog):
     """On 48 validation examples at batch 8 a check costs 3 steps: with a share of 0.4, one every 8 steps."""
-    retune = stage(RETUNE, steps=24, eval_every=2, patience=4, check_share=0.4, limit_train=192, until="plateau")
+    retune = stage(RETUNE, steps=24, eval_every=2, patience=1, check_share=0.4, limit_train=192, until="plateau")
     with caplog.at_level(logging.INFO, logger="mlflow_recycle.policy.stages"):
         outcome = run_policy(policy(RECYCLE, retune, margin=100.0), transfer(sides, "small-a", "small-b"), good_prompt)
     record = outcome.records[-1]
     assert record.stage == "retune" and record.steps % 8 == 0, outcome.summary()
-    assert "checking every 8 steps, patience 1 check(s) (8 steps)" in caplog.text
-    assert not record.reason or "1 checks in a row" in record.reason
+    assert "checking every 8 steps" in caplog.text
+    assert not record.reason or record.reason.startswith(f"stopped after {record.steps} of 24 steps: 1 checks")
 
 
 # ---------------------------------------------------------------------- data for the gate

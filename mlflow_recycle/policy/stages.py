@@ -290,16 +290,15 @@ def paced(stage: RetuneStage, judge: Judge) -> RetuneStage:
     examples = judge.baselines.examples.get(judge.gate.split, 0) if judge.baselines is not None else 0
     spaced = stage.paced(examples)
     if spaced is not stage:
-        _say_paced(examples, stage.batch_size, spaced.eval_every, spaced.patience, stage.check_share)
+        _say_paced(examples, stage.batch_size, spaced.eval_every, stage.check_share)
     return spaced
 
 
 @cache
-def _say_paced(examples: int, batch_size: int, every: int, patience: int | None, share: float) -> None:
-    stop = f", patience {patience} check(s) ({patience * every} steps)" if patience else ""
-    log.info("A check of %d validation examples costs about %.0f steps of %d: checking every %d steps%s, so that "
+def _say_paced(examples: int, batch_size: int, every: int, share: float) -> None:
+    log.info("A check of %d validation examples costs about %.0f steps of %d: checking every %d steps, so that "
              "checks cost at most %.0f%% of the steps between them (policy.stages.retune.check_share=%s)",
-             examples, examples / (2 * batch_size), batch_size, every, stop, 100 * share, share)  # fmt: skip
+             examples, examples / (2 * batch_size), batch_size, every, 100 * share, share)  # fmt: skip
 
 
 def initial_on_target(transfer: Transfer, prompt: SoftPrompt) -> torch.Tensor:
