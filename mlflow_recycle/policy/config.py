@@ -127,6 +127,10 @@ class RetuneStage:
     def stops_at_bar(self) -> bool:
         return self.until == "bar"
 
+    def check_steps(self, examples: int) -> float:
+        """What a check of ``examples`` costs in training steps (:meth:`paced`)."""
+        return examples / (2 * self.batch_size)
+
     def paced(self, examples: int) -> RetuneStage:
         """This stage for a gate draw of ``examples``. A check is one forward pass per example; a step is a
         forward and a backward pass over ``batch_size`` examples like them: a check costs about
@@ -136,7 +140,7 @@ class RetuneStage:
         start). On a model tuned in small batches (SmolLM2's recipe: 8) a check of 500 sentences costs 31 steps."""
         if not self.check_share or not examples:
             return self
-        every = max(self.eval_every, math.ceil(examples / (2 * self.batch_size) / self.check_share))
+        every = max(self.eval_every, math.ceil(self.check_steps(examples) / self.check_share))
         return self if every == self.eval_every else replace(self, eval_every=every)
 
 

@@ -290,15 +290,15 @@ def paced(stage: RetuneStage, judge: Judge) -> RetuneStage:
     examples = judge.baselines.examples.get(judge.gate.split, 0) if judge.baselines is not None else 0
     spaced = stage.paced(examples)
     if spaced is not stage:
-        _say_paced(examples, stage.batch_size, spaced.eval_every, stage.check_share)
+        _say_paced(examples, stage.check_steps(examples), stage.batch_size, spaced.eval_every, stage.check_share)
     return spaced
 
 
 @cache
-def _say_paced(examples: int, batch_size: int, every: int, share: float) -> None:
+def _say_paced(examples: int, cost: float, batch_size: int, every: int, share: float) -> None:
     log.info("A check of %d validation examples costs about %.0f steps of %d: checking every %d steps, so that "
              "checks cost at most %.0f%% of the steps between them (policy.stages.retune.check_share=%s)",
-             examples, examples / (2 * batch_size), batch_size, every, 100 * share, share)  # fmt: skip
+             examples, cost, batch_size, every, 100 * share, share)  # fmt: skip
 
 
 def initial_on_target(transfer: Transfer, prompt: SoftPrompt) -> torch.Tensor:
