@@ -467,7 +467,7 @@ def _groups(rows_: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]
     return dict(groups)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--tasks", nargs="+", default=list(TASK_SETTINGS), choices=list(TASK_SETTINGS),
@@ -499,33 +499,36 @@ def main() -> None:
         "whose 800-step tuning takes long on this machine; the cost ratio is still timed",
     )  # fmt: skip
     args = parser.parse_args()
-    bench_logging()
     if args.quick:
         args.tasks, args.pairs, args.inits, args.seeds = ["sst2"], ["small-a-early:small-a"], ["vocab"], [0]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "migration_policy.csv"
-    if not args.report_only:
-        Policy.from_config(policy_config(args).policy)  # a bad policy fails before any tuning
-        lock = lock_csv(csv_path, "migration_policy.py")  # noqa: F841 (held until the process ends)
-        kept = load_rows(csv_path) if csv_path.exists() else []
-        matrix_args = argparse.Namespace(cache=args.cache, prompts=args.prompts, quick=args.quick, set=args.set)
-        if args.recompute:  # the rows asked for are computed again, replacing the ones kept
-            matrix = Matrix(matrix_args)
-            asked = {(t, matrix.objective(t, p.split(":")[0]), *p.split(":"), label(args), i, s)
-                     for t in args.tasks for p in args.pairs for i in args.inits for s in args.seeds}  # fmt: skip
-            kept = [row for row in kept if row_key(row) not in asked]
-        done = set(map(row_key, kept))
-        if args.workers > 1:
-            pairs = [(task, pair, done) for task in args.tasks for pair in args.pairs]
-            found = (row for rows_ in in_processes(_pair, pairs, args.workers, _start_worker, matrix_args, args)
-                     for row in rows_)  # fmt: skip
-        else:
-            found = rows(Matrix(matrix_args), args, done)
-        for row in write_rows(csv_path, COLUMNS, kept, found):
-            log.info("%s %s->%s %s seed %d: %s at %s, %.0f%% of re-tuning", row["task"], row["source"],
-                     row["target"], row["init"], row["seed"], row["gate"], row["stage"],
-                     100 * row["cost_fraction"])  # fmt: skip
+    return args
+
+
+def compute_rows(args: argparse.Namespace, csv_path: Path) -> None:
+    """Migrate the prompts asked for and write their rows; rows the CSV has are kept, unless
+    --recompute asks for them again. The CSV stays locked while it runs."""
+    kept = load_rows(csv_path) if csv_path.exists() else []
+    matrix_args = argparse.Namespace(cache=args.cache, prompts=args.prompts, quick=args.quick, set=args.set)
+    if args.recompute:  # the rows asked for are computed again, replacing the ones kept
+        matrix = Matrix(matrix_args)
+        asked = {(t, matrix.objective(t, p.split(":")[0]), *p.split(":"), label(args), i, s)
+                 for t in args.tasks for p in args.pairs for i in args.inits for s in args.seeds}  # fmt: skip
+        kept = [row for row in kept if row_key(row) not in asked]
+    done = set(map(row_key, kept))
+    if args.workers > 1:
+        pairs = [(task, pair, done) for task in args.tasks for pair in args.pairs]
+        found = (row for rows_ in in_processes(_pair, pairs, args.workers, _start_worker, matrix_args, args)
+                 for row in rows_)  # fmt: skip
+    else:
+        found = rows(Matrix(matrix_args), args, done)
+    for row in write_rows(csv_path, COLUMNS, kept, found):
+        log.info("%s %s->%s %s seed %d: %s at %s, %.0f%% of re-tuning", row["task"], row["source"],
+                 row["target"], row["init"], row["seed"], row["gate"], row["stage"],
+                 100 * row["cost_fraction"])  # fmt: skip
+
+
+def publish(args: argparse.Namespace, csv_path: Path, out: Path) -> None:
+    """The chart, the summary printed and written into the docs (and MLflow where asked)."""
     all_rows = load_rows(csv_path)
     axis = "compute, % of re-tuning's FLOPs on the target (median; log scale)"
     title = "Migration policies: success against compute"
@@ -533,10 +536,9 @@ def main() -> None:
     markdown = "\n".join(filter(None, (report(all_rows), compared([r for r in all_rows if r["policy"] in PRESETS]))))
     print(markdown)
     if not args.quick:
-        machine = bench_machine()
         shown = csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path
         note = (
-            f"_Summary of `{shown}` (`python bench/migration_policy.py`), written on {machine}; rows by the"
+            f"_Summary of `{shown}` (`python bench/migration_policy.py`), written on {bench_machine()}; rows by the"
             f" device that ran them (seconds and cost compare only within one): {rows_by_device(all_rows)}._"
         )
         update_section(Path(args.docs), "migration-policy", f"{note}\n\n{markdown}")
@@ -548,6 +550,19 @@ def main() -> None:
             if (out / "migration_policy.png").exists():
                 mlflow.log_artifact(str(out / "migration_policy.png"))
             mlflow.log_text(markdown, "migration_policy.md")
+
+
+def main() -> None:
+    args = parse_args()
+    bench_logging()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "migration_policy.csv"
+    if not args.report_only:
+        Policy.from_config(policy_config(args).policy)  # a bad policy fails before any tuning
+        with lock_csv(csv_path, "migration_policy.py"):
+            compute_rows(args, csv_path)
+    publish(args, csv_path, out)
 
 
 if __name__ == "__main__":

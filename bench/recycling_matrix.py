@@ -689,7 +689,7 @@ def log_to_mlflow(rows: list[dict], csv_path: Path, png: Path, markdown: str) ->
                 mlflow.log_metrics({k: float(v) for k, v in stats.items() if v == v})
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASK_SETTINGS), choices=list(TASK_SETTINGS))
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="source:target model names (conf/model)")
@@ -716,56 +716,60 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--tune-only", action="store_true", help="tune and cache the prompts the cells need, then stop")
     args = parser.parse_args()
-    bench_logging()
     if args.quick:
         args.tasks, args.pairs, args.recyclers = ["sst2_plain"], ["small-a-early:small-a"], ["identity", "linear"]
         args.inits, args.seeds = ["vocab"], [0]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "recycling_matrix.csv"
-    if not args.report_only:
-        for spec in args.recyclers:  # a bad spec fails now, not hours into the run
-            name, options, _, _ = parse_recycler(spec)
-            get_recycler(name, **options)
-        lock = lock_csv(csv_path, "recycling_matrix.py")  # noqa: F841 (held until the process ends)
-        matrix = Matrix(args)
-        if args.workers > 1 or args.tune_only:
-            todo = matrix.untuned(args.tasks, args.pairs, args.inits, args.seeds)
-            log.info("Tuning %d prompts in %d processes", len(todo), args.workers)
-            for task, model, init, seed in in_processes(_tune, todo, args.workers, _start_worker, args):
-                log.info("Tuned %s / %s / %s / seed %d", task, model, init, seed)
-            if args.tune_only:
-                return
-        # rows already in the CSV are kept and not recomputed, unless --recompute names their cells
-        previous = load_rows(csv_path) if csv_path.exists() else []
-        cells = {(t, p, r) for t in args.tasks for p in args.pairs for r in args.recyclers} if args.recompute else set()
-        redo = lambda r: (  # noqa: E731  a recomputed cell's rows of the current recipe (others are kept)
-            (r["task"], f"{r['source']}:{r['target']}", r["recycler"]) in cells
-            and r["objective"] == matrix.objective(r["task"], r["source"])
+    return args
+
+
+def compute_rows(args: argparse.Namespace, csv_path: Path) -> None:
+    """Tune the prompts the cells need and write the cells' rows; rows already in the CSV are kept.
+    The CSV stays locked while it runs."""
+    for spec in args.recyclers:  # a bad spec fails now, not hours into the run
+        name, options, _, _ = parse_recycler(spec)
+        get_recycler(name, **options)
+    matrix = Matrix(args)
+    if args.workers > 1 or args.tune_only:
+        todo = matrix.untuned(args.tasks, args.pairs, args.inits, args.seeds)
+        log.info("Tuning %d prompts in %d processes", len(todo), args.workers)
+        for task, model, init, seed in in_processes(_tune, todo, args.workers, _start_worker, args):
+            log.info("Tuned %s / %s / %s / seed %d", task, model, init, seed)
+        if args.tune_only:
+            return
+    # rows already in the CSV are kept and not recomputed, unless --recompute names their cells
+    previous = load_rows(csv_path) if csv_path.exists() else []
+    cells = {(t, p, r) for t in args.tasks for p in args.pairs for r in args.recyclers} if args.recompute else set()
+    redo = lambda r: (  # noqa: E731  a recomputed cell's rows of the current recipe (others are kept)
+        (r["task"], f"{r['source']}:{r['target']}", r["recycler"]) in cells
+        and r["objective"] == matrix.objective(r["task"], r["source"])
+    )
+    kept = [r for r in previous if not redo(r)]
+    done = frozenset(map(row_key, kept))
+    if args.workers > 1:
+        cells = [
+            (task, pair, spec, args.inits, args.seeds, done)
+            for task in args.tasks for pair in args.pairs for spec in args.recyclers
+        ]  # fmt: skip
+        found = (row for rows in in_processes(_cell, cells, args.workers, _start_worker, args) for row in rows)
+    else:
+        found = (row for task in args.tasks for row in matrix.rows(task, args.pairs, args.recyclers,
+                                                                     args.inits, args.seeds, done))  # fmt: skip
+    for row in write_rows(csv_path, COLUMNS, kept, found):
+        log.info(
+            "%s %s->%s %s %s seed %d: %.3f (%s)",
+            row["task"],
+            row["source"],
+            row["target"],
+            row["recycler"],
+            row["init"],
+            row["seed"],
+            row["recycled_acc"],
+            "success" if row["success"] else "failure",
         )
-        kept = [r for r in previous if not redo(r)]
-        done = frozenset(map(row_key, kept))
-        if args.workers > 1:
-            cells = [
-                (task, pair, spec, args.inits, args.seeds, done)
-                for task in args.tasks for pair in args.pairs for spec in args.recyclers
-            ]  # fmt: skip
-            found = (row for rows in in_processes(_cell, cells, args.workers, _start_worker, args) for row in rows)
-        else:
-            found = (row for task in args.tasks for row in matrix.rows(task, args.pairs, args.recyclers,
-                                                                         args.inits, args.seeds, done))  # fmt: skip
-        for row in write_rows(csv_path, COLUMNS, kept, found):
-            log.info(
-                "%s %s->%s %s %s seed %d: %.3f (%s)",
-                row["task"],
-                row["source"],
-                row["target"],
-                row["recycler"],
-                row["init"],
-                row["seed"],
-                row["recycled_acc"],
-                "success" if row["success"] else "failure",
-            )
+
+
+def publish(args: argparse.Namespace, csv_path: Path, out: Path) -> None:
+    """Print the summary of the CSV and write it into the docs (and MLflow where asked)."""
     rows = load_rows(csv_path)
     markdown = report(rows, out)
     print(markdown)
@@ -780,6 +784,19 @@ def main() -> None:
         update_section(Path(args.docs), "recycling-matrix", f"{note}\n\n{markdown}")
     if args.mlflow:
         log_to_mlflow(rows, csv_path, out / "recycling_matrix.png", markdown)
+
+
+def main() -> None:
+    args = parse_args()
+    bench_logging()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "recycling_matrix.csv"
+    if not args.report_only:
+        with lock_csv(csv_path, "recycling_matrix.py"):
+            compute_rows(args, csv_path)
+    if not args.tune_only:
+        publish(args, csv_path, out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-from docs_update import bench_machine, update_section  # noqa: E402
+from docs_update import bench_logging, bench_machine, update_section  # noqa: E402
 from recycling_matrix import Matrix  # noqa: E402
 
 from lightning_modules import PromptTuningModule  # noqa: E402
@@ -76,7 +76,7 @@ def steps_to(points: list[tuple[int, float]], level: float) -> int | None:
     return next((step for step, accuracy in points if accuracy >= level), None)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", nargs="+", default=["small-a:small-b", "small-a:large"])
     parser.add_argument("--task", default="sst2")
@@ -88,54 +88,46 @@ def main() -> None:
     parser.add_argument("--mlflow", action="store_true", help="log the results to MLflow (MLFLOW_TRACKING_URI)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("lightning", "mlflow", "lightning_modules", "mlflow_recycle"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quick:
         args.pairs, args.seeds, args.steps, args.every = ["small-a-early:small-a"], [0], 4, 2
-    matrix = Matrix(argparse.Namespace(quick=args.quick, cache=args.cache))
+    return args
+
+
+def pair_rows(matrix: Matrix, args: argparse.Namespace, pair: str) -> list[dict]:
+    """For each seed: the recycled and the usual start on the target, and the steps each needs
+    to reach the level tuning from the usual start ends on."""
+    source, target = pair.split(":")
+    src, tgt = matrix.model(source), matrix.model(target)
+    recycler = fit_recycler(args.recycler, src.model, src.tokenizer, tgt.model, tgt.tokenizer)
+    cfg = matrix.config(args.task)
+    verbalizers = data_module(tgt, task_spec(cfg.task), cfg).encoder.verbalizer_ids
     rows = []
-    for pair in args.pairs:
-        source, target = pair.split(":")
-        src, tgt = matrix.model(source), matrix.model(target)
-        recycler = fit_recycler(args.recycler, src.model, src.tokenizer, tgt.model, tgt.tokenizer)
-        for seed in args.seeds:
-            prompt, _ = matrix.tuned(args.task, source, "class_labels", seed)
-            verbalizers = data_module(
-                tgt, task_spec(matrix.config(args.task).task), matrix.config(args.task)
-            ).encoder.verbalizer_ids
-            scratch_init = initial_prompt(
-                "class_labels",
-                embedding_table(tgt.model),
-                prompt.length,
-                seed=seed,
-                class_token_ids=verbalizers,
-                exclude_ids=tgt.tokenizer.all_special_ids,
-            )
-            warm = curve(matrix, args.task, target, recycler.transform(prompt).embeddings, seed, args.steps, args.every)
-            scratch = curve(matrix, args.task, target, scratch_init, seed, args.steps, args.every)
-            level = scratch[-1][1]
-            row = {
-                "pair": f"{source} → {target}",
-                "seed": seed,
-                "level": level,
-                "warm_start_acc": warm[0][1],
-                "scratch_start_acc": scratch[0][1],
-            }
-            row.update(
-                {
-                    "warm_steps": steps_to(warm, level),
-                    "scratch_steps": steps_to(scratch, level),
-                    "warm_final": warm[-1][1],
-                }
-            )
-            rows.append(row)
-            log.info("%s seed %d: %s", pair, seed, row)
+    for seed in args.seeds:
+        prompt, _ = matrix.tuned(args.task, source, "class_labels", seed)
+        scratch_init = initial_prompt(
+            "class_labels", embedding_table(tgt.model), prompt.length, seed=seed,
+            class_token_ids=verbalizers, exclude_ids=tgt.tokenizer.all_special_ids,
+        )  # fmt: skip
+        warm = curve(matrix, args.task, target, recycler.transform(prompt).embeddings, seed, args.steps, args.every)
+        scratch = curve(matrix, args.task, target, scratch_init, seed, args.steps, args.every)
+        level = scratch[-1][1]
+        row = {
+            "pair": f"{source} → {target}", "seed": seed, "level": level,
+            "warm_start_acc": warm[0][1], "scratch_start_acc": scratch[0][1],
+            "warm_steps": steps_to(warm, level), "scratch_steps": steps_to(scratch, level), "warm_final": warm[-1][1],
+        }  # fmt: skip
+        log.info("%s seed %d: %s", pair, seed, row)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], steps: int) -> str:
+    """The rows as a markdown table, with the mean steps each start needed."""
     header = "| pair | seed | step 0: recycled / scratch "
-    header += f"| steps to the {args.steps}-step scratch level | recycled after {args.steps} |"
+    header += f"| steps to the {steps}-step scratch level | recycled after {steps} |"
     lines = [header, "|---|---|---|---|---|"]
     for r in rows:
-        warm_steps = r["warm_steps"] if r["warm_steps"] is not None else f">{args.steps}"
+        warm_steps = r["warm_steps"] if r["warm_steps"] is not None else f">{steps}"
         start = f"{r['warm_start_acc']:.3f} / {r['scratch_start_acc']:.3f}"
         to_level = f"{warm_steps} vs {r['scratch_steps']} (level {r['level']:.3f})"
         lines.append(f"| {r['pair']} | {r['seed']} | {start} | {to_level} | {r['warm_final']:.3f} |")
@@ -144,23 +136,36 @@ def main() -> None:
         scratch = statistics.fmean(r["scratch_steps"] for r in rows)
         lines += ["", f"Recycled starts reached the scratch level in {statistics.fmean(reached):.0f} steps on average"]
         lines[-1] += f" ({len(reached)} of {len(rows)} runs), against {scratch:.0f} from scratch."
-    markdown = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def log_to_mlflow(args: argparse.Namespace, rows: list[dict], markdown: str) -> None:
+    import mlflow
+
+    with mlflow.start_run(run_name="warm start"):
+        mlflow.log_params({"task": args.task, "recycler": args.recycler, "steps": args.steps})
+        mlflow.log_text(markdown, "warm_start.md")
+        for r in rows:
+            name = f"{r['pair'].replace(' → ', '_to_')}_seed{r['seed']}"
+            steps = {"warm": r["warm_steps"], "scratch": r["scratch_steps"]}
+            mlflow.log_metrics({f"{name}_{k}_steps": float(v) for k, v in steps.items() if v is not None})
+
+
+def main() -> None:
+    args = parse_args()
+    bench_logging()
+    matrix = Matrix(argparse.Namespace(quick=args.quick, cache=args.cache))
+    rows = [row for pair in args.pairs for row in pair_rows(matrix, args, pair)]
+    markdown = table(rows, args.steps)
     print(markdown)
     if not args.quick:
-        machine = bench_machine()
         command = "python bench/warm_start.py " + " ".join(sys.argv[1:])
-        note = f"_Generated by `{command.strip()}` on {machine}; validation accuracy on 500 validation examples._"
+        note = (
+            f"_Generated by `{command.strip()}` on {bench_machine()}; validation accuracy on 500 validation examples._"
+        )
         update_section(ROOT / "docs" / "benchmarks.md", "warm-start", f"{note}\n\n{markdown}")
     if args.mlflow:
-        import mlflow
-
-        with mlflow.start_run(run_name="warm start"):
-            mlflow.log_params({"task": args.task, "recycler": args.recycler, "steps": args.steps})
-            mlflow.log_text(markdown, "warm_start.md")
-            for r in rows:
-                name = f"{r['pair'].replace(' → ', '_to_')}_seed{r['seed']}"
-                steps = {"warm": r["warm_steps"], "scratch": r["scratch_steps"]}
-                mlflow.log_metrics({f"{name}_{k}_steps": float(v) for k, v in steps.items() if v is not None})
+        log_to_mlflow(args, rows, markdown)
 
 
 if __name__ == "__main__":

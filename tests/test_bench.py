@@ -51,7 +51,7 @@ def test_recycling_matrix_quick(tmp_path):
     assert (tmp_path / "success_vs_cost.png").stat().st_size > 0
     assert (
         "### SST2_PLAIN, prompts tuned on objective=classes" in first.stdout
-        and "Success with a margin (recycled ≥ best baseline + 2%)" in first.stdout
+        and "success with a margin (recycled ≥ best baseline + 2%)" in first.stdout
     )
     assert first.stderr.count("Tuning sst2") == 2  # on the source and on the target (re-tuned)
     assert len(list((tmp_path / "cache" / "prompts").glob("sst2_plain/*/*/tuned.json"))) == 2  # not in git
